@@ -1,0 +1,3 @@
+from waggle_trainer.cli import main
+
+raise SystemExit(main())
