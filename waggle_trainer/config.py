@@ -1,0 +1,399 @@
+"""The node config file: typed, strict, with every problem reported at once.
+
+A TOML file with the sections below; every key is optional and has a default, so an
+empty file (or no file: ``default_config()``) is a valid configuration that needs no
+camera, broker or weights.  Unknown sections and keys are errors: a typo must never
+be silently ignored.  ``deploy/node.example.toml`` documents every key.
+
+Sizes accept integers (bytes) or strings such as ``"1.5GB"`` (decimal units) and
+``"512MiB"`` (binary units).
+
+Node identity: ``[node] id`` / ``vsn`` default to ``/etc/waggle/node-id`` (or
+``node_id``) and ``/etc/waggle/vsn``; the environment variables ``WAGGLE_NODE_ID`` /
+``WAGGLE_NODE_VSN`` override both the file and the config.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+WAGGLE_ETC = Path("/etc/waggle")
+ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+STRATEGIES = ("optimal", "revolve", "sequential", "none")
+
+# --------------------------------------------------------------------------- sizes
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+SIZE_HELP = 'a positive size: bytes as an integer, or a string like "1.5GB", "512MiB"'
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a size string (``"1.5GB"``, ``"512MiB"``, ``"4096"``).
+
+    Raises ValueError with what is allowed.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{value} is not a positive size")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if n >= 1:
+                return int(n)
+    raise ValueError(f"{value!r} is not a size")
+
+
+def format_size(n: int) -> str:
+    """``1610612736`` -> ``"1.5GiB"``; exact integers stay exact (``"512MiB"``)."""
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            q = n / div
+            return f"{q:.0f}{unit}" if q == int(q) else f"{q:.2f}{unit}"
+    return f"{n}B"
+
+
+def _size(v: Any) -> int:
+    try:
+        return parse_size(v)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a size ({SIZE_HELP})") from None
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+
+
+def _budget(v: Any) -> int | str:
+    if v == "auto":
+        return "auto"
+    try:
+        return parse_size(v)
+    except ValueError:
+        raise ValueError(f'{v!r} is not "auto" or a size ({SIZE_HELP})') from None
+
+
+Budget = Annotated[int | Literal["auto"], BeforeValidator(_budget)]
+
+# ------------------------------------------------------------------------ sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+def _read_first(*paths: Path) -> str | None:
+    for p in paths:
+        try:
+            text = p.read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return None
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class NodeSection(_Section):
+    id: str | None = Field(None, description="node id; default /etc/waggle/node-id")
+    vsn: str | None = Field(None, description="node VSN; default /etc/waggle/vsn")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("id", "vsn")
+    @classmethod
+    def _ident(cls, v: str | None) -> str | None:
+        if v is not None and not _ID_RE.match(v):
+            raise ValueError(f"{v!r} is not an identifier (1-64 of A-Z a-z 0-9 _ -)")
+        return v
+
+
+class CameraSection(_Section):
+    source: str = Field(
+        "synthetic",
+        description='"synthetic", a device (/dev/videoN, /dev/waggle_cam_top), '
+        "an rtsp:// or http:// URL, a video file or an image folder",
+    )
+    width: int = Field(640, ge=16, le=8192)
+    height: int = Field(480, ge=16, le=8192)
+    fps: float = Field(1.0, gt=0, le=120)
+
+
+class TeacherSection(_Section):
+    arch: Literal[ARCHES] = "resnet50"
+    weights: Path | None = None
+    num_classes: int = Field(10, ge=2)
+    min_confidence: float = Field(0.5, ge=0, le=1)
+
+
+class StudentSection(_Section):
+    arch: Literal[ARCHES] = "resnet18"
+    weights: Path | None = None
+    num_classes: int = Field(10, ge=2)
+    image_size: int = Field(224, ge=32, le=2048)
+
+
+class TrainingSection(_Section):
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    steps_per_round: int = Field(20, ge=1)
+    buffer_size: int = Field(256, ge=1)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+
+
+class MemorySection(_Section):
+    budget: Budget = "auto"
+    safety_margin: float = Field(0.1, ge=0, le=1)
+    strategy: Literal[STRATEGIES] = "optimal"
+    replan_threshold: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("budget")
+    @classmethod
+    def _fits_machine(cls, v: int | str) -> int | str:
+        if isinstance(v, int):
+            import psutil
+
+            total = psutil.virtual_memory().total
+            if v > total:
+                raise ValueError(
+                    f"{format_size(v)} is larger than this machine's RAM "
+                    f"({format_size(total)}; use \"auto\" or a smaller size)"
+                )
+        return v
+
+
+class TransportSection(_Section):
+    enabled: StrictBool = False
+    host: str = "127.0.0.1"
+    port: int = Field(5672, ge=1, le=65535)
+    vhost: str = "/"
+    username: str = "guest"
+    password: SecretStr = SecretStr("guest")
+    tls: StrictBool = False
+    cacert: Path = WAGGLE_ETC / "cacert.pem"
+    cert: Path = WAGGLE_ETC / "cert.pem"
+    key: Path = WAGGLE_ETC / "key.pem"
+    exchange: str = "waggle.train.updates"
+    hmac_key_file: Path = WAGGLE_ETC / "train-hmac.key"
+    codec: Literal["fp32", "fp16", "int8"] = "fp16"
+    compression: Literal["zstd", "deflate", "none"] = "zstd"
+    topk: float = Field(0.0, ge=0, le=1, description="fraction kept by top-k; 0 = dense")
+    chunk_size: Size = 8 * 2**20
+    outbox_max_bytes: Size = 512 * 2**20
+    heartbeat_s: int = Field(15, ge=10, le=20)
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _below_broker_limit(cls, v: int) -> int:
+        if not 64 * 2**10 <= v <= 15 * 2**20:
+            raise ValueError(f"{format_size(v)} is out of range (64KiB..15MiB: "
+                             "RabbitMQ refuses messages over 16MiB)")
+        return v
+
+
+class TelemetrySection(_Section):
+    enabled: StrictBool = False
+    exchange: str = "waggle.msg"
+    interval_s: float = Field(60.0, gt=0, le=120)
+    buffer_messages: int = Field(1000, ge=1)
+
+
+def default_state_dir() -> Path:
+    """systemd's ``$STATE_DIRECTORY``; else /var/lib/waggle-trainer when it is ours to
+    write (root); else ``$XDG_STATE_HOME/waggle-trainer`` for a developer's run."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+    system = Path("/var/lib/waggle-trainer")
+    if os.access(system if system.exists() else system.parent, os.W_OK):
+        return system
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(xdg) / "waggle-trainer"
+
+
+class StateSection(_Section):
+    dir: Path = Field(default_factory=default_state_dir)
+
+
+class Config(_Section):
+    node: NodeSection = Field(default_factory=NodeSection)
+    camera: CameraSection = Field(default_factory=CameraSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+    transport: TransportSection = Field(default_factory=TransportSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    state: StateSection = Field(default_factory=StateSection)
+
+    @model_validator(mode="after")
+    def _identity_when_sending(self) -> "Config":
+        if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
+            raise ValueError(
+                "node.id: required when transport or telemetry is enabled "
+                "(set it, write /etc/waggle/node-id, or set WAGGLE_NODE_ID)"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------- loading
+
+
+class ConfigError(Exception):
+    """One or more problems with a config file, each as ``(location, message)``."""
+
+    def __init__(self, path: str, problems: list[tuple[str, str]]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}: {loc}: {msg}" for loc, msg in self.problems]
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> tuple[str, str]:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(Config, loc))
+        what = "section" if len(loc) == 1 else "key"
+        return where, f"unknown {what} (allowed: {allowed})"
+    if kind == "literal_error":
+        expected = err["ctx"]["expected"]
+        return where, f"{err['input']!r} is not allowed (one of {expected})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=",
+              "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(err["ctx"].values()))
+        return where, f"{err['input']!r} is out of range (must be {op} {bound})"
+    if kind == "value_error":
+        msg = str(err["ctx"]["error"])
+        if msg.startswith("node.id: "):
+            return "node.id", msg.removeprefix("node.id: ")
+        return where, msg
+    if kind == "model_type" or kind == "dict_type":
+        return where, f"{err['input']!r} is not a table (write it as [{where}])"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return where, f"{err['input']!r} is the wrong type ({err['msg'].lower()})"
+    return where, err["msg"]
+
+
+def _node_identity(data: dict) -> dict:
+    node = data.get("node")
+    if node is not None and not isinstance(node, dict):
+        return data
+    node = dict(node or {})
+    for key, env, files in (
+        ("id", "WAGGLE_NODE_ID", ("node-id", "node_id")),
+        ("vsn", "WAGGLE_NODE_VSN", ("vsn",)),
+    ):
+        if os.environ.get(env):
+            node[key] = os.environ[env].strip()
+        elif key not in node:
+            found = _read_first(*(WAGGLE_ETC / f for f in files))
+            if found:
+                node[key] = found
+    return {**data, "node": node}
+
+
+def config_from_dict(data: dict, source: str = "<config>") -> Config:
+    """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    try:
+        return Config.model_validate(_node_identity(data))
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a node config file; raises ConfigError on any problem."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, [("file", "not found (give the path of a TOML file)")]) from None
+    except IsADirectoryError:
+        raise ConfigError(source, [("file", "is a directory (give the path of a TOML file)")]) from None
+    except OSError as exc:
+        raise ConfigError(source, [("file", f"cannot be read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [("file", f"is not UTF-8 text (byte {exc.start})")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+        where = f"line {m.group(1)}, column {m.group(2)}" if m else "syntax"
+        detail = msg[: m.start()].strip() if m else msg
+        raise ConfigError(source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]) from None
+    return config_from_dict(data, source)
+
+
+def default_config() -> Config:
+    """The embedded defaults (plus node identity from /etc/waggle and the environment)."""
+    return config_from_dict({}, "<defaults>")
+
+
+# ------------------------------------------------------------------------- output
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v)):
+        return repr(v)
+    if isinstance(v, SecretStr):
+        return '"********"'
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(cfg: Config) -> str:
+    """The resolved configuration as TOML, secrets masked."""
+    out: list[str] = []
+    for section in Config.model_fields:
+        out.append(f"[{section}]")
+        sec = getattr(cfg, section)
+        for key in type(sec).model_fields:
+            value = getattr(sec, key)
+            if value is None:
+                out.append(f"# {key} = (not set)")
+            else:
+                out.append(f"{key} = {_toml_value(value)}")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
