@@ -4,3 +4,6 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Filled in by the memory-bounded training work (issue 3)."""
+    from waggle_trainer.remat.memory_cli import register_memory
+
+    register_memory(sub)

@@ -1,0 +1,97 @@
+"""``waggle-trainer memory``: what a plain training step needs, predicted and measured."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+ARCH_HELP = "resnet18, resnet34, resnet50, resnet101 or resnet152"
+
+
+def register_memory(sub) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="memory of one training step without checkpointing (predicted, measured)",
+        description=(
+            "Parameters, gradients, optimiser state, activations and workspace of one "
+            "plain training step: predicted, with --measure measured in a fresh process, "
+            "with --table the study's reference table beside this machine's numbers."
+        ),
+    )
+    p.add_argument("--arch", default="resnet18", help=f"{ARCH_HELP} (default resnet18)")
+    p.add_argument("--batch", default="8", help="batch size, >= 1 (default 8)")
+    p.add_argument("--image", default="224", help="image side in pixels, 64..4096 (default 224)")
+    p.add_argument("--optimizer", default="sgd-momentum",
+                   help="sgd, sgd-momentum, adam or adamw (default sgd-momentum)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run two real training steps in a fresh process and measure")
+    p.add_argument("--table", action="store_true",
+                   help="the reference table (ResNet 18..152 x batch 1..50, image sizes) "
+                        "beside this machine's prediction (and measurement with --measure)")
+    p.add_argument("--measure-limit", default="1.5GiB",
+                   help="with --table --measure: measure only cells predicted below this "
+                        "size (default 1.5GiB)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_memory)
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--{name} must be an integer, got {value!r}") from None
+
+
+def _memory(args) -> int:
+    from waggle_trainer.config import parse_size
+
+    try:
+        batch = _int("batch", args.batch)
+        image = _int("image", args.image)
+        try:
+            limit = parse_size(args.measure_limit)
+        except ValueError:
+            raise ValueError(
+                f"--measure-limit must be a size like 1.5GiB or 512MiB, got {args.measure_limit!r}"
+            ) from None
+        from waggle_trainer.remat.memory import check_shape
+
+        check_shape(args.arch, batch, image, args.optimizer)
+    except ValueError as exc:
+        print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
+        return 2
+
+    from waggle_trainer.remat.memory import (
+        describe,
+        format_rows,
+        measure_step_memory,
+        predict_step_memory,
+        reference_rows,
+    )
+
+    if args.table:
+        progress = None if args.json else (
+            lambda r: print(f"  {r['arch']} b{r['batch']} {r['image']}px done", file=sys.stderr)
+        )
+        rows = reference_rows(measure=args.measure, measure_limit_bytes=limit,
+                              optimizer=args.optimizer, progress=progress)
+        if args.json:
+            print(json.dumps({"rows": rows}, indent=2))
+        else:
+            print("\n".join(format_rows(rows)))
+        return 0
+
+    pred = predict_step_memory(args.arch, batch, image, args.optimizer)
+    measured = None
+    if args.measure:
+        try:
+            measured = measure_step_memory(args.arch, batch, image, args.optimizer)
+        except RuntimeError as exc:
+            print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps({"predicted": pred.to_dict(),
+                          "measured": measured.to_dict() if measured else None}, indent=2))
+    else:
+        print("\n".join(describe(pred, measured)))
+    return 0
