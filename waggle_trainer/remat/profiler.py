@@ -1,0 +1,331 @@
+"""Measure a chain's per-stage costs on this machine (:class:`ChainCosts`).
+
+:func:`profile_chain` runs every stage of the chain on fresh random data (a fixed
+batch can drive gradients subnormal and CPU kernels 30x slower) and measures, per
+stage: forward time without autograd, forward time with autograd, backward time
+(medians over ``repeats`` sweeps after one warm-up sweep), the bytes of its output,
+the bytes its autograd tape keeps (``saved_bytes``: unique storages packed by
+``saved_tensors_hooks``, excluding the input, parameters and buffers, including the
+output) and the transient peaks of forward and backward (bytes of storages created
+by the stage's aten ops and alive at once, tracked by a ``TorchDispatchMode`` with
+weakref finalizers, minus what survives the call: the output and tape for the
+forward, ``delta[j]`` and the parameter gradients - counted by the memory budget as
+model memory - for the backward).  Scratch buffers that kernels allocate outside the
+dispatcher (e.g. oneDNN workspaces) are not seen.
+
+The model is left as found: buffers (BatchNorm running statistics,
+``num_batches_tracked``) are restored, the global RNG is forked, parameters'
+``.grad`` is not touched (gradients are taken with ``torch.autograd.grad``).
+
+With ``cache_dir``, results are cached as JSON keyed by the architecture (a
+structural fingerprint of the stages: module types, hyper-parameters, parameter
+shapes, training flags), input shape, dtype, torch version and machine (CPU model,
+``platform.machine()``, ``torch.get_num_threads()``).  A corrupt cache file is
+ignored, re-measured and rewritten with a ``RuntimeWarning``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .costs import ChainCosts, StageCost
+
+__all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
+
+FORMAT_VERSION = 1
+
+
+class LiveBytes(TorchDispatchMode):
+    """Track bytes of storages created by aten ops while the mode is active.
+
+    ``live`` is what is still alive, ``peak`` the maximum of ``live``.  A storage is
+    new if it aliases none of the op's inputs; it leaves ``live`` when freed (weakref
+    finalizer on the storage; torch keeps one Python object per storage).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    def _free(self, ptr: int, nbytes: int) -> None:
+        if ptr in self._tracked:
+            self._tracked.discard(ptr)
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in seen or ptr in self._tracked:
+                continue
+            self._tracked.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, ptr, nbytes)
+        return out
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def _excluded(stage: nn.Module, inp: torch.Tensor) -> set[int]:
+    ptrs = {inp.untyped_storage().data_ptr()}
+    ptrs.update(p.untyped_storage().data_ptr() for p in stage.parameters())
+    ptrs.update(b.untyped_storage().data_ptr() for b in stage.buffers())
+    return ptrs
+
+
+def saved_bytes(stage: nn.Module, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run ``stage(inp)`` with autograd; return its output and the tape's bytes.
+
+    The tape's bytes are the unique storages saved for backward plus the output's
+    storage, excluding ``inp``'s storage and the stage's parameters and buffers.
+    The output is always counted, even when it is a view of the input (``Flatten``):
+    the memory model books ``a[j+1]`` apart from ``a[j]``.
+    ``inp`` should require grad (or the stage have parameters) for a tape to exist.
+    """
+    excluded = _excluded(stage, inp)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, nbytes = _storage_key(t)
+        if ptr not in excluded:
+            storages[ptr] = nbytes
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = stage(inp)
+    ptr, nbytes = _storage_key(out)
+    storages[ptr] = nbytes
+    return out, sum(storages.values())
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _fingerprint(stages: Sequence[nn.Module]) -> str:
+    lines = []
+    for j, stage in enumerate(stages):
+        for name, m in stage.named_modules():
+            t = type(m)
+            lines.append(f"{j}/{name}:{t.__module__}.{t.__qualname__}({m.extra_repr()}) train={m.training}")
+            for pname, p in m.named_parameters(recurse=False):
+                lines.append(f"  p {pname} {tuple(p.shape)} {p.dtype} grad={p.requires_grad}")
+            for bname, b in m.named_buffers(recurse=False):
+                lines.append(f"  b {bname} {tuple(b.shape)} {b.dtype}")
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def profile_key(stages: Sequence[nn.Module], sample_input: torch.Tensor, loss_fn=None) -> dict:
+    """The fields a cached profile is valid for (JSON-serialisable)."""
+    return {
+        "format": FORMAT_VERSION,
+        "architecture": _fingerprint(stages),
+        "input_shape": list(sample_input.shape),
+        "dtype": str(sample_input.dtype),
+        "input_requires_grad": bool(sample_input.requires_grad),
+        "device": sample_input.device.type,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "loss": None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+    }
+
+
+def _fresh(sample: torch.Tensor) -> torch.Tensor:
+    if sample.is_floating_point() or sample.is_complex():
+        return torch.randn_like(sample)
+    return sample.detach().clone()
+
+
+def _grad_inputs(stage: nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
+    return ([inp] if inp.requires_grad else []) + [p for p in stage.parameters() if p.requires_grad]
+
+
+def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
+    """One pass over the chain; returns per-stage dicts and the loss time."""
+    rows = []
+    a = x
+    for j, stage in enumerate(stages):
+        row: dict = {}
+        mode = LiveBytes() if measure_memory else None
+        # forward without autograd
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if mode is not None:
+                with mode:
+                    out = stage(a)
+            else:
+                out = stage(a)
+        row["forward_s"] = time.perf_counter() - t0
+        if mode is not None:
+            row["output_bytes"] = out.untyped_storage().nbytes()
+            fn_transient = mode.peak - mode.live
+        # forward with autograd
+        inp = a.detach().requires_grad_(needs_grad[j])
+        t0 = time.perf_counter()
+        if mode is not None:
+            mode = LiveBytes()
+            with mode:
+                tape_out, row["saved_bytes"] = saved_bytes(stage, inp)
+            row["forward_peak_bytes"] = max(fn_transient, mode.peak - mode.live, 0)
+        else:
+            with torch.enable_grad():
+                tape_out = stage(inp)
+        row["forward_grad_s"] = time.perf_counter() - t0
+        # backward from a fresh random delta[j+1]
+        wrt = _grad_inputs(stage, inp)
+        row["backward_s"], row["backward_peak_bytes"] = 0.0, 0
+        if tape_out.requires_grad and wrt:
+            delta = torch.randn_like(tape_out)
+            mode = LiveBytes() if measure_memory else None
+            t0 = time.perf_counter()
+            if mode is not None:
+                with mode:
+                    grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
+                row["backward_peak_bytes"] = max(mode.peak - mode.live, 0)
+            else:
+                grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
+            row["backward_s"] = time.perf_counter() - t0
+            del grads, delta
+        del tape_out, inp
+        rows.append(row)
+        a = out
+    loss_s = 0.0
+    if loss_fn is not None:
+        inp = a.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            loss = loss_fn(inp)
+            torch.autograd.grad(loss, [inp])
+        loss_s = time.perf_counter() - t0
+    return rows, loss_s
+
+
+def _measure(stages, names, sample_input, loss_fn, repeats) -> ChainCosts:
+    needs_grad = [bool(sample_input.requires_grad)]
+    for stage in stages[:-1]:
+        needs_grad.append(needs_grad[-1] or any(p.requires_grad for p in stage.parameters()))
+    buffers = {id(b): b for stage in stages for b in stage.buffers()}
+    saved = [(b, b.detach().clone()) for b in buffers.values()]
+    devices = [sample_input.device.index or 0] if sample_input.is_cuda else []
+    started = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            memory_rows, _ = _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, measure_memory=True)
+            timed = [_sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False) for _ in range(repeats)]
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+    med = lambda key, j: statistics.median(rows[j][key] for rows, _ in timed)  # noqa: E731
+    stage_costs = tuple(
+        StageCost(
+            name=names[j],
+            forward_s=med("forward_s", j),
+            forward_grad_s=med("forward_grad_s", j),
+            backward_s=med("backward_s", j),
+            output_bytes=int(memory_rows[j]["output_bytes"]),
+            saved_bytes=int(memory_rows[j]["saved_bytes"]),
+            forward_peak_bytes=int(memory_rows[j]["forward_peak_bytes"]),
+            backward_peak_bytes=int(memory_rows[j]["backward_peak_bytes"]),
+        )
+        for j in range(len(stages))
+    )
+    return ChainCosts(
+        input_bytes=sample_input.untyped_storage().nbytes(),
+        stages=stage_costs,
+        loss_s=statistics.median(loss for _, loss in timed),
+        meta={"repeats": repeats, "profile_s": round(time.perf_counter() - started, 3), "created": time.time()},
+    )
+
+
+def profile_chain(
+    stages: Sequence[nn.Module],
+    sample_input: torch.Tensor,
+    *,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    repeats: int = 3,
+    cache_dir: str | os.PathLike | None = None,
+    names: Sequence[str] | None = None,
+) -> ChainCosts:
+    """Profile ``stages`` (a chain, see :mod:`.chain`) for inputs like ``sample_input``.
+
+    Only the shape, dtype, device and ``requires_grad`` of ``sample_input`` are used
+    (floating inputs are replaced by fresh ``randn`` data each sweep).  ``loss_fn``
+    maps the chain's output to a scalar; its forward+backward time is ``loss_s``
+    (0 without it).  Stages are profiled in their current ``training`` mode.  The
+    model's parameters, gradients, buffers and the global RNG are unchanged after.
+    ``meta`` of the result holds the cache key fields and ``stage_names``.
+    """
+    stages = list(stages)
+    if not stages:
+        raise ValueError("cannot profile an empty chain")
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    names = list(names) if names is not None else [f"{j}:{type(s).__name__}" for j, s in enumerate(stages)]
+    key = profile_key(stages, sample_input, loss_fn)
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        path = Path(cache_dir) / f"profile-{digest}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data["key"] != key:
+                    raise ValueError("key mismatch")
+                costs = ChainCosts.from_dict(data["costs"])
+                if len(costs) != len(stages):
+                    raise ValueError("wrong number of stages")
+                return costs
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                warnings.warn(f"ignoring corrupt profile cache {path} ({exc}); re-profiling", RuntimeWarning)
+    costs = _measure(stages, names, sample_input, loss_fn, repeats)
+    costs = ChainCosts(costs.input_bytes, costs.stages, costs.loss_s, {**costs.meta, **key, "stage_names": names})
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"key": key, "costs": costs.to_dict()}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return costs
