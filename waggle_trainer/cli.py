@@ -14,7 +14,11 @@ import sys
 from waggle_trainer import __version__
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = ("waggle_trainer.config_cli", "waggle_trainer.remat.cli")
+COMMAND_MODULES = (
+    "waggle_trainer.config_cli",
+    "waggle_trainer.learn.cli",
+    "waggle_trainer.remat.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

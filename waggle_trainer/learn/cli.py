@@ -1,0 +1,236 @@
+"""Subcommands that train: ``plan``, ``bench`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from waggle_trainer.config import ARCHES, STRATEGIES, format_size, parse_size
+
+EXIT_USAGE = 2
+EXIT_DOES_NOT_FIT = 1
+
+
+class UsageError(Exception):
+    """A bad command-line value: printed as one line, exit 2."""
+
+
+def _budget_arg(value: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not \"auto\" or a size (bytes, or e.g. \"1.5GB\", \"512MiB\")") from None
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return n
+
+
+def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
+    p.add_argument("--arch", choices=ARCHES, default="resnet18")
+    p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
+    p.add_argument("--image", type=_positive, default=224, help="image side in pixels (default 224)")
+    p.add_argument("--classes", type=_positive, default=1000, help="output classes (default 1000)")
+    p.add_argument("--budget", type=_budget_arg, default="auto",
+                   help='activation memory: "auto" (free memory here) or a size such as 800MiB')
+    p.add_argument("--safety-margin", type=float, default=0.1,
+                   help="fraction of free memory left untouched with --budget auto (default 0.1)")
+    if strategy:
+        p.add_argument("--strategy", choices=STRATEGIES, default="optimal")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where profiles are cached (default: the state directory's profiles/)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="predicted peak memory and time of each strategy at a budget")
+    _model_args(p, strategy=False)
+    p.set_defaults(handler=_plan)
+
+    p = sub.add_parser("bench", help="real training steps under a plan: step time, peak RSS")
+    _model_args(p, strategy=True)
+    p.add_argument("--steps", type=_positive, default=5, help="measured steps (default 5)")
+    p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("run", help="the main job: a memory-planned training run of the student")
+    p.add_argument("--config", type=Path, default=None, help="node config file (default: embedded defaults)")
+    p.add_argument("--steps", type=_positive, default=10, help="measured steps (default 10)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_run)
+
+
+def _cache_dir(args) -> Path:
+    if args.cache_dir is not None:
+        return args.cache_dir
+    from waggle_trainer.config import default_state_dir
+
+    return default_state_dir() / "profiles"
+
+
+def _spec(args, **over):
+    from waggle_trainer.learn.planned_training import RunSpec
+
+    if not 0 <= args.safety_margin < 1:
+        raise UsageError(f"--safety-margin: {args.safety_margin} is out of range (0 <= f < 1)")
+    fields = dict(arch=args.arch, batch=args.batch, image=args.image, classes=args.classes,
+                  budget=args.budget, safety_margin=args.safety_margin,
+                  cache_dir=_cache_dir(args))
+    fields.update(over)
+    return RunSpec(**fields)
+
+
+def _setup_process() -> None:
+    """Allocator settings first: they must precede the model's allocations."""
+    from waggle_trainer.remat.allocator import configure_allocator
+
+    configure_allocator()
+
+
+def strategy_table(costs, budget_bytes: int) -> dict:
+    """Each strategy's plan at ``budget_bytes`` (or why it does not fit)."""
+    from waggle_trainer.remat.planner import InfeasibleBudget, Planner
+
+    planner = Planner(costs)
+    rows = {}
+    for strategy in ("none", "sequential", "revolve", "optimal"):
+        minimum = planner.min_feasible_budget(strategy)
+        try:
+            p = planner.plan(budget_bytes, strategy)
+        except InfeasibleBudget:
+            rows[strategy] = {"feasible": False, "min_feasible_bytes": minimum}
+            continue
+        rows[strategy] = {
+            "feasible": True, "min_feasible_bytes": minimum,
+            "predicted_peak_bytes": p.predicted_peak_bytes,
+            "predicted_time_s": p.predicted_time_s, "time_ratio": p.time_ratio,
+            "detail": p.detail,
+        }
+    return rows
+
+
+def _print_table(rows: dict, out=sys.stdout) -> None:
+    print(f"{'strategy':<12}{'fits':<6}{'predicted peak':>16}{'time ratio':>12}{'min feasible':>15}  detail",
+          file=out)
+    for name, r in rows.items():
+        if r["feasible"]:
+            detail = ", ".join(f"{k}={v}" for k, v in (r["detail"] or {}).items())
+            print(f"{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
+                  f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
+                  file=out)
+        else:
+            print(f"{name:<12}{'no':<6}{'-':>16}{'-':>12}{format_size(r['min_feasible_bytes']):>15}",
+                  file=out)
+
+
+def _plan(args) -> int:
+    try:
+        spec = _spec(args)
+    except (UsageError, ValueError) as exc:
+        print(f"waggle-trainer plan: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_process()
+    import torch
+
+    from waggle_trainer.learn.planned_training import resolve_budget
+    from waggle_trainer.remat.chain import build_resnet, named_stages
+    from waggle_trainer.remat.profiler import profile_chain
+
+    model = build_resnet(spec.arch, spec.classes).train()
+    named = named_stages(model)
+    costs = profile_chain([m for _, m in named], torch.empty(spec.batch, 3, spec.image, spec.image),
+                          cache_dir=spec.cache_dir, names=[n for n, _ in named])
+    budget = resolve_budget(model, spec)
+    rows = strategy_table(costs, budget.activation_budget_bytes)
+    chosen = "optimal" if rows["optimal"]["feasible"] else None
+    if args.json:
+        print(json.dumps({"arch": spec.arch, "batch": spec.batch, "image": spec.image,
+                          "budget_bytes": budget.activation_budget_bytes,
+                          "budget": budget.to_dict(), "strategies": rows, "chosen": chosen,
+                          "min_feasible_bytes": rows["optimal"]["min_feasible_bytes"]}, indent=2))
+    else:
+        print(f"{spec.arch}, batch {spec.batch}, {spec.image} px, {len(costs)} stages")
+        if spec.budget == "auto":
+            print("\n".join(budget.lines()))
+        print(f"activation budget {format_size(budget.activation_budget_bytes)}\n")
+        _print_table(rows)
+        print()
+        if chosen:
+            r = rows[chosen]
+            print(f"would use: {chosen} (predicted peak {format_size(r['predicted_peak_bytes'])}, "
+                  f"{r['time_ratio']:.2f}x the time of plain training)")
+        else:
+            print(f"nothing fits: the minimum feasible budget is "
+                  f"{format_size(rows['optimal']['min_feasible_bytes'])}")
+    return 0 if chosen else EXIT_DOES_NOT_FIT
+
+
+def _train(spec, steps: int, as_json: bool, prog: str) -> int:
+    _setup_process()
+    from waggle_trainer.learn.planned_training import PlannedTraining, measure
+    from waggle_trainer.remat.planner import InfeasibleBudget
+
+    try:
+        training = PlannedTraining.build(spec)
+    except InfeasibleBudget as exc:
+        print(f"waggle-trainer {prog}: {exc}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    result = measure(training, steps)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    r = result
+    print(f"{r.arch}, batch {r.batch}, {r.image} px: strategy {r.strategy}, "
+          f"activation budget {format_size(r.budget_bytes)}")
+    if spec.budget == "auto":
+        print("\n".join(training.budget.lines()))
+    print(f"plan: predicted peak {format_size(r.predicted_peak_bytes)}, "
+          f"{r.predicted_time_ratio:.2f}x the time of plain training "
+          f"(minimum feasible {format_size(r.min_feasible_bytes)})")
+    print(f"measured over {r.steps} steps: median step {r.median_step_s:.3f} s, "
+          f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
+          f"{format_size(r.peak_rss_growth_bytes)} "
+          f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted)")
+    print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}")
+    return 0
+
+
+def _bench(args) -> int:
+    try:
+        spec = _spec(args, strategy=args.strategy)
+    except (UsageError, ValueError) as exc:
+        print(f"waggle-trainer bench: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return _train(spec, args.steps, args.json, "bench")
+
+
+def _run(args) -> int:
+    from waggle_trainer.cli import setup_logging
+    from waggle_trainer.config import ConfigError, default_config, load_config
+    from waggle_trainer.learn.planned_training import RunSpec
+
+    try:
+        cfg = load_config(args.config) if args.config else default_config()
+    except ConfigError as exc:
+        print("\n".join(exc.lines()), file=sys.stderr)
+        return EXIT_USAGE
+    if args.log_level is None:
+        setup_logging(cfg.node.log_level)
+    spec = RunSpec(
+        arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.image_size,
+        classes=cfg.student.num_classes, strategy=cfg.memory.strategy, budget=cfg.memory.budget,
+        safety_margin=cfg.memory.safety_margin, optimizer=cfg.training.optimizer,
+        learning_rate=cfg.training.learning_rate, momentum=cfg.training.momentum,
+        replan_threshold=cfg.memory.replan_threshold, cache_dir=cfg.state.dir / "profiles",
+    )
+    return _train(spec, args.steps, args.json, "run")

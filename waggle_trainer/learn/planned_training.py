@@ -1,0 +1,238 @@
+"""A memory-planned training run: the student trained under the checkpointing plan
+that fits the memory free on this machine, with its plan and measurements.
+
+This is what ``waggle-trainer run`` (until the daemon exists), ``bench`` and the
+benchmarks drive.  Inputs are fresh random batches each step: a fixed batch drives
+the loss to 0 and the gradients subnormal, and CPU steps then take 30x longer.
+
+Peak memory is measured as resident set size (RSS) sampled by a thread every
+millisecond, so it sees the transient peaks of a step; ``growth`` is the peak over
+the baseline taken after a warm-up step (when parameters, gradients and optimiser
+state are resident and freed activations have been trimmed), which is what the
+plan's ``predicted_peak_bytes`` predicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+from waggle_trainer.remat import allocator
+from waggle_trainer.remat.budget import (
+    BudgetBreakdown,
+    BudgetWatcher,
+    activation_budget,
+    training_state_bytes,
+)
+from waggle_trainer.remat.chain import build_resnet
+from waggle_trainer.remat.executor import CheckpointedSequential
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What to train and under which memory budget."""
+
+    arch: str = "resnet18"
+    batch: int = 8
+    image: int = 224
+    classes: int = 1000
+    strategy: str = "optimal"
+    budget: int | str = "auto"  # bytes of activation memory, or "auto"
+    safety_margin: float = 0.1
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    replan_threshold: float = 0.1
+    cache_dir: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "image", "classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+
+class RssSampler:
+    """Samples this process's RSS in a thread; ``peak`` since the last ``reset``."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        self._proc = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.peak = self.current()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+
+    def current(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            rss = self.current()
+            with self._lock:
+                if rss > self.peak:
+                    self.peak = rss
+
+    def reset(self) -> int:
+        with self._lock:
+            self.peak = self.current()
+            return self.peak
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
+    return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+
+
+def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
+    """The activation budget for ``spec``: a given size, or what is free here now."""
+    state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum)
+    if spec.budget != "auto":
+        return BudgetBreakdown(
+            free_bytes=int(spec.budget), safety_margin_bytes=0,
+            training_state_bytes=state.total_bytes,
+            training_state_resident_bytes=state.total_bytes, reserve_bytes=0,
+            activation_budget_bytes=int(spec.budget), limited_by="given",
+        )
+    # Parameters and buffers exist already; gradients and optimiser state arrive
+    # with the first step and must fit too.
+    resident = state.parameter_bytes + state.buffer_bytes
+    return activation_budget(
+        state, safety_fraction=spec.safety_margin, state_resident_bytes=resident
+    )
+
+
+@dataclass
+class PlannedTraining:
+    """A student, its checkpointed chain and optimiser, ready to step."""
+
+    spec: RunSpec
+    model: nn.Module
+    chain: CheckpointedSequential
+    optimizer: torch.optim.Optimizer
+    budget: BudgetBreakdown
+    loss_fn: nn.Module = field(default_factory=nn.CrossEntropyLoss)
+    watcher: BudgetWatcher | None = None
+    replans: int = 0
+
+    @classmethod
+    def build(cls, spec: RunSpec) -> "PlannedTraining":
+        torch.manual_seed(spec.seed)
+        model = build_resnet(spec.arch, spec.classes).train()
+        budget = resolve_budget(model, spec)
+        sample = torch.empty(spec.batch, 3, spec.image, spec.image)
+        chain = CheckpointedSequential(
+            model, budget_bytes=budget.activation_budget_bytes, strategy=spec.strategy,
+            sample_input=sample, cache_dir=spec.cache_dir,
+        )
+        watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
+        return cls(spec, model, chain, make_optimizer(model, spec), budget, watcher=watcher)
+
+    def maybe_replan(self) -> bool:
+        """Between steps: re-plan if free memory moved by more than the threshold."""
+        if self.watcher is None:
+            return False
+        allocator.trim()
+        change = self.watcher.poll()
+        if change is None:
+            return False
+        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum)
+        self.budget = activation_budget(
+            state, free=change.current_bytes, safety_fraction=self.spec.safety_margin,
+            state_resident_bytes=state.total_bytes,
+        )
+        old = self.chain.plan
+        plan = self.chain.replan(self.budget.activation_budget_bytes)
+        self.replans += 1
+        log.info("free memory moved %+.0f%%: re-planned %s for %d MiB (peak %d -> %d MiB)",
+                 100 * change.fraction, plan.strategy, self.budget.activation_budget_bytes >> 20,
+                 old.predicted_peak_bytes >> 20, plan.predicted_peak_bytes >> 20)
+        return True
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        return (torch.randn(s.batch, 3, s.image, s.image),
+                torch.randint(0, s.classes, (s.batch,)))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = self.loss_fn(self.chain(x), y)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a planned run measured, beside what its plan predicted (bytes, seconds)."""
+
+    arch: str
+    batch: int
+    image: int
+    strategy: str
+    budget_bytes: int
+    predicted_peak_bytes: int
+    predicted_time_ratio: float
+    min_feasible_bytes: int
+    steps: int
+    median_step_s: float
+    step_times_s: list[float]
+    baseline_rss_bytes: int
+    peak_rss_bytes: int
+    peak_rss_growth_bytes: int
+    losses: list[float]
+    replans: int
+    budget_breakdown: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunResult:
+    """Run ``warmup`` + ``steps`` training steps; time them and sample RSS."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    times, losses = [], []
+    with RssSampler() as rss:
+        for _ in range(warmup):
+            training.step(*training.batch())
+        allocator.trim()
+        baseline = rss.reset()
+        for _ in range(steps):
+            x, y = training.batch()
+            t0 = time.perf_counter()
+            losses.append(training.step(x, y))
+            times.append(time.perf_counter() - t0)
+            del x, y
+            training.maybe_replan()
+        peak = rss.peak
+    plan = training.chain.plan
+    return RunResult(
+        arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
+        strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
+        predicted_peak_bytes=plan.predicted_peak_bytes, predicted_time_ratio=plan.time_ratio,
+        min_feasible_bytes=plan.min_feasible_bytes, steps=steps,
+        median_step_s=statistics.median(times), step_times_s=times,
+        baseline_rss_bytes=baseline, peak_rss_bytes=peak,
+        peak_rss_growth_bytes=peak - baseline, losses=losses, replans=training.replans,
+        budget_breakdown=training.budget.to_dict(),
+    )
