@@ -1,0 +1,314 @@
+"""Run a chain of stages under a checkpointing schedule (the torch side of remat/).
+
+:class:`CheckpointedSequential` wraps an ``nn.Sequential`` or a torchvision ResNet
+(split by :mod:`.chain`), profiles it (:mod:`.profiler`), asks the planner for the
+schedule that fits ``budget_bytes`` of activation memory and interprets that
+schedule: the actions before ``LOSS`` in the forward, the rest in the backward of
+one custom ``torch.autograd.Function`` (calling ``torch.autograd.backward`` once per
+stage, so parameters' ``.grad`` accumulate as usual).  Memory follows the model
+documented in :mod:`.schedule` / issue 3, so the simulator's predictions hold.
+
+Exactness (gradients, BatchNorm running statistics, dropout outputs equal those of
+plain training):
+
+* **BatchNorm.**  A stage's first forward of the step updates running statistics;
+  its recomputations run with ``track_running_stats=False`` on its ``_BatchNorm``
+  modules (training mode: batch statistics, buffers untouched) and with other
+  tracking norms' buffers (``InstanceNorm(track_running_stats=True)``) restored.
+* **RNG.**  For a stage that runs more than once, the CPU (and CUDA) RNG state at
+  its first forward is recorded and replayed at each recomputation; the global RNG
+  is restored afterwards, so the step consumes random numbers as plain training.
+* **In-place ops.**  Top-level in-place activations are made out-of-place by
+  :mod:`.chain`.  A stage that still writes into its input would corrupt a stored
+  checkpoint: it is detected (tensor version counter) and raises ``RuntimeError``.
+
+Not supported (as in ``torch.utils.checkpoint``'s reentrant variant): double
+backward (``create_graph=True``), ``torch.autograd.grad`` with respect to the
+parameters (their gradients go to ``.grad``), calling backward twice on one forward,
+changing parameters or ``train()/eval()`` between forward and backward.  Autocast
+state is not recorded for recomputation.  Hooks registered on the wrapped model
+itself (not on its stages) do not run on the checkpointed path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+from .chain import named_stages
+from .profiler import profile_chain
+from .schedule import BW, FA, FC, FN, LOSS, OPS
+
+__all__ = ["CheckpointedSequential", "run_schedule", "STRATEGIES"]
+
+STRATEGIES = ("optimal", "revolve", "sequential", "none")
+
+
+def _check_schedule(schedule: Sequence[tuple[str, int]], n: int) -> int:
+    """Basic shape checks; returns the index of ``LOSS``."""
+    losses = [i for i, (op, _) in enumerate(schedule) if op == LOSS]
+    if len(losses) != 1 or schedule[losses[0]][1] != n:
+        raise ValueError(f"schedule must contain exactly one ('LOSS', {n})")
+    bws = [j for op, j in schedule if op == BW]
+    if bws != list(range(n - 1, -1, -1)) or any(op == BW for op, _ in schedule[: losses[0]]):
+        raise ValueError("schedule must backward every stage once, n-1 .. 0, after LOSS")
+    for op, j in schedule:
+        if op not in OPS or (op != LOSS and not 0 <= j < n):
+            raise ValueError(f"bad action {(op, j)!r} for a chain of {n} stages")
+    return losses[0]
+
+
+@contextmanager
+def _recomputing(stage: nn.Module, rng: tuple | None):
+    """Run ``stage`` again: replay its recorded RNG, leave norm statistics alone."""
+    with ExitStack() as stack:
+        if rng is not None:
+            cpu_state, devices, device_states = rng
+            stack.enter_context(torch.random.fork_rng(devices=devices))
+            torch.set_rng_state(cpu_state)
+            if devices:
+                set_device_states(devices, device_states)
+        frozen, restore = [], []
+        for m in stage.modules():
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats:
+                if isinstance(m, _BatchNorm):
+                    frozen.append(m)
+                else:
+                    restore += [(b, b.detach().clone()) for b in m.buffers()]
+        for m in frozen:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in frozen:
+                m.track_running_stats = True
+            with torch.no_grad():
+                for b, value in restore:
+                    b.copy_(value)
+
+
+class _Run:
+    """The state of one forward/backward pair interpreting ``schedule``."""
+
+    def __init__(self, stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> None:
+        self.stages = list(stages)
+        self.n = len(self.stages)
+        self.schedule = tuple(schedule)
+        self.loss_at = _check_schedule(self.schedule, self.n)
+        self.runs = Counter(j for op, j in self.schedule if op in (FN, FC, FA))
+        self.rng: dict[int, tuple] = {}
+        self.ran: set[int] = set()
+        self.acts: dict[int, torch.Tensor] = {0: x.detach()}
+        self.stored: set[int] = set()
+        self.tapes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.deltas: dict[int, torch.Tensor | None] = {}
+        self.needs_grad = [x.requires_grad]
+        for stage in self.stages[:-1]:
+            self.needs_grad.append(self.needs_grad[-1] or any(p.requires_grad for p in stage.parameters()))
+        self.done = False
+
+    def _forward(self, op: str, j: int) -> None:
+        a = self.acts.get(j)
+        if a is None:
+            raise RuntimeError(f"invalid schedule: {op} {j} needs a[{j}], which is not available")
+        stage, first = self.stages[j], j not in self.ran
+        if op == FC:
+            self.stored.add(j)
+        if first and self.runs[j] > 1:
+            devices, device_states = get_device_states(a)
+            self.rng[j] = (torch.get_rng_state(), devices, device_states)
+        version = a._version
+        with ExitStack() as stack:
+            if not first:
+                stack.enter_context(_recomputing(stage, self.rng.get(j)))
+            if op == FA:
+                inp = a.detach().requires_grad_(self.needs_grad[j])
+                with torch.enable_grad():
+                    out = stage(inp)
+                self.tapes[j] = (inp, out)
+                self.acts[j + 1] = out.detach()
+            else:
+                with torch.no_grad():
+                    self.acts[j + 1] = stage(a)
+        if a._version != version:
+            raise RuntimeError(
+                f"stage {j} ({type(stage).__name__}) modified its input in place; checkpointing needs "
+                "stages that leave their input intact (use inplace=False inside it)"
+            )
+        if op == FN and j != 0 and j not in self.stored:
+            del self.acts[j]
+        self.ran.add(j)
+
+    def _backward(self, j: int) -> None:
+        if j not in self.tapes:
+            raise RuntimeError(f"invalid schedule: BW {j} without a preceding FA {j}")
+        inp, out = self.tapes.pop(j)
+        delta = self.deltas.pop(j + 1)
+        if delta is not None and out.requires_grad:
+            torch.autograd.backward(out, delta)
+        self.deltas[j] = inp.grad if inp.requires_grad else None
+        del inp, out
+        self.stored.discard(j)
+        self.acts.pop(j + 1, None)
+        if j != 0:
+            self.acts.pop(j, None)
+
+    def _step(self, op: str, j: int) -> None:
+        if op == BW:
+            self._backward(j)
+        elif op != LOSS:
+            self._forward(op, j)
+
+    def forward(self) -> torch.Tensor:
+        for op, j in self.schedule[: self.loss_at]:
+            self._step(op, j)
+        out = self.acts.pop(self.n, None)
+        if out is None:
+            raise RuntimeError(f"invalid schedule: a[{self.n}] not computed before LOSS")
+        return out
+
+    def backward(self, delta: torch.Tensor) -> torch.Tensor | None:
+        if self.done:
+            raise RuntimeError("CheckpointedSequential: backward through the same forward twice is not supported")
+        self.done = True
+        self.deltas[self.n] = delta
+        try:
+            for op, j in self.schedule[self.loss_at + 1 :]:
+                self._step(op, j)
+            return self.deltas.pop(0, None)
+        finally:
+            self.acts.clear()
+            self.tapes.clear()
+            self.deltas.clear()
+            self.rng.clear()
+
+
+class _ChainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run: _Run, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.run = run
+        ctx.n_params = len(params)
+        return run.forward()
+
+    @staticmethod
+    def backward(ctx, delta: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("CheckpointedSequential does not support double backward (create_graph=True)")
+        dx = ctx.run.backward(delta.contiguous())
+        return (None, dx) + (None,) * ctx.n_params
+
+
+def run_schedule(stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> torch.Tensor:
+    """``stages`` applied to ``x`` in order, with forward and backward following ``schedule``.
+
+    The low-level entry point of :class:`CheckpointedSequential` (which also plans).
+    Under ``torch.no_grad()``, or when neither ``x`` nor any parameter requires grad,
+    the stages simply run in order.
+    """
+    stages = list(stages)
+    params = list({id(p): p for s in stages for p in s.parameters() if p.requires_grad}.values())
+    if not torch.is_grad_enabled() or not (x.requires_grad or params):
+        for stage in stages:
+            x = stage(x)
+        return x
+    return _ChainFunction.apply(_Run(stages, schedule, x), x, *params)
+
+
+class CheckpointedSequential(nn.Module):
+    """``module`` trained under the checkpointing schedule that fits ``budget_bytes``.
+
+    ``module`` is an ``nn.Sequential`` or a torchvision ResNet (see :mod:`.chain`);
+    ``forward(x)`` returns what ``module(x)`` returns, and the backward recomputes
+    dropped activations as planned.  ``budget_bytes`` bounds activation memory in
+    the planner's memory model (input, checkpoints, tapes, gradients of activations
+    and transient peaks; not parameters, their gradients or optimiser state).
+
+    ``strategy``: ``"optimal"`` (heterogeneous chains, Beaumont et al.),
+    ``"revolve"`` (Griewank & Walther, equal steps), ``"sequential"`` (the best
+    ``checkpoint_sequential`` segmentation) or ``"none"`` (plain ``module(x)``).
+
+    The chain is profiled once per wrapper, on ``sample_input``'s shape when given
+    (at construction) or else on the first training input's shape (cached in
+    ``cache_dir`` when given); the schedule is then used for inputs of any shape.
+    ``.plan`` is the planner's ``Plan`` (``strategy``, ``predicted_peak_bytes``,
+    ``time_ratio`` relative to no checkpointing, ``min_feasible_bytes``);
+    :meth:`replan` re-plans for a new budget without re-profiling.  A budget below
+    the minimum feasible raises the planner's ``InfeasibleBudget`` (a
+    ``ValueError`` stating the minimum).
+
+    In eval mode or under ``torch.no_grad()`` the module simply runs.  Exactness,
+    RNG, BatchNorm and in-place caveats: see :mod:`waggle_trainer.remat.executor`.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        budget_bytes: int,
+        strategy: str = "optimal",
+        sample_input: torch.Tensor | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.module = module
+        named = named_stages(module)
+        # A plain list: the stages are the module's own submodules, not registered twice.
+        self._stage_names = [name for name, _ in named]
+        self._stages = [stage for _, stage in named]
+        self.strategy = strategy
+        self.budget_bytes = int(budget_bytes)
+        self.cache_dir = cache_dir
+        self.loss_fn = loss_fn
+        self.costs = None
+        self.plan = None
+        self._planner = None
+        if sample_input is not None:
+            self.profile(sample_input)
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        return list(self._stages)
+
+    def profile(self, sample_input: torch.Tensor) -> None:
+        """(Re-)profile the chain for inputs shaped like ``sample_input``, then plan."""
+        self.costs = profile_chain(
+            self._stages, sample_input, loss_fn=self.loss_fn, cache_dir=self.cache_dir, names=self._stage_names
+        )
+        self.replan(self.budget_bytes)
+
+    def replan(self, budget_bytes: int):
+        """Plan for a new activation budget from the cached profile; returns the Plan.
+
+        Before the first profile, only records the budget.  On ``InfeasibleBudget``
+        the previous plan and budget are kept.
+        """
+        if self.costs is not None:
+            if self._planner is None or self._planner.costs is not self.costs:
+                from .planner import Planner
+
+                self._planner = Planner(self.costs)
+            self.plan = self._planner.plan(int(budget_bytes), self.strategy)
+        self.budget_bytes = int(budget_bytes)
+        return self.plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.training):
+            return self.module(x)
+        if self.plan is None:
+            self.profile(x)
+        if self.strategy == "none":
+            return self.module(x)
+        return run_schedule(self._stages, self.plan.schedule, x)
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, stages={len(self._stages)}"
