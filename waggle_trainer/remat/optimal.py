@@ -39,7 +39,7 @@ from .schedule import BW, FA, FC, FN, LOSS, Schedule
 __all__ = ["OptimalSolver", "min_memory_schedule", "DEFAULT_RESOLUTION"]
 
 INF = 1 << 62
-DEFAULT_RESOLUTION = 256
+DEFAULT_RESOLUTION = 200
 """Memory units between zero and the activation memory of plain training."""
 
 
