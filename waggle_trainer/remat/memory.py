@@ -46,6 +46,7 @@ __all__ = [
     "MeasuredStep",
     "check_shape",
     "predict_step_memory",
+    "profile_costs",
     "measure_step_memory",
     "reference_rows",
 ]
@@ -125,9 +126,26 @@ class StepMemory:
 
 
 def _build(arch: str, num_classes: int):
-    import torchvision
+    from waggle_trainer.remat.chain import build_resnet
 
-    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    return build_resnet(arch, num_classes)
+
+
+def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None, num_classes: int = 1000):
+    """Profiled :class:`ChainCosts` of ``arch`` on this machine (runs it for real)."""
+    import torch
+    import torch.nn.functional as F
+
+    from waggle_trainer.remat.chain import chain_stages
+    from waggle_trainer.remat.profiler import profile_chain
+
+    check_shape(arch, batch, image)
+    model = _build(arch, num_classes).train()
+    target = torch.randint(0, num_classes, (batch,))
+    return profile_chain(
+        chain_stages(model), torch.empty(batch, 3, image, image),
+        loss_fn=lambda out: F.cross_entropy(out, target), repeats=1, cache_dir=cache_dir,
+    )
 
 
 def _saved_activations_meta(arch: str, batch: int, image: int, num_classes: int):
@@ -176,10 +194,14 @@ def predict_step_memory(
     source = "meta-device forward (saved tensors)"
     workspace = 2 * largest
     if costs is not None:
+        # saved_bytes of stage j holds a[j+1] and excludes a[j]: the sum is every
+        # activation but the input.  In the backward of stage j, delta[j+1] (its
+        # output's size) and delta[j] (its input's size) are alive beside the tape.
         acts = sum(s.saved_bytes for s in costs.stages)
+        sizes = [costs.input_bytes] + [s.output_bytes for s in costs.stages]
         workspace = max(
-            [max(s.forward_peak_bytes, s.backward_peak_bytes + 2 * s.output_bytes)
-             for s in costs.stages] or [0]
+            [max(s.forward_peak_bytes, s.backward_peak_bytes + sizes[j] + sizes[j + 1])
+             for j, s in enumerate(costs.stages)] or [0]
         )
         source = "profiled chain (saved bytes)"
     return StepMemory(
@@ -382,7 +404,9 @@ def describe(pred: StepMemory, measured: MeasuredStep | None = None) -> list[str
         f"  optimiser state   {format_size(pred.optimizer_state_bytes):>12}",
         f"  input batch       {format_size(pred.input_bytes):>12}",
         f"  activations       {format_size(pred.activation_bytes):>12}  ({pred.source})",
-        f"  workspace         {format_size(pred.workspace_bytes):>12}  (estimate)",
+        f"  workspace         {format_size(pred.workspace_bytes):>12}  "
+        + ("(profiled transients + gradients)" if pred.source.startswith("profiled")
+           else "(estimate: 2x the largest saved tensor)"),
         f"  total             {format_size(pred.total_bytes):>12}",
         f"  step growth       {format_size(pred.step_growth_bytes):>12}  (total - parameters - buffers)",
     ]

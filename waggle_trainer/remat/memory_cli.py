@@ -31,6 +31,10 @@ def register_memory(sub) -> None:
     p.add_argument("--measure-limit", default="1.5GiB",
                    help="with --table --measure: measure only cells predicted below this "
                         "size (default 1.5GiB)")
+    p.add_argument("--profile", action="store_true",
+                   help="take activations from the profiler (runs the chain here, "
+                        "cached in --cache-dir) instead of the meta-device count")
+    p.add_argument("--cache-dir", default=None, help="profile cache directory (with --profile)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_memory)
 
@@ -61,7 +65,7 @@ def _memory(args) -> int:
         print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
         return 2
 
-    from waggle_trainer.remat.memory import (
+    from waggle_trainer.remat.memory import (  # noqa: I001 - torch is imported here, lazily
         describe,
         format_rows,
         measure_step_memory,
@@ -81,7 +85,12 @@ def _memory(args) -> int:
             print("\n".join(format_rows(rows)))
         return 0
 
-    pred = predict_step_memory(args.arch, batch, image, args.optimizer)
+    costs = None
+    if args.profile:
+        from waggle_trainer.remat.memory import profile_costs
+
+        costs = profile_costs(args.arch, batch, image, cache_dir=args.cache_dir)
+    pred = predict_step_memory(args.arch, batch, image, args.optimizer, costs=costs)
     measured = None
     if args.measure:
         try:
