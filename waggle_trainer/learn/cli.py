@@ -124,7 +124,8 @@ def _print_table(rows: dict, out=sys.stdout) -> None:
           file=out)
     for name, r in rows.items():
         if r["feasible"]:
-            detail = ", ".join(f"{k}={v}" for k, v in (r["detail"] or {}).items())
+            detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in (r["detail"] or {}).items())
             print(f"{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
                   f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
                   file=out)

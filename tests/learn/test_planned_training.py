@@ -1,0 +1,125 @@
+"""The memory-planned training run and the plan / bench / run subcommands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from waggle_trainer.cli import main
+from waggle_trainer.learn.planned_training import PlannedTraining, RunSpec, measure
+from waggle_trainer.remat.planner import Planner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_planned_run_trains_within_a_small_budget(tmp_path):
+    spec = RunSpec(arch="resnet18", batch=2, image=64, classes=10, budget="auto", cache_dir=tmp_path)
+    plain = PlannedTraining.build(RunSpec(**{**spec.__dict__, "strategy": "none"}))
+    need = plain.chain.plan.predicted_peak_bytes
+    lowest = Planner(plain.chain.costs).min_feasible_budget("optimal")
+    budget = (need + lowest) // 2
+    small = PlannedTraining.build(RunSpec(**{**spec.__dict__, "budget": budget}))
+    assert small.chain.plan.predicted_peak_bytes <= budget < need
+    before = [p.detach().clone() for p in small.model.parameters()]
+    result = measure(small, steps=2)
+    assert result.strategy == "optimal" and result.steps == 2
+    assert result.budget_bytes == budget
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    # it really trained: every parameter that gets a gradient moved
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, small.model.parameters())]
+    assert all(moved)
+    assert result.peak_rss_bytes >= result.baseline_rss_bytes > 0
+
+
+def test_auto_budget_reads_free_memory(tmp_path):
+    t = PlannedTraining.build(RunSpec(arch="resnet18", batch=1, image=64, classes=10, cache_dir=tmp_path))
+    b = t.budget
+    assert b.free_bytes > 0 and b.activation_budget_bytes < b.free_bytes
+    assert b.safety_margin_bytes >= 0.1 * b.free_bytes - 1
+
+
+def test_bad_spec_values_are_refused():
+    with pytest.raises(ValueError, match="--batch must be >= 1"):
+        RunSpec(batch=0)
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "waggle_trainer", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_plan_json_lists_every_strategy(tmp_path):
+    r = cli("plan", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "6MiB",
+            "--cache-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["strategies"]) == {"none", "sequential", "revolve", "optimal"}
+    assert out["budget_bytes"] == 6 * 2**20
+    opt = out["strategies"]["optimal"]
+    assert opt["feasible"] and opt["predicted_peak_bytes"] <= 6 * 2**20
+    assert out["chosen"] == "optimal"
+    assert out["min_feasible_bytes"] == opt["min_feasible_bytes"] < 6 * 2**20
+    for name, row in out["strategies"].items():
+        if row["feasible"]:
+            assert opt["time_ratio"] <= row["time_ratio"] + 1e-9, name
+
+
+def test_bench_json_keys_and_infeasible_budget(tmp_path):
+    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "8MiB",
+            "--steps", "1", "--cache-dir", str(tmp_path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes", "budget_bytes"):
+        assert key in out
+    assert out["budget_bytes"] == 8 * 2**20 and out["predicted_peak_bytes"] <= 8 * 2**20
+    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "100KiB",
+            "--steps", "1", "--cache-dir", str(tmp_path))
+    assert r.returncode == 1
+    assert "below the minimum feasible" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "lots"], "is not \"auto\" or a size"),
+    (["--batch", "0"], "is not a whole number >= 1"),
+    (["--strategy", "magic"], "invalid choice"),
+])
+def test_bench_usage_errors_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", *args])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_uses_the_config_file(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[student]\narch = "resnet18"\nimage_size = 32\nnum_classes = 5\n'
+                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "4MiB"\n'
+                   f'[state]\ndir = "{tmp_path / "state"}"\n')
+    r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 4 * 2**20)
+    assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("[training]\nbatch_size = -1\n")
+    r = cli("run", "--config", str(cfg))
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"{cfg}: training.batch_size: -1 is out of range (must be >= 1)"
