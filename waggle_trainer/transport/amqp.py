@@ -27,6 +27,12 @@ import pika.exceptions as px
 
 log = logging.getLogger(__name__)
 
+# pika logs every failed or dropped connection at ERROR, with tracebacks, several
+# lines per event; the workers below log one clear line per event instead.  An
+# explicit level set by the operator for "pika" is left alone.
+if logging.getLogger("pika").level == logging.NOTSET:
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+
 WAGGLE_ETC = "/etc/waggle"
 
 

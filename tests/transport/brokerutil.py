@@ -1,0 +1,76 @@
+"""Helpers for the transport tests that talk to the real RabbitMQ broker."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pika
+
+BROKER = pika.ConnectionParameters("127.0.0.1", 5672, "/", pika.PlainCredentials("guest", "guest"),
+                                   connection_attempts=1, socket_timeout=5)
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> str:
+    r = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+def broker_up() -> bool:
+    try:
+        pika.BlockingConnection(BROKER).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def ensure_broker_running(timeout: float = 90) -> None:
+    """Start the RabbitMQ app if a test stopped it (idempotent)."""
+    if broker_up():
+        return
+    try:
+        rabbitmqctl("start_app")
+    except RuntimeError:
+        subprocess.run(["rabbitmq-server", "-detached"], check=False)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if broker_up():
+            return
+        time.sleep(0.5)
+    raise RuntimeError("RabbitMQ did not come back")
+
+
+class Collector:
+    """on_update callback that keeps what arrived, thread-safe."""
+
+    def __init__(self):
+        self.updates = []
+        self.lock = threading.Lock()
+
+    def __call__(self, decoded):
+        with self.lock:
+            self.updates.append(decoded)
+
+    def ids(self):
+        with self.lock:
+            return [u.envelope.update_id for u in self.updates]
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(self.ids()) >= n:
+                return True
+            time.sleep(0.05)
+        return len(self.ids()) >= n
+
+
+def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())

@@ -1,0 +1,149 @@
+"""The update publisher: one thread drains the disk outbox to RabbitMQ.
+
+The training loop calls :meth:`UpdatePublisher.submit`, which writes the
+encoded update to the outbox (local disk, fsync'd) and returns; it never waits
+for the network.  The publisher thread owns the only connection it uses,
+publishes each waiting update as chunks (persistent, ``mandatory``, with
+publisher confirms) and deletes the update from the outbox once every chunk is
+confirmed.  Updates waiting from before a restart are published first.
+
+If the broker returns a chunk as unroutable (nothing bound to the exchange),
+the update stays in the outbox, an ERROR is logged and it is retried after
+``unroutable_retry_s``.  A connection that drops mid-update means the whole
+update is sent again later: the consumer absorbs duplicate chunks and
+de-duplicates whole updates by their id.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pika
+import pika.exceptions as px
+
+from .amqp import AmqpSettings, AmqpWorker, FatalAmqpError
+from .chunks import DEFAULT_CHUNK_SIZE, split
+from .codec import EncodedUpdate
+from .outbox import Outbox, OutboxEntry
+
+UPDATE_EXCHANGE = "waggle.train.updates"
+CONTENT_TYPE = "application/vnd.waggle.update"
+MESSAGE_TYPE = "waggle.update.chunk"
+
+
+class UpdatePublisher(AmqpWorker):
+    purpose = "updates"
+
+    def __init__(self, amqp: AmqpSettings, outbox: Outbox, *, node_id: str,
+                 exchange: str = UPDATE_EXCHANGE, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 declare_exchange: bool = True, unroutable_retry_s: float = 30.0,
+                 nack_retry_s: float = 5.0, poll_s: float = 0.2):
+        super().__init__(amqp)
+        if not 1024 <= chunk_size <= 16 * 2**20 - 4096:
+            raise ValueError("chunk_size must be between 1 KiB and just under 16 MiB")
+        self.outbox = outbox
+        self.node_id = node_id
+        self.exchange = exchange
+        self.routing_key = f"update.{node_id}"
+        self.chunk_size = chunk_size
+        self.declare_exchange = declare_exchange
+        self.unroutable_retry_s = unroutable_retry_s
+        self.nack_retry_s = nack_retry_s
+        self.poll_s = poll_s
+        self.user_id = amqp.broker_user()
+        self._hold: dict[str, float] = {}  # update id -> monotonic time before which to skip
+        self.published_updates = 0
+        self.published_chunks = 0
+        self.published_bytes = 0
+        self.unroutable = 0
+        self.nacked = 0
+
+    # -- called from the training thread -------------------------------------
+    def submit(self, update: EncodedUpdate | bytes) -> OutboxEntry:
+        """Put an encoded update in the outbox; returns once it is on disk.
+        Raises :class:`~.outbox.OutboxFull` if it can never fit."""
+        blob = update.blob if isinstance(update, EncodedUpdate) else update
+        return self.outbox.put(blob)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (tests, orderly shutdown)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(self.outbox) == 0:
+                return True
+            if self.fatal_error is not None:
+                return False
+            time.sleep(0.05)
+        return len(self.outbox) == 0
+
+    def stats(self) -> dict[str, int]:
+        return {"published_updates": self.published_updates,
+                "published_chunks": self.published_chunks,
+                "published_bytes": self.published_bytes, "unroutable": self.unroutable,
+                "nacked": self.nacked, "connect_attempts": self.connect_attempts,
+                "connected": int(self.connected), "fatal": int(self.fatal_error is not None)}
+
+    # -- the publisher thread -------------------------------------------------
+    def _session(self, conn: pika.BlockingConnection) -> None:
+        ch = conn.channel()
+        ch.exchange_declare(self.exchange, exchange_type="topic", durable=True,
+                            passive=not self.declare_exchange)
+        ch.confirm_delivery()
+        self._connected_ok()
+        while not self._stop.is_set():
+            entry = self._next_entry()
+            if entry is None:
+                conn.process_data_events(time_limit=self.poll_s)  # heartbeats, broker events
+                continue
+            self._publish(ch, entry)
+
+    def _next_entry(self) -> OutboxEntry | None:
+        now = time.monotonic()
+        for e in self.outbox.pending():
+            if self._hold.get(e.update_id, 0.0) <= now:
+                return e
+        return None
+
+    def _publish(self, ch, entry: OutboxEntry) -> None:
+        blob = self.outbox.read(entry)
+        if blob is None:  # superseded while we were busy
+            return
+        chunks = split(entry.update_id, blob, self.chunk_size)
+        for c in chunks:
+            if self._stop.is_set():
+                return
+            props = pika.BasicProperties(
+                delivery_mode=pika.DeliveryMode.Persistent, content_type=CONTENT_TYPE,
+                message_id=c.message_id, headers=c.headers(), user_id=self.user_id,
+                app_id="waggle-trainer", type=MESSAGE_TYPE, timestamp=int(time.time()))
+            try:
+                ch.basic_publish(self.exchange, self.routing_key, c.body, props, mandatory=True)
+            except px.UnroutableError:
+                self.unroutable += 1
+                self._hold[entry.update_id] = time.monotonic() + self.unroutable_retry_s
+                self._log.error(
+                    "update %s is unroutable: nothing is bound to exchange %r for routing key "
+                    "%r; it stays in the outbox, retry in %.0f s", entry.update_id,
+                    self.exchange, self.routing_key, self.unroutable_retry_s)
+                return
+            except px.NackError:
+                self.nacked += 1
+                self._hold[entry.update_id] = time.monotonic() + self.nack_retry_s
+                self._log.warning("broker refused (nack) chunk %d of update %s; retry in %.0f s",
+                                  c.index, entry.update_id, self.nack_retry_s)
+                return
+            except px.ChannelClosedByBroker as e:
+                if e.reply_code == 406 and "user_id" in str(e.reply_text):
+                    raise FatalAmqpError(
+                        f"broker refused user_id {self.user_id!r}: it must equal the broker "
+                        f"user this connection authenticated as ({e.reply_text})") from e
+                raise
+            self.published_chunks += 1
+            self._log.debug("update %s: chunk %d/%d confirmed", entry.update_id, c.index + 1,
+                            c.count)
+        self.outbox.remove(entry.update_id)
+        self._hold.pop(entry.update_id, None)
+        self.published_updates += 1
+        self.published_bytes += len(blob)
+        self._log.info("update %s (round %d, base %s, %d bytes, %d chunk(s)) delivered",
+                       entry.update_id, entry.round, entry.base_version, len(blob), len(chunks))
