@@ -48,6 +48,7 @@ CONFIGS: dict[str, dict] = {
     "trim": {"trim": True},
     "jemalloc": {"jemalloc": ""},
     "jemalloc-decay0": {"jemalloc": "dirty_decay_ms:0,muzzy_decay_ms:0"},
+    "jemalloc-nodecay": {"jemalloc": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
 }
 
 

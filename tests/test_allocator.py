@@ -92,3 +92,20 @@ def test_default_glibc_keeps_freed_memory_and_the_settings_return_it():
     trimmed = _run("trim")
     assert trimmed["held"] - trimmed["after_free"] < 50 * MiB
     assert trimmed["held"] - trimmed["after_trim"] > 150 * MiB  # malloc_trim gave them back
+
+
+def test_jemalloc_is_detected_and_purged():
+    path = A.find_jemalloc()
+    if path is None:
+        pytest.skip("libjemalloc2 is not installed")
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r});"
+        "from waggle_trainer.remat import allocator as A;"
+        "s = A.configure_allocator();"
+        "print(A.jemalloc_loaded(), s.allocator, s.applied, A.trim())"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, **A.allocator_env(jemalloc=True)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["True", "jemalloc", "False", "True"]
+    assert not A.jemalloc_loaded()  # this test process runs on glibc
