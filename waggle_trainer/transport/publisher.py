@@ -83,6 +83,18 @@ class UpdatePublisher(AmqpWorker):
                 "nacked": self.nacked, "connect_attempts": self.connect_attempts,
                 "connected": int(self.connected), "fatal": int(self.fatal_error is not None)}
 
+    def register_gauges(self, telemetry) -> None:
+        """Report outbox and delivery state through a :class:`~.telemetry.Telemetry`."""
+        ob = self.outbox
+        telemetry.gauge("outbox.bytes", lambda: ob.bytes)
+        telemetry.gauge("outbox.updates", lambda: len(ob))
+        telemetry.gauge("outbox.dropped", lambda: ob.dropped_superseded + ob.dropped_full +
+                        ob.dropped_corrupt + ob.refused_too_large)
+        telemetry.gauge("transport.updates_published", lambda: self.published_updates)
+        telemetry.gauge("transport.unroutable", lambda: self.unroutable)
+        telemetry.gauge("transport.connected", lambda: int(self.connected))
+        telemetry.gauge("transport.fatal", lambda: int(self.fatal_error is not None))
+
     # -- the publisher thread -------------------------------------------------
     def _session(self, conn: pika.BlockingConnection) -> None:
         ch = conn.channel()
@@ -99,7 +111,11 @@ class UpdatePublisher(AmqpWorker):
 
     def _next_entry(self) -> OutboxEntry | None:
         now = time.monotonic()
-        for e in self.outbox.pending():
+        pending = self.outbox.pending()
+        if len(self._hold) > len(pending):  # forget holds of updates dropped meanwhile
+            ids = {e.update_id for e in pending}
+            self._hold = {k: v for k, v in self._hold.items() if k in ids}
+        for e in pending:
             if self._hold.get(e.update_id, 0.0) <= now:
                 return e
         return None
