@@ -45,6 +45,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 from .chain import named_stages
 from .profiler import profile_chain
 from .schedule import BW, FA, FC, FN, LOSS, OPS
+from .sequential import no_checkpoint_schedule
 
 __all__ = ["CheckpointedSequential", "run_schedule", "STRATEGIES"]
 
@@ -306,7 +307,9 @@ class CheckpointedSequential(nn.Module):
             return self.module(x)
         if self.plan is None:
             self.profile(x)
-        if self.strategy == "none":
+        if self.strategy == "none" or self.plan.schedule == no_checkpoint_schedule(len(self._stages)):
+            # Nothing is recomputed: the model's own forward is the same computation,
+            # without per-stage overhead and with its in-place activations.
             return self.module(x)
         return run_schedule(self._stages, self.plan.schedule, x)
 
