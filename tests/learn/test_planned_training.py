@@ -64,29 +64,29 @@ def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 def test_plan_json_lists_every_strategy(tmp_path):
-    r = cli("plan", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "6MiB",
+    r = cli("plan", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "11MiB",
             "--cache-dir", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["strategies"]) == {"none", "sequential", "revolve", "optimal"}
-    assert out["budget_bytes"] == 6 * 2**20
+    assert out["budget_bytes"] == 11 * 2**20
     opt = out["strategies"]["optimal"]
-    assert opt["feasible"] and opt["predicted_peak_bytes"] <= 6 * 2**20
+    assert opt["feasible"] and opt["predicted_peak_bytes"] <= 11 * 2**20
     assert out["chosen"] == "optimal"
-    assert out["min_feasible_bytes"] == opt["min_feasible_bytes"] < 6 * 2**20
+    assert out["min_feasible_bytes"] == opt["min_feasible_bytes"] < 11 * 2**20
     for name, row in out["strategies"].items():
         if row["feasible"]:
             assert opt["time_ratio"] <= row["time_ratio"] + 1e-9, name
 
 
 def test_bench_json_keys_and_infeasible_budget(tmp_path):
-    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "8MiB",
+    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "12MiB",
             "--steps", "1", "--cache-dir", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes", "budget_bytes"):
         assert key in out
-    assert out["budget_bytes"] == 8 * 2**20 and out["predicted_peak_bytes"] <= 8 * 2**20
+    assert out["budget_bytes"] == 12 * 2**20 and out["predicted_peak_bytes"] <= 12 * 2**20
     r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "100KiB",
             "--steps", "1", "--cache-dir", str(tmp_path))
     assert r.returncode == 1
@@ -108,12 +108,12 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
 def test_run_uses_the_config_file(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[student]\narch = "resnet18"\nimage_size = 32\nnum_classes = 5\n'
-                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "4MiB"\n'
+                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "12MiB"\n'
                    f'[state]\ndir = "{tmp_path / "state"}"\n')
     r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 4 * 2**20)
+    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 12 * 2**20)
     assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
 
 

@@ -90,13 +90,6 @@ def _spec(args, **over):
     return RunSpec(**fields)
 
 
-def _setup_process() -> None:
-    """Allocator settings first: they must precede the model's allocations."""
-    from waggle_trainer.remat.allocator import configure_allocator
-
-    configure_allocator()
-
-
 def strategy_table(costs, budget_bytes: int) -> dict:
     """Each strategy's plan at ``budget_bytes`` (or why it does not fit)."""
     from waggle_trainer.remat.planner import InfeasibleBudget, Planner
@@ -140,7 +133,6 @@ def _plan(args) -> int:
     except (UsageError, ValueError) as exc:
         print(f"waggle-trainer plan: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    _setup_process()
     import torch
 
     from waggle_trainer.learn.planned_training import resolve_budget
@@ -177,7 +169,6 @@ def _plan(args) -> int:
 
 
 def _train(spec, steps: int, as_json: bool, prog: str) -> int:
-    _setup_process()
     from waggle_trainer.learn.planned_training import PlannedTraining, measure
     from waggle_trainer.remat.planner import InfeasibleBudget
 
@@ -195,6 +186,9 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
           f"activation budget {format_size(r.budget_bytes)}")
     if spec.budget == "auto":
         print("\n".join(training.budget.lines()))
+    print()
+    _print_table(strategy_table(training.chain.costs, r.budget_bytes))
+    print()
     print(f"plan: predicted peak {format_size(r.predicted_peak_bytes)}, "
           f"{r.predicted_time_ratio:.2f}x the time of plain training "
           f"(minimum feasible {format_size(r.min_feasible_bytes)})")
@@ -202,7 +196,8 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
           f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
           f"{format_size(r.peak_rss_growth_bytes)} "
           f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted)")
-    print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}")
+    print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}; "
+          f"allocator {r.allocator_mode}")
     return 0
 
 

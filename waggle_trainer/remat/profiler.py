@@ -47,7 +47,7 @@ from .costs import ChainCosts, StageCost
 
 __all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: backward peaks include the largest weight-gradient transient
 
 
 class LiveBytes(TorchDispatchMode):
@@ -219,7 +219,11 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
             if mode is not None:
                 with mode:
                     grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
-                row["backward_peak_bytes"] = max(mode.peak - mode.live, 0)
+                # + the largest weight gradient: training accumulates into an existing
+                # ``.grad``, so each new gradient is a transient until it is added.
+                largest = max((p.numel() * p.element_size() for p in wrt[1 if inp.requires_grad else 0:]),
+                              default=0)
+                row["backward_peak_bytes"] = max(mode.peak - mode.live, 0) + largest
             else:
                 grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
             row["backward_s"] = time.perf_counter() - t0
