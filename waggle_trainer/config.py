@@ -89,7 +89,8 @@ def _size(v: Any) -> int:
 Size = Annotated[int, BeforeValidator(_size)]
 
 
-def _budget(v: Any) -> int | str:
+def parse_budget(v: Any) -> int | str:
+    """``"auto"`` or a size in bytes (see :func:`parse_size`); ValueError otherwise."""
     if v == "auto":
         return "auto"
     try:
@@ -98,7 +99,7 @@ def _budget(v: Any) -> int | str:
         raise ValueError(f'{v!r} is not "auto" or a size ({SIZE_HELP})') from None
 
 
-Budget = Annotated[int | Literal["auto"], BeforeValidator(_budget)]
+Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
 
 # ------------------------------------------------------------------------ sections
 

@@ -18,12 +18,6 @@ from waggle_trainer.remat.planner import Planner
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_planned_run_trains_within_a_small_budget(tmp_path):

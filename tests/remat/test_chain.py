@@ -5,12 +5,6 @@ from torch import nn
 from waggle_trainer.remat.chain import OutOfPlace, build_resnet, chain_stages, named_stages
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run(stages, x):

@@ -16,12 +16,6 @@ HAVE_PLANNER = importlib.util.find_spec("waggle_trainer.remat.planner") is not N
 TIGHT = dict(rtol=1e-6, atol=1e-7)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- models

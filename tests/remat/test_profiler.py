@@ -12,12 +12,6 @@ from waggle_trainer.remat.profiler import profile_chain, saved_bytes
 F32 = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from waggle_trainer.config import ARCHES, STRATEGIES, format_size, parse_size
+from waggle_trainer.config import ARCHES, STRATEGIES, format_size, parse_budget
 
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 1
@@ -18,13 +18,10 @@ class UsageError(Exception):
 
 
 def _budget_arg(value: str) -> int | str:
-    if value == "auto":
-        return "auto"
     try:
-        return parse_size(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not \"auto\" or a size (bytes, or e.g. \"1.5GB\", \"512MiB\")") from None
+        return parse_budget(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(value: str) -> int:

@@ -259,10 +259,12 @@ def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: s
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9 if optimizer == "sgd-momentum" else 0)
     if allocator_mode == "trim":
         trim()
-    baseline = psutil.Process().memory_info().rss
     cpu = torch._C._autograd.DeviceType.CPU
     times = []
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # After the profiler started: starting it maps libraries (hundreds of MB of
+        # file pages in RSS, sometimes), which are not the step's memory.
+        baseline = psutil.Process().memory_info().rss
         for _ in range(2):
             # fresh random data each step: a fixed batch drives gradients subnormal
             x = torch.randn(batch, 3, image, image)

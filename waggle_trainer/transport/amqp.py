@@ -253,6 +253,15 @@ class AmqpWorker:
         """Call once the session is set up: the next failure starts backoff afresh."""
         self._backoff.reset()
 
+    def _confirmed_channel(self, conn: pika.BlockingConnection, exchange: str, declare: bool):
+        """A channel with publisher confirms on the durable topic ``exchange``
+        (declared, or only checked with ``declare=False``); marks the session up."""
+        ch = conn.channel()
+        ch.exchange_declare(exchange, exchange_type="topic", durable=True, passive=not declare)
+        ch.confirm_delivery()
+        self._connected_ok()
+        return ch
+
     def _session(self, conn: pika.BlockingConnection) -> None:
         raise NotImplementedError
 

@@ -160,11 +160,7 @@ class TelemetryPublisher(AmqpWorker):
             self.telemetry.sample_gauges()
 
     def _session(self, conn: pika.BlockingConnection) -> None:
-        ch = conn.channel()
-        ch.exchange_declare(self.exchange, exchange_type="topic", durable=True,
-                            passive=not self.declare_exchange)
-        ch.confirm_delivery()
-        self._connected_ok()
+        ch = self._confirmed_channel(conn, self.exchange, self.declare_exchange)
         while not self._stop.is_set():
             msgs = self.telemetry.peek(self.batch)
             if not msgs:
