@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the CLI does, before torch is imported
+
 from waggle_trainer.remat.allocator import configure_allocator, trim  # noqa: E402
 
 configure_allocator()

@@ -63,7 +63,7 @@ class RunSpec:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
-ROOM_FOR_GLIBC = 1.5
+ROOM_FOR_GLIBC = 2.0
 
 
 def allocator_mode_for(plan) -> str:
