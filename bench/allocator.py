@@ -4,7 +4,7 @@ For each (architecture, variant, allocator configuration) a fresh subprocess bui
 the model (weights=None), runs ``--steps`` SGD-momentum training steps on fresh
 random data, and reports:
 
-* ``rss_growth``: peak RSS (``ru_maxrss``) minus RSS just before the first step
+* ``rss_growth``: peak RSS (``VmHWM``) minus RSS just before the first step
   (after import, model and optimiser construction);
 * ``cg_peak``: the peak charge of a fresh memory cgroup the process ran in
   (``memory.max_usage_in_bytes``), what decides an OOM kill (needs root; else -);
@@ -70,13 +70,12 @@ def _flat_resnet(arch: str):
 
 
 def worker(args) -> None:
-    import resource
-
     import psutil
     import torch
     import torch.nn.functional as F
 
     from waggle_trainer.remat import allocator
+    from waggle_trainer.remat.memory import peak_rss_bytes
 
     cfg = CONFIGS[args.config]
     if cfg.get("mallopt"):
@@ -119,7 +118,7 @@ def worker(args) -> None:
         del loss, x, y
         if cfg.get("trim"):
             allocator.trim()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     print(json.dumps({
         "rss_base": rss_base,
         "rss_peak": peak,

@@ -81,7 +81,7 @@ alone, and :func:`trim` purges jemalloc's arenas instead.
 
 Huge pages: with ``THP_MEM_ALLOC_ENABLE=1`` in the environment *before torch is
 imported* (the command line sets it), PyTorch 2 MiB-aligns tensors of 2 MiB or
-more and ``madvise``\ s them ``MADV_HUGEPAGE``; fresh mappings then take 512x
+more and ``madvise``-s them ``MADV_HUGEPAGE``; fresh mappings then take 512x
 fewer page faults.  resnet50 b8 plain steps, alternating processes (2 rounds):
 glibc defaults 1.33-2.02 s, mmap 2.36-2.54 s (4.9M minor faults), mmap + THP
 1.87-2.15 s (1.4M faults), same peak RSS (1937-1940 MB).  Under glibc's defaults

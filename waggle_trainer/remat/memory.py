@@ -236,8 +236,20 @@ class MeasuredStep:
         return d
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries it across ``execve``, so a child
+    started from a large process (a test runner) reports the parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: str) -> dict:
-    import resource
     import time
 
     import psutil
@@ -277,7 +289,7 @@ def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: s
             del x, y
             if allocator_mode == "trim":
                 trim()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     events = sorted(
         (e for e in prof.profiler.kineto_results.events()
          if e.name() == "[memory]" and e.device_type() == cpu),
