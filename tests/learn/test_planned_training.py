@@ -117,3 +117,34 @@ def test_run_with_a_bad_config_exits_2(tmp_path):
     r = cli("run", "--config", str(cfg))
     assert r.returncode == 2
     assert r.stderr.strip() == f"{cfg}: training.batch_size: -1 is out of range (must be >= 1)"
+
+
+class _FakeRss:
+    """Reports each step's peak as the plan's prediction plus a fixed overhead."""
+
+    def __init__(self, training, overhead):
+        self.training, self.overhead, self.peak = training, overhead, 0
+
+    def reset(self):
+        self.base = 1 << 30
+        self.peak = self.base + self.training.chain.plan.predicted_peak_bytes + self.overhead
+        return self.base
+
+
+def test_calibration_replans_within_the_budget_minus_measured_overhead(tmp_path):
+    spec = RunSpec(arch="resnet18", batch=2, image=64, classes=10, cache_dir=tmp_path)
+    probe = PlannedTraining.build(RunSpec(**{**spec.__dict__, "strategy": "none"}))
+    need = probe.chain.plan.predicted_peak_bytes
+    lowest = Planner(probe.chain.costs).min_feasible_budget("optimal")
+    budget = need - 1
+    t = PlannedTraining.build(RunSpec(**{**spec.__dict__, "budget": budget}))
+    t.allocator_mode = "mmap"  # what a tight budget selects
+    overhead = (budget - lowest) // 2
+    assert t.calibrate(_FakeRss(t, overhead)) == overhead
+    assert t.chain.plan.predicted_peak_bytes + overhead <= budget
+    # an overhead that leaves nothing feasible keeps the smallest plan and says so
+    t2 = PlannedTraining.build(RunSpec(**{**spec.__dict__, "budget": budget}))
+    t2.allocator_mode = "mmap"
+    before = t2.chain.plan
+    t2.calibrate(_FakeRss(t2, budget))
+    assert t2.chain.plan == before

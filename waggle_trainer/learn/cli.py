@@ -193,6 +193,9 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
           f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
           f"{format_size(r.peak_rss_growth_bytes)} "
           f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted)")
+    if r.calibration_bytes:
+        print(f"calibration: the first measured step needed {format_size(r.calibration_bytes)} beyond "
+              f"the prediction; re-planned within the budget minus that")
     print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}; "
           f"allocator {r.allocator_mode}")
     return 0
