@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 # The main job on embedded defaults: a memory-planned training run of the student
 # on this machine (no camera, broker or weights needed), plan and measurements printed.
 run: $(STAMP)
-	$(BIN)/waggle-trainer run
+	$(BIN)/waggle-trainer run $(ARGS)
 
 # The whole suite, including the tests that talk to RabbitMQ at 127.0.0.1:5672.
 test: $(STAMP)
