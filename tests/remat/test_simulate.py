@@ -112,3 +112,13 @@ def test_checkpointing_lowers_peak_on_long_chain():
     none = simulate(no_checkpoint_schedule(16), c).peak_bytes
     seq4 = simulate(sequential_schedule(16, 4), c).peak_bytes
     assert seq4 < none
+
+
+def test_recomputes_tells_plain_training_from_checkpointing():
+    from waggle_trainer.remat.schedule import recomputes
+    from waggle_trainer.remat.sequential import no_checkpoint_schedule, sequential_schedule
+
+    assert not recomputes(no_checkpoint_schedule(5))
+    assert recomputes(sequential_schedule(5, 2))
+    # forwarding a stage twice with autograd is recomputation too
+    assert recomputes((("FA", 0), ("LOSS", 1), ("FA", 0), ("BW", 0)))

@@ -35,7 +35,7 @@ from waggle_trainer.remat.budget import (
 from waggle_trainer.remat.chain import build_resnet
 from waggle_trainer.remat.executor import CheckpointedSequential
 from waggle_trainer.remat.planner import InfeasibleBudget
-from waggle_trainer.remat.sequential import no_checkpoint_schedule
+from waggle_trainer.remat.schedule import recomputes
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,7 @@ def allocator_mode_for(plan) -> str:
     glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted peak), there is
     nothing to make real and glibc's defaults are kept: ``"default"``.
     """
-    n = sum(1 for op, _ in plan.schedule if op == "BW")
-    recomputes = plan.schedule != no_checkpoint_schedule(n)
-    if not recomputes and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes:
+    if not recomputes(plan.schedule) and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes:
         return "default"
     return "mmap"
 

@@ -44,8 +44,7 @@ from torch.utils.checkpoint import get_device_states, set_device_states
 
 from .chain import named_stages
 from .profiler import profile_chain
-from .schedule import BW, FA, FC, FN, LOSS, OPS
-from .sequential import no_checkpoint_schedule
+from .schedule import BW, FA, FC, FN, LOSS, OPS, recomputes
 
 __all__ = ["CheckpointedSequential", "run_schedule", "STRATEGIES"]
 
@@ -307,7 +306,7 @@ class CheckpointedSequential(nn.Module):
             return self.module(x)
         if self.plan is None:
             self.profile(x)
-        if self.strategy == "none" or self.plan.schedule == no_checkpoint_schedule(len(self._stages)):
+        if self.strategy == "none" or not recomputes(self.plan.schedule):
             # Nothing is recomputed: the model's own forward is the same computation,
             # without per-stage overhead and with its in-place activations.
             return self.module(x)

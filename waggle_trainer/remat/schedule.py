@@ -31,3 +31,10 @@ OPS = (FN, FC, FA, LOSS, BW)
 
 Action = tuple[str, int]
 Schedule = tuple[Action, ...]
+
+
+def recomputes(schedule: Schedule) -> bool:
+    """Whether ``schedule`` does anything beyond plain training: a forward without
+    autograd (FN/FC) or a stage forwarded more than once."""
+    forwards = [j for op, j in schedule if op in (FN, FC, FA)]
+    return any(op in (FN, FC) for op, _ in schedule) or len(forwards) != len(set(forwards))
