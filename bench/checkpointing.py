@@ -45,11 +45,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint_sequential  # noqa: E402
 
-from waggle_trainer.learn.planned_training import RssSampler  # noqa: E402
-from waggle_trainer.remat.chain import build_resnet, named_stages  # noqa: E402
+from waggle_trainer.learn.planned_training import RssSampler, profiled_resnet  # noqa: E402
 from waggle_trainer.remat.executor import run_schedule  # noqa: E402
 from waggle_trainer.remat.planner import InfeasibleBudget, Planner  # noqa: E402
-from waggle_trainer.remat.profiler import profile_chain  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MiB = 2**20
@@ -127,11 +125,7 @@ def one_step(cfg: Config, model: nn.Module, stages: list[nn.Module], opt, batch:
 def run_case(arch: str, batch: int, image: int, reps: int, fractions, segments, cache: Path) -> dict:
     torch.manual_seed(0)
     classes = 1000
-    model = build_resnet(arch, classes).train()
-    named = named_stages(model)
-    stages = [m for _, m in named]
-    costs = profile_chain(stages, torch.empty(batch, 3, image, image), cache_dir=cache,
-                          names=[n for n, _ in named])
+    model, stages, costs = profiled_resnet(arch, classes, batch, image, cache)
     planner = Planner(costs)
     configs = build_configs(planner, len(stages), fractions, segments)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -221,10 +215,7 @@ def end_to_end(arch: str, fraction: float, rounds: int, steps: int, cache: Path)
     """Plain training (its own process, glibc defaults: what a node that needs no
     checkpointing runs) against ``waggle-trainer bench`` at ``fraction`` of plain's
     activation memory (fixed mmap threshold), in alternating fresh processes."""
-    model = build_resnet(arch, 1000).train()
-    named = named_stages(model)
-    costs = profile_chain([m for _, m in named], torch.empty(8, 3, 224, 224), cache_dir=cache,
-                          names=[n for n, _ in named])
+    _, _, costs = profiled_resnet(arch, 1000, 8, 224, cache)
     planner = Planner(costs)
     none_peak = planner.plan(10**15, "none").predicted_peak_bytes
     budget = max(int(fraction * none_peak), planner.min_feasible_budget("optimal"))

@@ -130,16 +130,9 @@ def _plan(args) -> int:
     except (UsageError, ValueError) as exc:
         print(f"waggle-trainer plan: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    import torch
+    from waggle_trainer.learn.planned_training import profiled_resnet, resolve_budget
 
-    from waggle_trainer.learn.planned_training import resolve_budget
-    from waggle_trainer.remat.chain import build_resnet, named_stages
-    from waggle_trainer.remat.profiler import profile_chain
-
-    model = build_resnet(spec.arch, spec.classes).train()
-    named = named_stages(model)
-    costs = profile_chain([m for _, m in named], torch.empty(spec.batch, 3, spec.image, spec.image),
-                          cache_dir=spec.cache_dir, names=[n for n, _ in named])
+    model, _, costs = profiled_resnet(spec.arch, spec.classes, spec.batch, spec.image, spec.cache_dir)
     budget = resolve_budget(model, spec)
     rows = strategy_table(costs, budget.activation_budget_bytes)
     chosen = "optimal" if rows["optimal"]["feasible"] else None

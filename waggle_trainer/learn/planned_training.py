@@ -32,9 +32,10 @@ from waggle_trainer.remat.budget import (
     activation_budget,
     training_state_bytes,
 )
-from waggle_trainer.remat.chain import build_resnet
+from waggle_trainer.remat.chain import build_resnet, named_stages
 from waggle_trainer.remat.executor import CheckpointedSequential
 from waggle_trainer.remat.planner import InfeasibleBudget
+from waggle_trainer.remat.profiler import profile_chain
 from waggle_trainer.remat.schedule import recomputes
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,17 @@ class RssSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def profiled_resnet(arch: str, classes: int, batch: int, image: int, cache_dir: Path | None):
+    """A fresh ResNet in training mode, its stages and their profile (cached in
+    ``cache_dir``) for ``batch`` images of ``image`` px: ``(model, stages, costs)``."""
+    model = build_resnet(arch, classes).train()
+    named = named_stages(model)
+    stages = [m for _, m in named]
+    costs = profile_chain(stages, torch.empty(batch, 3, image, image), cache_dir=cache_dir,
+                          names=[n for n, _ in named])
+    return model, stages, costs
 
 
 def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
