@@ -64,26 +64,24 @@ class CgroupRun:
         return self.returncode == -signal.SIGKILL
 
 
-def _v2_root() -> Path | None:
+def _mount_root(matches) -> Path | None:
+    """Mount point of the first whole-hierarchy cgroup mount that ``matches``."""
     try:
         mounts = _parse_mountinfo(Path("/proc/self/mountinfo").read_text())
     except OSError:
         return None
     for m in mounts:
-        if m.fstype == "cgroup2" and m.root == "/":
+        if m.root == "/" and matches(m):
             return Path(m.mount_point)
     return None
+
+
+def _v2_root() -> Path | None:
+    return _mount_root(lambda m: m.fstype == "cgroup2")
 
 
 def _v1_root() -> Path | None:
-    try:
-        mounts = _parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    except OSError:
-        return None
-    for m in mounts:
-        if m.fstype == "cgroup" and "memory" in m.super_options and m.root == "/":
-            return Path(m.mount_point)
-    return None
+    return _mount_root(lambda m: m.fstype == "cgroup" and "memory" in m.super_options)
 
 
 def _parent_candidates() -> list[tuple[int, Path]]:
