@@ -8,7 +8,9 @@ imports (torch) happen inside handlers so that ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import os
 import sys
 
 from waggle_trainer import __version__
@@ -22,8 +24,6 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="waggle-trainer",
         description="Edge-training daemon for Waggle nodes.",
@@ -43,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(level: str | None) -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) journald adds the time."""
-    import os
-
     under_journald = bool(os.environ.get("JOURNAL_STREAM"))
     fmt = "%(levelname)s %(name)s: %(message)s" if under_journald else (
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -59,8 +57,6 @@ def setup_logging(level: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     # Before torch is imported (it reads this once): tensors of 2 MiB or more are
     # 2 MiB-aligned and madvise(MADV_HUGEPAGE)d, so the fresh mappings that make a
     # checkpointing plan's savings real take 512x fewer page faults
