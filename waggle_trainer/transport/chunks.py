@@ -1,24 +1,34 @@
 """Splitting an encoded update into AMQP messages and putting it back together.
 
 Each chunk is one message with ``message_id`` ``<update_id>:<index>`` and the
-headers ``update_id``, ``chunk_index``, ``chunk_count`` and ``payload_sha256``
+headers ``update_id``, ``chunk_index``, ``chunk_count``, ``payload_sha256``
 (SHA-256 of the whole encoded update, so the receiver can check the reassembled
-bytes before it even looks at the signature).
+bytes before it even looks at the signature) and ``format`` (the chunk format
+version; unknown versions are refused).  Names and limits: :mod:`.wire`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping
+from typing import Any
 
-DEFAULT_CHUNK_SIZE = 8 * 2**20
-CHUNK_FORMAT = "waggle-update-chunk/1"
+from .wire import (
+    CHUNK_FORMAT,
+    DEFAULT_CHUNK_SIZE,
+    HEADER_CHUNK_COUNT,
+    HEADER_CHUNK_INDEX,
+    HEADER_FORMAT,
+    HEADER_PAYLOAD_SHA256,
+    HEADER_UPDATE_ID,
+)
 
 
 class ChunkError(Exception):
-    """A chunk is malformed or inconsistent with the other chunks of its update."""
+    """A chunk is malformed or inconsistent with the other chunks of its update.
+    ``code``: ``headers``, ``format``, ``size``, ``conflict``, ``sha256``."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
@@ -39,13 +49,14 @@ class Chunk:
         return f"{self.update_id}:{self.index}"
 
     def headers(self) -> dict[str, Any]:
-        return {"update_id": self.update_id, "chunk_index": self.index,
-                "chunk_count": self.count, "payload_sha256": self.payload_sha256,
-                "format": CHUNK_FORMAT}
+        return {HEADER_UPDATE_ID: self.update_id, HEADER_CHUNK_INDEX: self.index,
+                HEADER_CHUNK_COUNT: self.count, HEADER_PAYLOAD_SHA256: self.payload_sha256,
+                HEADER_FORMAT: CHUNK_FORMAT}
 
 
 def split(update_id: str, blob: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> list[Chunk]:
-    """Cut ``blob`` into chunks of at most ``chunk_size`` bytes."""
+    """Cut ``blob`` into chunks of at most ``chunk_size`` bytes (any positive size;
+    the publisher keeps to ``wire.MIN_CHUNK_SIZE..MAX_CHUNK_SIZE``)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
     digest = hashlib.sha256(blob).hexdigest()
@@ -55,21 +66,32 @@ def split(update_id: str, blob: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> 
             for i in range(count)]
 
 
-def parse_headers(headers: Mapping[str, Any] | None, message_id: str | None) -> tuple[str, int, int, str]:
-    """(update_id, index, count, payload_sha256) from a message, or ChunkError."""
+def _text(value: Any) -> Any:
+    """AMQP table strings may arrive as bytes."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def parse_headers(headers: Mapping[str, Any] | None,
+                  message_id: str | None) -> tuple[str, int, int, str]:
+    """(update_id, index, count, payload_sha256) from a message, or ChunkError
+    (``format`` for a chunk format other than ``waggle-update-chunk/1``)."""
     h = headers or {}
-    uid, idx, cnt, sha = (h.get("update_id"), h.get("chunk_index"), h.get("chunk_count"),
-                          h.get("payload_sha256"))
-    if isinstance(uid, bytes):
-        uid = uid.decode("utf-8", "replace")
-    if isinstance(sha, bytes):
-        sha = sha.decode("ascii", "replace")
+    fmt = _text(h.get(HEADER_FORMAT))
+    if fmt != CHUNK_FORMAT:
+        raise ChunkError("format", f"chunk format {fmt!r:.80} is not supported "
+                                   f"(this consumer reads {CHUNK_FORMAT})")
+    uid, idx, cnt, sha = (_text(h.get(HEADER_UPDATE_ID)), h.get(HEADER_CHUNK_INDEX),
+                          h.get(HEADER_CHUNK_COUNT), _text(h.get(HEADER_PAYLOAD_SHA256)))
     if not isinstance(uid, str) or not uid or not isinstance(sha, str) or len(sha) != 64:
         raise ChunkError("headers", "update_id or payload_sha256 header missing or malformed")
-    if not isinstance(idx, int) or not isinstance(cnt, int) or not 0 <= idx < cnt:
-        raise ChunkError("headers", f"chunk_index {idx!r} / chunk_count {cnt!r} invalid")
-    if message_id is not None and message_id != f"{uid}:{idx}":
-        raise ChunkError("headers", f"message_id {message_id!r} does not match headers")
+    if not isinstance(idx, int) or not isinstance(cnt, int) or isinstance(idx, bool) or \
+            isinstance(cnt, bool) or not 0 <= idx < cnt:
+        raise ChunkError("headers", f"chunk_index {idx!r:.40} / chunk_count {cnt!r:.40} invalid")
+    if not message_id:
+        raise ChunkError("headers", "message_id property missing (it must be "
+                                    "<update_id>:<chunk_index>)")
+    if message_id != f"{uid}:{idx}":
+        raise ChunkError("headers", f"message_id {message_id!r:.200} does not match headers")
     return uid, idx, cnt, sha
 
 
