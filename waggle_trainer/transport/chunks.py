@@ -30,10 +30,13 @@ class ChunkError(Exception):
     """A chunk is malformed or inconsistent with the other chunks of its update.
     ``code``: ``headers``, ``format``, ``size``, ``conflict``, ``sha256``."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, *, update_id: str | None = None,
+                 tags: list[Hashable] | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.reason = message
+        self.update_id = update_id
+        self.tags: list[Hashable] = tags or []  # every chunk of the failed update so far
 
 
 @dataclass(frozen=True)
@@ -161,24 +164,24 @@ class Reassembler:
         del self._partials[update_id]
         blob = b"".join(p.parts[i] for i in range(p.count))
         if hashlib.sha256(blob).hexdigest() != p.sha:
-            err = ChunkError("sha256", "reassembled update does not match payload_sha256 header")
-            err.tags = p.tags  # type: ignore[attr-defined]
-            err.update_id = update_id  # type: ignore[attr-defined]
-            raise err
+            raise ChunkError("sha256", "reassembled update does not match payload_sha256 header",
+                             update_id=update_id, tags=p.tags)
         return Assembled(update_id, blob, p.tags)
 
-    def _fail(self, update_id: str, tags: list, code: str, msg: str) -> ChunkError:
+    def _fail(self, update_id: str, tags: list[Hashable], code: str, msg: str) -> ChunkError:
         self._partials.pop(update_id, None)
-        err = ChunkError(code, msg)
-        err.tags = list(tags)  # type: ignore[attr-defined]
-        err.update_id = update_id  # type: ignore[attr-defined]
-        return err
+        return ChunkError(code, msg, update_id=update_id, tags=list(tags))
 
     def expire(self, older_than_s: float) -> list[tuple[str, list[Hashable]]]:
         """Drop partial updates first seen more than ``older_than_s`` ago."""
         now = time.monotonic()
         old = [u for u, p in self._partials.items() if now - p.first_seen > older_than_s]
         return [(u, self._partials.pop(u).tags) for u in old]
+
+    def discard(self, update_id: str) -> list[Hashable]:
+        """Drop the partial update ``update_id``; the tags of its chunks so far."""
+        p = self._partials.pop(update_id, None)
+        return [] if p is None else p.tags
 
     def clear(self) -> None:
         """Forget everything (after a reconnect the broker redelivers)."""

@@ -46,5 +46,3 @@ HEADER_ORIGINAL_EXCHANGE = "x-waggle-original-exchange"
 HEADER_ORIGINAL_ROUTING_KEY = "x-waggle-original-routing-key"
 HEADER_ORIGINAL_USER_ID = "x-waggle-original-user-id"
 HEADER_REJECTED_NS = "x-waggle-rejected-ns"
-# Set by RabbitMQ on messages of a quorum queue: earlier failed deliveries.
-HEADER_DELIVERY_COUNT = "x-delivery-count"
