@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
 
 import pika
 import pika.exceptions as px
@@ -181,3 +182,71 @@ def test_an_update_that_keeps_ending_the_session_is_dead_lettered_after_max_atte
     assert got.ids() == [good.update_id]
     assert cons.connect_attempts == 4  # the first connection and one per failed try
     assert queue_depth(names.queue) == 0
+
+
+# ---------------------------------------------------------------- without a broker
+
+
+class FakeChannel:
+    """Records acks and dead-letter publishes (a unit test beside the broker tests)."""
+
+    def __init__(self):
+        self.acked, self.dead = [], []
+
+    def basic_ack(self, tag):
+        self.acked.append(tag)
+
+    def basic_publish(self, exchange, routing_key, body, props):
+        self.dead.append((props.message_id, props.headers["x-waggle-reject-code"]))
+
+
+def deliver(cons, ch, chunks, first_tag):
+    """Deliver ``chunks`` as one session would; the tags are first_tag, first_tag + 1..."""
+    for i, c in enumerate(chunks):
+        method = SimpleNamespace(delivery_tag=first_tag + i, routing_key="update.n1")
+        props = pika.BasicProperties(message_id=c.message_id, headers=c.headers())
+        cons._handle(ch, method, props, c.body)
+
+
+def new_session(cons):
+    cons._reasm.clear()
+    cons._deliveries.clear()
+
+
+def test_all_chunks_of_an_update_that_keeps_ending_the_session_are_dead_lettered():
+    calls = []
+
+    def on_update(decoded):
+        calls.append(decoded.envelope.update_id)
+        raise px.AMQPConnectionError("model exchange unreachable")
+
+    cons = UpdateConsumer(fast(), keys=KEY, reference=REF, on_update=on_update, max_attempts=2)
+    ch = cons._dl_ch = FakeChannel()
+    u = make_update()
+    chunks = split(u.update_id, u.blob, 4096)
+    assert len(chunks) == 3
+    for attempt in range(2):
+        new_session(cons)
+        with pytest.raises(px.AMQPConnectionError):
+            deliver(cons, ch, chunks, 10 * attempt)
+    assert len(calls) == 2 and ch.acked == [] and ch.dead == []
+    # the third time: the first chunk holds nothing yet, each chunk goes as it comes
+    new_session(cons)
+    deliver(cons, ch, chunks, 20)
+    assert len(calls) == 2
+    assert ch.dead == [(c.message_id, "redelivered") for c in chunks]
+    assert ch.acked == [20, 21, 22] and cons._deliveries == {}
+
+
+def test_an_unexpected_error_dead_letters_every_chunk_of_the_update():
+    def reference(env):
+        raise KeyError("no such model")
+
+    cons = UpdateConsumer(fast(), keys=KEY, reference=reference, on_update=Collector())
+    ch = cons._dl_ch = FakeChannel()
+    u = make_update()
+    chunks = split(u.update_id, u.blob, 4096)
+    deliver(cons, ch, chunks, 1)
+    assert ch.dead == [(c.message_id, "internal") for c in chunks]
+    assert sorted(ch.acked) == [1, 2, 3] and cons._deliveries == {} and len(cons._reasm) == 0
+    assert cons.rejected == {"internal": 1}
