@@ -20,11 +20,26 @@ import pika
 import pika.exceptions as px
 import pytest
 import torch
+from brokerutil import (
+    BROKER,
+    Collector,
+    dead_letters,
+    ensure_broker_running,
+    fast,
+    queue_depth,
+    rabbitmqctl,
+    wait_until,
+)
 
-from brokerutil import (BROKER, Collector, dead_letters, ensure_broker_running, fast, queue_depth,
-                        rabbitmqctl, wait_until)
-from waggle_trainer.transport import (AmqpSettings, CodecSettings, Outbox, TensorSpec,
-                                      UpdateConsumer, UpdateEncoder, UpdatePublisher, split)
+from waggle_trainer.transport import (
+    CodecSettings,
+    Outbox,
+    TensorSpec,
+    UpdateConsumer,
+    UpdateEncoder,
+    UpdatePublisher,
+    split,
+)
 from waggle_trainer.transport.codec import _split
 
 pytestmark = pytest.mark.broker
@@ -242,7 +257,7 @@ def test_flipped_byte_goes_to_the_dead_letter_queue_with_the_reason(names):
     dl = dead_letters(names)
     assert len(dl) == 6
     by_update = {}
-    for props, body in dl:
+    for props, _body in dl:
         h = props.headers
         by_update.setdefault(h["update_id"], set()).add(
             (h["x-waggle-reject-code"], h["x-waggle-reject-reason"]))
