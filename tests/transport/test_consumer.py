@@ -250,3 +250,29 @@ def test_an_unexpected_error_dead_letters_every_chunk_of_the_update():
     assert ch.dead == [(c.message_id, "internal") for c in chunks]
     assert sorted(ch.acked) == [1, 2, 3] and cons._deliveries == {} and len(cons._reasm) == 0
     assert cons.rejected == {"internal": 1}
+
+
+def test_a_message_that_cannot_even_be_dead_lettered_is_dropped_not_looped(caplog):
+    def on_update(decoded):
+        raise px.AMQPConnectionError("model exchange unreachable")
+
+    cons = UpdateConsumer(fast(), keys=KEY, reference=REF, on_update=on_update, max_attempts=1)
+    ch = cons._dl_ch = FakeChannel()
+    u = make_update()
+    (chunk,) = split(u.update_id, u.blob)
+    with pytest.raises(px.AMQPConnectionError):
+        deliver(cons, ch, [chunk], 1)
+
+    def refused_by_broker(*args):
+        raise px.ChannelClosedByBroker(505, "UNEXPECTED_FRAME")
+
+    ch.basic_publish = refused_by_broker
+    new_session(cons)
+    with pytest.raises(px.ChannelClosedByBroker):
+        deliver(cons, ch, [chunk], 2)  # dead-lettering fails: the session ends again
+    new_session(cons)
+    with caplog.at_level(logging.ERROR):
+        deliver(cons, ch, [chunk], 3)
+    assert ch.acked == [3] and cons._deliveries == {}
+    assert cons.rejected == {"redelivered": 1, "dropped": 1}
+    assert f"dead-lettering update {u.update_id} ended the session too" in caplog.text

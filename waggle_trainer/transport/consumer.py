@@ -17,7 +17,9 @@ and dead-letters that update (code ``internal``, or ``handler`` when
 ``on_update`` raised).  Only a broker error (``pika.exceptions.AMQPError``,
 also from ``on_update``) ends the session: the consumer reconnects and the
 broker redelivers.  An update whose handling ended the session ``max_attempts``
-times is dead-lettered (``redelivered``) instead of being tried forever.
+times is dead-lettered (``redelivered``) instead of being tried forever; if even
+that ends the session, it is dropped (acked, logged as an ERROR, counted as
+``dropped``).
 """
 
 from __future__ import annotations
@@ -208,8 +210,7 @@ class UpdateConsumer(AmqpWorker):
             raise
 
     def _process(self, ch, job: _InFlight, props: pika.BasicProperties, body: bytes) -> None:
-        if self._strikes[job.key] >= self.max_attempts:
-            self._refuse(ch, job, "redelivered", self._too_often(f"message {job.key}", job.key))
+        if self._given_up(ch, job):
             return
         try:
             uid, idx, cnt, sha = parse_headers(props.headers, props.message_id)
@@ -217,8 +218,7 @@ class UpdateConsumer(AmqpWorker):
             self._reject(ch, job.tags, e.code, e.reason)
             return
         job.key = job.update_id = uid
-        if self._strikes[uid] >= self.max_attempts:
-            self._refuse(ch, job, "redelivered", self._too_often(f"update {uid}", uid))
+        if self._given_up(ch, job):
             return
         try:
             done = self._reasm.add(uid, idx, cnt, sha, body, job.tags[0])
@@ -249,17 +249,34 @@ class UpdateConsumer(AmqpWorker):
         self.accepted += 1
         self._ack(ch, done.tags)
 
-    def _too_often(self, what: str, key: str | None) -> str:
-        return (f"handling {what} ended the consumer's session {self._strikes[key]} times "
-                f"(limit {self.max_attempts}); not tried again")
+    def _given_up(self, ch, job: _InFlight) -> bool:
+        """Dead-letter a delivery whose handling ended the session ``max_attempts``
+        times; drop it (ack, ERROR line) when even dead-lettering it ended the session."""
+        n = self._strikes[job.key]
+        if n < self.max_attempts:
+            return False
+        what = f"update {job.update_id}" if job.update_id else f"message {job.key!r}"
+        if n == self.max_attempts:
+            self._refuse(ch, job, "redelivered", f"handling {what} ended the consumer's "
+                                                 f"session {n} times; not tried again")
+        else:
+            tags = self._unsettled(job)
+            self.rejected["dropped"] = self.rejected.get("dropped", 0) + 1
+            self._log.error("dead-lettering %s ended the session too; dropped %d message(s)",
+                            what, len(tags))
+            self._ack(ch, tags)
+        return True
 
-    def _refuse(self, ch, job: _InFlight, code: str, reason: str) -> None:
-        """Dead-letter every unsettled chunk of the update ``job`` was handling."""
+    def _unsettled(self, job: _InFlight) -> list[Hashable]:
+        """Every unsettled chunk of the update ``job`` was handling (its partial dropped)."""
         tags = list(job.tags)
         if job.update_id is not None:
             tags += self._reasm.discard(job.update_id)
-        unsettled = [t for t in dict.fromkeys(tags) if t in self._deliveries]
-        self._reject(ch, unsettled, code, reason)
+        return [t for t in dict.fromkeys(tags) if t in self._deliveries]
+
+    def _refuse(self, ch, job: _InFlight, code: str, reason: str) -> None:
+        """Dead-letter every unsettled chunk of the update ``job`` was handling."""
+        self._reject(ch, self._unsettled(job), code, reason)
 
     def _ack(self, ch, tags) -> None:
         for t in tags:
