@@ -212,3 +212,11 @@ def test_chunk_without_message_id_is_refused():
         with pytest.raises(ChunkError) as e:
             parse_headers(c.headers(), mid)
         assert e.value.code == "headers" and "message_id" in e.value.reason
+
+
+def test_a_skippable_frame_before_a_bomb_does_not_get_past_the_bound():
+    # libzstd reports content size 0 for a skippable frame: the streaming bound holds
+    bomb = zstd_declaring(zstandard.ZstdCompressor().compress(bytes(2**20)), 2**50)
+    skippable = (0x184D2A50).to_bytes(4, "little") + (4).to_bytes(4, "little") + b"skip"
+    blob = resign(encode("zstd"), KEY, payload=skippable + bomb)
+    assert refused(blob, "size").reason.startswith("payload decompresses to more than raw_bytes")
