@@ -227,7 +227,7 @@ class Envelope:
             raise UpdateRejected("format", f"unknown envelope fields {sorted(extra)}")
         for name, value in obj["metrics"].items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise UpdateRejected("format", f"metric {name!r} is {value!r}, not a number")
+                raise UpdateRejected("format", f"metric {name!r} is {value!r:.40}, not a number")
             if not _finite_number(value):  # NaN, Infinity, 1e999 (read as inf), 10**400
                 raise UpdateRejected("nonfinite", f"metric {name!r} is {value!r:.40}: "
                                                   "only finite numbers are allowed")
