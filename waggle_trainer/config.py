@@ -142,6 +142,7 @@ class MemorySection(_Section):
     safety_margin: float = Field(0.1, ge=0, le=1)
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
+    fused_step: StrictBool = False
 
     @field_validator("budget")
     @classmethod

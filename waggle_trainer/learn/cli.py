@@ -45,6 +45,9 @@ def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
                    help="fraction of free memory left untouched with --budget auto (default 0.1)")
     if strategy:
         p.add_argument("--strategy", choices=STRATEGIES, default="optimal")
+    p.add_argument("--fused-step", action="store_true",
+                   help="step the optimiser inside the backward, one parameter at a time: "
+                        "no whole-model gradients (same results)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where profiles are cached (default: the state directory's profiles/)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -82,7 +85,7 @@ def _spec(args, **over):
         raise UsageError(f"--safety-margin: {args.safety_margin} is out of range (0 <= f < 1)")
     fields = dict(arch=args.arch, batch=args.batch, image=args.image, classes=args.classes,
                   budget=args.budget, safety_margin=args.safety_margin,
-                  cache_dir=_cache_dir(args))
+                  cache_dir=_cache_dir(args), fused_step=args.fused_step)
     fields.update(over)
     return RunSpec(**fields)
 
@@ -132,7 +135,13 @@ def _plan(args) -> int:
         return EXIT_USAGE
     from waggle_trainer.learn.planned_training import profiled_resnet, resolve_budget
 
-    model, _, costs = profiled_resnet(spec.arch, spec.classes, spec.batch, spec.image, spec.cache_dir)
+    model, stages, costs = profiled_resnet(spec.arch, spec.classes, spec.batch, spec.image,
+                                           spec.cache_dir)
+    if spec.fused_step:
+        from waggle_trainer.learn.planned_training import make_optimizer
+        from waggle_trainer.remat.fused_step import costs_with_fused_step
+
+        costs = costs_with_fused_step(costs, stages, make_optimizer(model, spec))
     budget = resolve_budget(model, spec)
     rows = strategy_table(costs, budget.activation_budget_bytes)
     chosen = "optimal" if rows["optimal"]["feasible"] else None
@@ -190,7 +199,8 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
         print(f"calibration: the first measured step needed {format_size(r.calibration_bytes)} beyond "
               f"the prediction; re-planned within the budget minus that")
     print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}; "
-          f"allocator {r.allocator_mode}")
+          f"allocator {r.allocator_mode}; optimiser step "
+          f"{'fused into the backward' if r.fused_step else 'after the backward'}")
     return 0
 
 
@@ -221,5 +231,6 @@ def _run(args) -> int:
         safety_margin=cfg.memory.safety_margin, optimizer=cfg.training.optimizer,
         learning_rate=cfg.training.learning_rate, momentum=cfg.training.momentum,
         replan_threshold=cfg.memory.replan_threshold, cache_dir=cfg.state.dir / "profiles",
+        fused_step=cfg.memory.fused_step,
     )
     return _train(spec, args.steps, args.json, "run")

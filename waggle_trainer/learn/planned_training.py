@@ -34,6 +34,7 @@ from waggle_trainer.remat.budget import (
 )
 from waggle_trainer.remat.chain import build_resnet, named_stages
 from waggle_trainer.remat.executor import CheckpointedSequential
+from waggle_trainer.remat.fused_step import FusedStep, costs_with_fused_step
 from waggle_trainer.remat.planner import InfeasibleBudget
 from waggle_trainer.remat.profiler import profile_chain
 from waggle_trainer.remat.schedule import recomputes
@@ -58,6 +59,9 @@ class RunSpec:
     replan_threshold: float = 0.1
     cache_dir: Path | None = None
     seed: int = 0
+    # The optimiser step runs inside the backward, one parameter at a time
+    # (remat/fused_step.py): no whole-model gradients, same results.
+    fused_step: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch", "image", "classes"):
@@ -136,7 +140,8 @@ def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
 
 def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
     """The activation budget for ``spec``: a given size, or what is free here now."""
-    state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum)
+    state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum,
+                                 fused_step=spec.fused_step)
     if spec.budget != "auto":
         return BudgetBreakdown(
             free_bytes=int(spec.budget), safety_margin_bytes=0,
@@ -166,6 +171,7 @@ class PlannedTraining:
     replans: int = 0
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
+    fused: FusedStep | None = None
 
     def calibrate(self, rss: "RssSampler", rounds: int = 3) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
@@ -226,8 +232,21 @@ class PlannedTraining:
         )
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
         training = cls(spec, model, chain, make_optimizer(model, spec), budget, watcher=watcher)
+        if spec.fused_step:
+            training.fuse_step()
         training._configure_allocator()
         return training
+
+    def fuse_step(self) -> None:
+        """Fuse the optimiser step into the backward (:mod:`~waggle_trainer.remat.fused_step`)
+        and re-plan with its temporaries counted in every stage's backward peak."""
+        if self.fused is not None:
+            return
+        self.fused = FusedStep(self.optimizer)
+        assert self.chain.costs is not None  # profiled at build
+        self.chain.costs = costs_with_fused_step(self.chain.costs, self.chain.stages,
+                                                 self.optimizer)
+        self.chain.replan(self.chain.budget_bytes)
 
     def maybe_replan(self) -> bool:
         """Between steps: re-plan if free memory moved by more than the threshold."""
@@ -237,7 +256,8 @@ class PlannedTraining:
         change = self.watcher.poll()
         if change is None:
             return False
-        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum)
+        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum,
+                                     fused_step=self.fused is not None)
         self.budget = activation_budget(
             state, free=change.current_bytes, safety_fraction=self.spec.safety_margin,
             state_resident_bytes=state.total_bytes,
@@ -258,6 +278,11 @@ class PlannedTraining:
                 torch.randint(0, s.classes, (s.batch,)))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        if self.fused is not None:  # the backward steps each parameter and drops its gradient
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.chain(x), y)
+            loss.backward()
+            return float(loss.detach())
         self.optimizer.zero_grad(set_to_none=False)
         loss = self.loss_fn(self.chain(x), y)
         loss.backward()
@@ -288,6 +313,7 @@ class RunResult:
     allocator_mode: str
     calibration_bytes: int
     budget_breakdown: dict
+    fused_step: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -322,5 +348,5 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         baseline_rss_bytes=baseline, peak_rss_bytes=peak,
         peak_rss_growth_bytes=peak - baseline, losses=losses, replans=training.replans,
         allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
-        budget_breakdown=training.budget.to_dict(),
+        budget_breakdown=training.budget.to_dict(), fused_step=training.fused is not None,
     )

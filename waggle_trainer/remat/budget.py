@@ -371,6 +371,10 @@ class TrainingState:
     gradient_bytes: int
     optimizer_state_bytes: int
     optimizer: str
+    #: The optimiser step is fused into the backward (:mod:`.fused_step`): no
+    #: gradient stays resident (``gradient_bytes`` is 0); each parameter's gradient
+    #: is a transient of its stage's backward, counted by the plan.
+    fused_step: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -394,7 +398,8 @@ def _optimizer_multiple(optimizer: str, momentum: float | None) -> tuple[str, in
 
 
 def training_state_bytes(
-    model, optimizer: str = "sgd-momentum", *, momentum: float | None = None
+    model, optimizer: str = "sgd-momentum", *, momentum: float | None = None,
+    fused_step: bool = False,
 ) -> TrainingState:
     """Parameters, buffers, gradients and optimiser state of ``model``.
 
@@ -403,6 +408,7 @@ def training_state_bytes(
     once) or an int, the bytes of trainable parameters.  ``optimizer`` is one of
     ``sgd``, ``sgd-momentum``, ``adam``, ``adamw``; ``sgd`` with a non-zero
     ``momentum`` is ``sgd-momentum`` (the config's ``optimizer``/``momentum``).
+    ``fused_step``: the step runs inside the backward, so gradients are not resident.
     """
     key, mult = _optimizer_multiple(optimizer, momentum)
     if isinstance(model, bool) or not (isinstance(model, int) or hasattr(model, "parameters")):
@@ -423,9 +429,10 @@ def training_state_bytes(
     return TrainingState(
         parameter_bytes=trainable + frozen,
         buffer_bytes=buffers,
-        gradient_bytes=trainable,
+        gradient_bytes=0 if fused_step else trainable,
         optimizer_state_bytes=mult * trainable,
         optimizer=key,
+        fused_step=fused_step,
     )
 
 

@@ -11,7 +11,8 @@ All sizes are bytes, all times seconds, measured on this machine by
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,26 @@ class ChainCosts:
             "meta": dict(self.meta),
             "stages": [vars(s).copy() for s in self.stages],
         }
+
+    def with_step_bytes(self, step_bytes: Sequence[int]) -> ChainCosts:
+        """These costs with ``step_bytes[j]`` added to stage ``j``'s backward peak.
+
+        For an optimiser step fused into the backward
+        (:mod:`waggle_trainer.remat.fused_step`): each parameter is stepped as soon as
+        its gradient is complete, inside ``BW j``, and the step's temporaries add to
+        that backward's transient.  The planners and the simulator then count them
+        like any other transient.  Recorded in ``meta["fused_step_bytes"]``; adding
+        them twice is an error.
+        """
+        if "fused_step_bytes" in self.meta:
+            raise ValueError("these costs already include a fused optimiser step")
+        extra = [int(b) for b in step_bytes]
+        if len(extra) != len(self.stages) or any(b < 0 for b in extra):
+            raise ValueError(f"step_bytes must be {len(self.stages)} byte counts >= 0, got {extra}")
+        stages = tuple(replace(s, backward_peak_bytes=s.backward_peak_bytes + b)
+                       for s, b in zip(self.stages, extra, strict=True))
+        return ChainCosts(self.input_bytes, stages, self.loss_s,
+                          {**self.meta, "fused_step_bytes": extra})
 
     @classmethod
     def from_dict(cls, data: dict) -> "ChainCosts":
