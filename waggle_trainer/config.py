@@ -46,6 +46,7 @@ from waggle_trainer.common import (
     parse_budget,
     parse_size,
 )
+from waggle_trainer.remat.allocator import DEFAULT_ALLOCATOR
 from waggle_trainer.transport.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -143,6 +144,7 @@ class MemorySection(_Section):
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
     fused_step: StrictBool = False
+    allocator: Literal["glibc", "jemalloc", "tcmalloc", "mimalloc"] = DEFAULT_ALLOCATOR
 
     @field_validator("budget")
     @classmethod

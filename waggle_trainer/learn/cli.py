@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from waggle_trainer.common import ARCHES, STRATEGIES, format_size, parse_budget
+from waggle_trainer.remat.allocator import ALLOCATORS, DEFAULT_ALLOCATOR
 
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 1
@@ -61,6 +62,9 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="real training steps under a plan: step time, peak RSS")
     _model_args(p, strategy=True)
     p.add_argument("--steps", type=_positive, default=5, help="measured steps (default 5)")
+    p.add_argument("--allocator", choices=ALLOCATORS, default=DEFAULT_ALLOCATOR,
+                   help="malloc to run under: glibc's, or a distribution library loaded by "
+                        f"re-executing with LD_PRELOAD (default {DEFAULT_ALLOCATOR})")
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser("run", help="the main job: a memory-planned training run of the student")
@@ -199,12 +203,15 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
         print(f"calibration: the first measured step needed {format_size(r.calibration_bytes)} beyond "
               f"the prediction; re-planned within the budget minus that")
     print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}; "
-          f"allocator {r.allocator_mode}; optimiser step "
+          f"allocator {r.allocator} ({r.allocator_mode}); optimiser step "
           f"{'fused into the backward' if r.fused_step else 'after the backward'}")
     return 0
 
 
 def _bench(args) -> int:
+    from waggle_trainer.cli import reexec_under_allocator
+
+    reexec_under_allocator(args.allocator)  # before torch is imported
     try:
         spec = _spec(args, strategy=args.strategy)
     except (UsageError, ValueError) as exc:
@@ -225,6 +232,9 @@ def _run(args) -> int:
         return EXIT_USAGE
     if args.log_level is None:
         setup_logging(cfg.node.log_level)
+    from waggle_trainer.cli import reexec_under_allocator
+
+    reexec_under_allocator(cfg.memory.allocator)  # before torch is imported
     spec = RunSpec(
         arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.image_size,
         classes=cfg.student.num_classes, strategy=cfg.memory.strategy, budget=cfg.memory.budget,

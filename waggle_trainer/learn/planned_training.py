@@ -314,6 +314,7 @@ class RunResult:
     calibration_bytes: int
     budget_breakdown: dict
     fused_step: bool = False
+    allocator: str = "glibc"  # the malloc this process runs under (/proc/self/maps)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -349,4 +350,5 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         peak_rss_growth_bytes=peak - baseline, losses=losses, replans=training.replans,
         allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
         budget_breakdown=training.budget.to_dict(), fused_step=training.fused is not None,
+        allocator=allocator.loaded_allocator(),
     )

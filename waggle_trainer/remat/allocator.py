@@ -131,6 +131,14 @@ __all__ = [
     "allocator_env",
     "find_jemalloc",
     "jemalloc_loaded",
+    "ALLOCATORS",
+    "DEFAULT_ALLOCATOR",
+    "PRELOADED",
+    "PreloadPlan",
+    "find_allocator",
+    "loaded_allocator",
+    "preload_env",
+    "plan_preload",
 ]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -221,9 +229,10 @@ def configure_allocator(
     if arena_max is not None and (isinstance(arena_max, bool) or not isinstance(arena_max, int)
                                   or arena_max < 1):
         raise ValueError(f"arena_max must be a positive integer or None, got {arena_max!r}")
-    if jemalloc_loaded():
-        return AllocatorSettings(mode, applied=False, allocator="jemalloc",
-                                 note="jemalloc is preloaded: glibc's settings do not apply")
+    preloaded = loaded_allocator()
+    if preloaded != "glibc":
+        return AllocatorSettings(mode, applied=False, allocator=preloaded,
+                                 note=f"{preloaded} is preloaded: glibc's settings do not apply")
     if mode in ("default", "trim") and arena_max is None:
         return AllocatorSettings(mode, applied=True, note="no mallopt settings")
     lib = _libc()
@@ -249,11 +258,16 @@ def trim() -> bool:
     """Give free memory back to the kernel; True if the call succeeded / released some.
 
     glibc: ``malloc_trim(0)``.  jemalloc (preloaded): purge the dirty pages of all
-    arenas (``mallctl("arena.4096.purge")``).
+    arenas (``mallctl("arena.4096.purge")``).  tcmalloc: ``ReleaseFreeMemory``.
+    mimalloc: ``mi_collect(true)``.
     """
     mallctl = _jemalloc_mallctl()
     if mallctl is not None:
         return mallctl(b"arena.4096.purge", None, None, None, 0) == 0
+    release = _preloaded_release()
+    if release is not None:
+        release()
+        return True
     lib = _libc()
     if lib is None:
         return False
@@ -299,3 +313,135 @@ def allocator_env(
     if arena_max is not None:
         env["MALLOC_ARENA_MAX"] = str(arena_max)
     return env
+
+
+# ------------------------------------------------------------------ preloaded allocators
+
+#: Allocators the command line can run under: glibc's own malloc, or one of the
+#: distribution's reusing allocators loaded with ``LD_PRELOAD``.
+ALLOCATORS = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
+#: What ``bench``, ``run`` and the daemon use unless told otherwise
+#: (``bench/results/checkpointing.md``, end-to-end comparison).
+DEFAULT_ALLOCATOR = "glibc"
+
+#: Library file names (Debian: libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0).
+PRELOADED: dict[str, tuple[str, ...]] = {
+    "jemalloc": ("libjemalloc.so.2",),
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+    "mimalloc": ("libmimalloc.so.2", "libmimalloc.so.2.0"),
+}
+_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4",
+             "mimalloc": "libmimalloc2.0"}
+_MAPS_NAMES = {"jemalloc": "libjemalloc", "tcmalloc": "libtcmalloc", "mimalloc": "libmimalloc"}
+
+#: Retention settings: a checkpointing plan frees an activation and allocates one of
+#: a similar size moments later, so freed memory must stay with the allocator for the
+#: length of a step (reused, no page faults) and go back between steps
+#: (:func:`trim`, called by the training run before each re-plan and measurement).
+#:
+#: * jemalloc: no separate arena with eager purging for large blocks
+#:   (``oversize_threshold:0``; by default blocks of 8 MiB and more, i.e. every
+#:   activation, are returned at once), dirty pages kept 10 s, muzzy pages not kept.
+#: * tcmalloc: free spans are not released gradually (``TCMALLOC_RELEASE_RATE=0``),
+#:   only by :func:`trim`.
+#: * mimalloc 2.0: freed segments and pages are kept 10 s before decommit/reset.
+RETENTION: dict[str, dict[str, str]] = {
+    "jemalloc": {"MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:10000,muzzy_decay_ms:0"},
+    "tcmalloc": {"TCMALLOC_RELEASE_RATE": "0"},
+    "mimalloc": {"MIMALLOC_DECOMMIT_DELAY": "10000", "MIMALLOC_RESET_DELAY": "10000"},
+}
+
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
+             "/usr/lib/arm-linux-gnueabihf", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def _check_allocator(name: str) -> None:
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r} (allowed: {', '.join(ALLOCATORS)})")
+
+
+def find_allocator(name: str) -> str | None:
+    """Path of the preloadable library of allocator ``name``; None if not installed
+    (and for ``"glibc"``, which needs none)."""
+    _check_allocator(name)
+    for filename in PRELOADED.get(name, ()):
+        for d in _LIB_DIRS:
+            p = Path(d) / filename
+            if p.exists():
+                return str(p)
+    return None
+
+
+def loaded_allocator(maps: str | os.PathLike = "/proc/self/maps") -> str:
+    """The allocator mapped into this process (``/proc/self/maps``): one of
+    :data:`ALLOCATORS`; ``"glibc"`` when none of the others is."""
+    try:
+        text = Path(maps).read_text()
+    except OSError:
+        return "glibc"
+    for name, needle in _MAPS_NAMES.items():
+        if needle in text:
+            return name
+    return "glibc"
+
+
+@lru_cache(maxsize=1)
+def _preloaded_release():
+    """tcmalloc's or mimalloc's "give free memory back" call, if one is loaded."""
+    which = loaded_allocator()
+    try:
+        lib = ctypes.CDLL(None)
+        if which == "tcmalloc":
+            fn = lib.MallocExtension_ReleaseFreeMemory
+            fn.argtypes, fn.restype = [], None
+            return fn
+        if which == "mimalloc":
+            collect = lib.mi_collect
+            collect.argtypes, collect.restype = [ctypes.c_bool], None
+            return lambda: collect(True)
+    except AttributeError:
+        return None
+    return None
+
+
+def preload_env(name: str, path: str) -> dict[str, str]:
+    """Environment for a process running under allocator ``name`` loaded from ``path``:
+    ``LD_PRELOAD`` and :data:`RETENTION` (settings already in the environment win)."""
+    _check_allocator(name)
+    env = {k: v for k, v in RETENTION.get(name, {}).items() if k not in os.environ}
+    current = os.environ.get("LD_PRELOAD", "")
+    env["LD_PRELOAD"] = f"{path}:{current}" if current else path
+    return env
+
+
+@dataclass(frozen=True)
+class PreloadPlan:
+    """What the command line does about ``--allocator``: ``env`` to re-execute with
+    (None: carry on in this process) and ``note`` to log (empty: nothing to say)."""
+
+    name: str
+    env: dict[str, str] | None
+    note: str = ""
+
+
+def plan_preload(name: str, environ: dict[str, str] | None = None) -> PreloadPlan:
+    """Decide how to run under allocator ``name`` (``waggle-trainer`` re-executes itself).
+
+    Already loaded (or glibc asked for): carry on.  Installed: re-execute with
+    :func:`preload_env`.  Missing: carry on under glibc, with one line saying so.
+    A re-executed process that still lacks it (``WAGGLE_PRELOADED`` set) carries on
+    too, so there is never a loop.
+    """
+    _check_allocator(name)
+    environ = dict(os.environ) if environ is None else environ
+    loaded = loaded_allocator()
+    if name == loaded or name == "glibc":
+        return PreloadPlan(name, None)
+    path = find_allocator(name)
+    if path is None:
+        return PreloadPlan("glibc", None, f"allocator {name}: {PRELOADED[name][0]} not found "
+                           f"(apt-get install {_PACKAGES[name]}); using glibc malloc")
+    if environ.get("WAGGLE_PRELOADED") == name:
+        return PreloadPlan(loaded, None, f"allocator {name}: {path} was preloaded but is not "
+                           f"mapped (LD_PRELOAD refused?); using {loaded}")
+    return PreloadPlan(name, {**environ, **preload_env(name, path), "WAGGLE_PRELOADED": name})
