@@ -1,0 +1,74 @@
+"""Simulated nodes for the server tests: a tiny model, keys, encoded updates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from waggle_trainer.server.config import server_config_from_dict
+from waggle_trainer.server.staging import ChunkMessage
+from waggle_trainer.transport.chunks import split
+from waggle_trainer.transport.codec import CodecSettings, UpdateEncoder
+from waggle_trainer.transport.model_wire import generate_signing_key
+
+MODEL = "tiny"
+
+
+def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+            "fc.weight": torch.randn(5, 8, generator=g), "fc.bias": torch.randn(5, generator=g),
+            "bn.running_var": torch.ones(4), "bn.num_batches_tracked": torch.tensor(3)}
+
+
+def node_key(node: str) -> bytes:
+    return f"key-of-{node}-0123456789abcdef".encode()
+
+
+def setup_server_files(tmp: Path, nodes: list[str], **sections) -> dict:
+    """Keys dir, initial weights, signing key; returns the config dict."""
+    keys = tmp / "node-keys"
+    keys.mkdir(exist_ok=True)
+    for n in nodes:
+        p = keys / f"{n}.key"
+        p.write_bytes(node_key(n))
+        os.chmod(p, 0o600)
+    init = tmp / "initial.safetensors"
+    save_file(tiny_state(), str(init))
+    sk = tmp / "signing.pem"
+    if not sk.exists():
+        generate_signing_key(sk)
+    cfg = {"server": {"state_dir": str(tmp / "state")},
+           "verify": {"keys_dir": str(keys)},
+           "broadcast": {"signing_key_file": str(sk)},
+           "models": {MODEL: {"initial_weights": str(init)}},
+           "status": {"port": 0}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def make_config(tmp: Path, nodes: list[str], **sections):
+    return server_config_from_dict(setup_server_files(tmp, nodes, **sections))
+
+
+def random_delta(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return {k: torch.randn(v.shape, generator=g) * scale
+            for k, v in tiny_state().items() if v.is_floating_point()}
+
+
+def encoder(node: str, settings: CodecSettings | None = None, key: bytes | None = None):
+    return UpdateEncoder(node_id=node, vsn="W0T", model=MODEL, key=key or node_key(node),
+                         settings=settings or CodecSettings("fp32", "none"))
+
+
+def messages(blob: bytes, update_id: str, node: str, chunk_size: int = 1 << 20,
+             user_id: str | None = "same") -> list[ChunkMessage]:
+    uid = node if user_id == "same" else user_id
+    return [ChunkMessage(routing_key=f"update.{node}", body=c.body, message_id=c.message_id,
+                         headers=c.headers(), user_id=uid)
+            for c in split(update_id, blob, chunk_size)]

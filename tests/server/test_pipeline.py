@@ -1,0 +1,233 @@
+"""The server pipeline without the broker: staging, verification, aggregation, store."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from simnodes import MODEL, encoder, make_config, messages, random_delta, tiny_state
+from waggle_trainer.server.pipeline import UpdatePipeline
+from waggle_trainer.transport.codec import CodecSettings, _seal
+
+
+def feed(p: UpdatePipeline, msgs):
+    outs = []
+    with p.lock.held():
+        for m in msgs:
+            out = p.handle(m)
+            out.finish()
+            outs.append(out)
+    return outs
+
+
+def pipeline(tmp_path, nodes, **sections) -> UpdatePipeline:
+    p = UpdatePipeline(make_config(tmp_path, nodes, **sections))
+    p.startup()
+    return p
+
+
+def codes(outs) -> list[str]:
+    return sorted({d.code for o in outs for d in o.dead_letters})
+
+
+def test_weighted_average_of_chunked_updates_is_stored(tmp_path):
+    nodes = [f"n{i}" for i in range(5)]
+    p = pipeline(tmp_path, nodes, aggregation={"min_updates": 5})
+    expected_num = {k: torch.zeros(v.shape, dtype=torch.float64)
+                    for k, v in tiny_state().items() if v.is_floating_point()}
+    total = 0
+    for i, n in enumerate(nodes):
+        d = random_delta(i)
+        u = encoder(n).encode_delta(d, base_version="1", round=1, samples=10 * (i + 1),
+                                    metrics={"agreement": 0.5 + i / 10})
+        outs = feed(p, messages(u.blob, u.update_id, n, chunk_size=700))
+        assert codes(outs) == []
+        total += 10 * (i + 1)
+        for k in expected_num:
+            expected_num[k] += d[k].double() * 10 * (i + 1)
+    info = p.store.latest(MODEL)
+    assert info.version == "2" and info.manifest["parent"] == "1"
+    assert info.manifest["samples"] == total and info.manifest["nodes"] == nodes
+    got = load_file(str(info.weights))
+    base = tiny_state()
+    for k, num in expected_num.items():
+        assert torch.allclose(got[k], (base[k].double() + num / total).float(), atol=1e-6)
+    assert torch.equal(got["bn.num_batches_tracked"], base["bn.num_batches_tracked"])
+    assert p.db.pending(MODEL) == []
+    assert list((tmp_path / "state" / "pending").iterdir()) == []
+
+
+def test_refusals_each_with_their_code(tmp_path):
+    p = pipeline(tmp_path, ["a", "b"], aggregation={"min_updates": 100})
+    enc = encoder("a")
+    good = enc.encode_delta(random_delta(1), base_version="1", round=5, samples=4)
+    assert codes(feed(p, messages(good.blob, good.update_id, "a"))) == []
+    # the same update again: absorbed as a duplicate, not counted twice
+    outs = feed(p, messages(good.blob, good.update_id, "a"))
+    assert codes(outs) == [] and outs[0].duplicate
+    assert len(p.db.pending(MODEL)) == 1
+
+    def refused(blob, uid, node="a", **kw):
+        return codes(feed(p, messages(blob, uid, node, **kw)))
+
+    old = enc.encode_delta(random_delta(2), base_version="1", round=5, samples=4)
+    assert refused(old.blob, old.update_id) == ["replay"]
+    tampered = bytearray(enc.encode_delta(random_delta(3), base_version="1", round=6,
+                                          samples=4).blob)
+    tampered[-5] ^= 1
+    assert refused(bytes(tampered), "11111111-2222-3333-4444-555555555555") == ["signature"]
+    nan = random_delta(4)
+    nan["fc.bias"][0] = float("nan")
+    u = encoder("b", CodecSettings("fp32", "none")).encode_delta(
+        {k: v.clone() for k, v in random_delta(4).items()}, base_version="1", round=1, samples=1)
+    # NaN cannot be encoded by an honest encoder: forge the payload and sign it properly
+    raw = bytearray(u.blob)
+    assert refused(_forge(u, lambda t: t.__setitem__("fc.bias", nan["fc.bias"])), u.update_id,
+                   "b") == ["nonfinite"]
+    shape = {k: v for k, v in random_delta(5).items()}
+    shape["fc.weight"] = torch.zeros(5, 9)
+    u = encoder("b").encode_delta(shape, base_version="1", round=2, samples=1)
+    assert refused(u.blob, u.update_id, "b") == ["shape"]
+    u = encoder("b").encode_delta(random_delta(6), base_version="7", round=3, samples=1)
+    assert refused(u.blob, u.update_id, "b") == ["base_version"]
+    u = encoder("b").encode_delta(random_delta(7), base_version="1", round=4, samples=1)
+    assert refused(u.blob, u.update_id, "b", user_id="a") == ["user_id"]
+    pick = _forge_raw(encoder("b").encode_delta(random_delta(8), base_version="1", round=5,
+                                                samples=1),
+                      pickle.dumps({"w": [1.0, 2.0]}))
+    assert refused(pick, _uid(pick), "b") == ["format"]
+    rej = p.db.conn.execute("SELECT code, reason FROM rejections WHERE code='format'").fetchone()
+    assert "pickle" in rej["reason"]
+    assert len(raw) > 0 and len(p.db.pending(MODEL)) == 1  # only the good one waits
+
+
+def _uid(blob: bytes) -> str:
+    from waggle_trainer.transport.codec import peek_envelope
+
+    return peek_envelope(blob).update_id
+
+
+def _forge_raw(u, raw_payload: bytes) -> bytes:
+    """Re-sign ``u`` with another (uncompressed) payload, as a node with its key could."""
+    import hashlib
+
+    from simnodes import node_key
+
+    env = u.envelope
+    env.payload_sha256 = hashlib.sha256(raw_payload).hexdigest()
+    env.payload_bytes = env.raw_bytes = len(raw_payload)
+    env.encoding = dict(env.encoding, compression="none")
+    return _seal(env.to_json(), raw_payload, node_key(env.node_id))
+
+
+def _forge(u, mutate) -> bytes:
+    from safetensors.torch import load, save
+
+    from waggle_trainer.transport.codec import _split
+
+    payload = _split(u.blob)[3]
+    tensors = load(payload)
+    mutate(tensors)
+    n = struct.unpack("<Q", payload[:8])[0]
+    import json
+
+    meta = json.loads(payload[8:8 + n]).get("__metadata__")
+    return _forge_raw(u, save(tensors, metadata=meta))
+
+
+def test_stale_updates_are_down_weighted_then_refused(tmp_path):
+    p = pipeline(tmp_path, ["a", "b", "c"],
+                 aggregation={"min_updates": 1, "max_staleness": 1, "staleness_decay": 0.5})
+    u = encoder("a").encode_delta(random_delta(1), base_version="1", round=1, samples=8)
+    feed(p, messages(u.blob, u.update_id, "a"))
+    assert p.store.latest(MODEL).version == "2"
+    u = encoder("b").encode_delta(random_delta(2), base_version="1", round=1, samples=8)
+    feed(p, messages(u.blob, u.update_id, "b"))
+    v3 = p.store.latest(MODEL)
+    assert v3.version == "3"
+    c = v3.manifest["contributors"][0]
+    assert (c["staleness"], c["weight"]) == (1, 4.0)
+    u = encoder("c").encode_delta(random_delta(3), base_version="1", round=1, samples=8)
+    assert codes(feed(p, messages(u.blob, u.update_id, "c"))) == ["stale"]
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_robust_rules_ignore_one_wild_node(tmp_path, rule):
+    nodes = ["a", "b", "c", "d", "e"]
+    p = pipeline(tmp_path, nodes, aggregation={"min_updates": 5, "rule": rule,
+                                                "trim_fraction": 0.2})
+    for i, n in enumerate(nodes):
+        d = {k: torch.full(v.shape, 0.01 * (i + 1)) for k, v in random_delta(0).items()}
+        if n == "e":
+            d = {k: torch.full(v.shape, 100.0) for k, v in d.items()}
+        u = encoder(n).encode_delta(d, base_version="1", round=1, samples=1000 if n == "e" else 1)
+        feed(p, messages(u.blob, u.update_id, n))
+    got = load_file(str(p.store.latest(MODEL).weights))
+    base = tiny_state()
+    step = got["fc.bias"] - base["fc.bias"]
+    want = 0.03 if rule == "median" else (0.02 + 0.03 + 0.04) / 3
+    assert torch.allclose(step, torch.full_like(step, want), atol=1e-6)
+
+
+def test_topk_missing_entries_count_as_zero_and_momentum_carries(tmp_path):
+    p = pipeline(tmp_path, ["a", "b"], aggregation={"min_updates": 2, "server_momentum": 0.5})
+    s = CodecSettings("fp32", "none", topk=0.5)
+    da = {k: torch.zeros(v.shape) for k, v in random_delta(0).items()}
+    db = {k: torch.zeros(v.shape) for k, v in random_delta(0).items()}
+    da["fc.bias"] = torch.tensor([1.0, 0, 0, 0, 2.0])
+    db["fc.bias"] = torch.tensor([0, 0, 3.0, 0, 4.0])
+    for n, d in (("a", da), ("b", db)):
+        u = encoder(n, s).encode_delta(d, base_version="1", round=1, samples=1)
+        feed(p, messages(u.blob, u.update_id, n))
+    v2 = load_file(str(p.store.latest(MODEL).weights))
+    step = v2["fc.bias"] - tiny_state()["fc.bias"]
+    assert torch.allclose(step, torch.tensor([0.5, 0, 1.5, 0, 3.0]), atol=1e-6)
+    for n, d in (("a", da), ("b", db)):
+        u = encoder(n, s).encode_delta(d, base_version="2", round=2, samples=1)
+        feed(p, messages(u.blob, u.update_id, n))
+    v3 = load_file(str(p.store.latest(MODEL).weights))
+    # momentum 0.5: second step = 0.5 * first + new step
+    assert torch.allclose(v3["fc.bias"] - v2["fc.bias"], step * 1.5, atol=1e-5)
+
+
+def test_crash_between_store_and_database_counts_nothing_twice(tmp_path):
+    nodes = ["a", "b"]
+    p = pipeline(tmp_path, nodes, aggregation={"min_updates": 3})
+    for n in nodes:
+        u = encoder(n).encode_delta(random_delta(len(n)), base_version="1", round=1, samples=2)
+        feed(p, messages(u.blob, u.update_id, n))
+    pool = p.db.pending(MODEL)
+    # the version is written, then the process dies before the database records it
+    p.store.write(MODEL, 2, load_file(str(p.store.latest(MODEL).weights)),
+                  {"parent": "1", "contributors": [{"update_id": x.update_id} for x in pool],
+                   "nodes": nodes, "samples": 4, "created_ns": 1})
+    p2 = UpdatePipeline(p.cfg)
+    p2.startup()
+    assert p2.db.pending(MODEL) == []
+    assert {r[0] for r in p2.db.conn.execute("SELECT status FROM updates")} == {"aggregated"}
+
+
+def test_partial_updates_expire_and_staging_is_bounded(tmp_path):
+    p = pipeline(tmp_path, ["a"], verify={"staging_max_age_s": 0.2, "staging_max_bytes": 1000,
+                                          "max_update_bytes": 1000})
+    enc = encoder("a")
+    u1 = enc.encode_delta(random_delta(1), base_version="1", round=1, samples=1)
+    m1 = messages(u1.blob, u1.update_id, "a", chunk_size=300)
+    feed(p, m1[:1])
+    u2 = enc.encode_delta(random_delta(2), base_version="1", round=2, samples=1)
+    m2 = messages(u2.blob, u2.update_id, "a", chunk_size=300)
+    outs = feed(p, m2[:3])  # more than the bound: the oldest partial update is evicted
+    assert codes(outs) == ["staging_full"]
+    import time
+
+    time.sleep(0.3)
+    with p.lock.held():
+        out = p.tick()
+        out.finish()
+    assert {d.code for d in out.dead_letters} == {"incomplete"}
+    assert p.staging.partials() == []
+    assert p.db.counters()["expired_partials"] == 2

@@ -1,0 +1,178 @@
+"""Model store: every global model version as safetensors plus a JSON manifest.
+
+Layout under ``<state dir>/models/<model>/``::
+
+    v000001.safetensors        the weights (the whole state dict)
+    v000001.momentum.safetensors  FedAvgM server momentum after this version (if any)
+    v000001.json               the manifest; written last, it *is* the version
+
+A version exists once its manifest exists: weights (and momentum) are written
+atomically first, the manifest atomically after, so a crash leaves either a
+complete version or none (stray weights without a manifest are removed and
+rewritten identically by the next aggregation).  Retention keeps the weights
+of the newest ``retain`` versions; older manifests stay as history, marked
+``retired``.  Version names are the decimal sequence numbers ("1", "2", ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from waggle_trainer.transport.codec import TensorSpec
+
+from .files import remove_temp_files, write_atomic
+
+_MANIFEST_RE = re.compile(r"^v(\d{6,})\.json$")
+
+
+class StoreError(Exception):
+    """A stored file is missing or not what its manifest says."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    model: str
+    seq: int
+    manifest: dict[str, Any]
+    weights: Path
+    momentum: Path | None
+
+    @property
+    def version(self) -> str:
+        return str(self.seq)
+
+    @property
+    def retired(self) -> bool:
+        return not self.weights.exists()
+
+
+def _name(seq: int) -> str:
+    return f"v{seq:06d}"
+
+
+class ModelStore:
+    def __init__(self, root: Path, retain: int = 10):
+        self.root = Path(root)
+        self.retain = retain
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._spec_cache: dict[tuple[str, int], dict[str, TensorSpec]] = {}
+
+    # ------------------------------------------------------------------ reading
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        d = self.root / model
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            m = _MANIFEST_RE.match(p.name)
+            if m:
+                out.append(self._info(model, int(m.group(1))))
+        return sorted(out, key=lambda v: v.seq)
+
+    def _info(self, model: str, seq: int) -> VersionInfo:
+        d = self.root / model
+        manifest = json.loads((d / f"{_name(seq)}.json").read_text())
+        mom = d / f"{_name(seq)}.momentum.safetensors"
+        return VersionInfo(model, seq, manifest, d / f"{_name(seq)}.safetensors",
+                           mom if manifest.get("momentum") else None)
+
+    def get(self, model: str, version: str) -> VersionInfo | None:
+        if not version.isdigit() or int(version) < 1:
+            return None
+        seq = int(version)
+        if not (self.root / model / f"{_name(seq)}.json").exists():
+            return None
+        return self._info(model, seq)
+
+    def latest(self, model: str) -> VersionInfo | None:
+        vs = self.versions(model)
+        return vs[-1] if vs else None
+
+    def load_weights(self, info: VersionInfo) -> dict[str, torch.Tensor]:
+        if info.retired:
+            raise StoreError(f"{info.model} version {info.version} is retired (weights removed)")
+        data = info.weights.read_bytes()
+        if hashlib.sha256(data).hexdigest() != info.manifest["weights_sha256"]:
+            raise StoreError(f"{info.weights}: content differs from its manifest")
+        return st_load(data)
+
+    def load_momentum(self, info: VersionInfo) -> dict[str, torch.Tensor] | None:
+        if info.momentum is None or not info.momentum.exists():
+            return None
+        return st_load(info.momentum.read_bytes())
+
+    def spec(self, model: str, version: str) -> dict[str, TensorSpec] | None:
+        """Names, shapes and dtypes of the floating tensors of a kept version
+        (None when unknown or retired); read from the safetensors header only."""
+        info = self.get(model, version)
+        if info is None or info.retired:
+            return None
+        key = (model, info.seq)
+        if key not in self._spec_cache:
+            spec = {}
+            with safe_open(str(info.weights), framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = _DTYPES.get(sl.get_dtype())
+                    if dtype is not None and dtype.is_floating_point:
+                        spec[name] = TensorSpec(tuple(sl.get_shape()), dtype)
+            self._spec_cache[key] = spec
+        return self._spec_cache[key]
+
+    # ------------------------------------------------------------------ writing
+    def write(self, model: str, seq: int, weights: dict[str, torch.Tensor],
+              manifest: dict[str, Any], momentum: dict[str, torch.Tensor] | None = None
+              ) -> VersionInfo:
+        """Store version ``seq`` atomically (weights, momentum, then the manifest)."""
+        d = self.root / model
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = st_save({k: v.contiguous() for k, v in weights.items()},
+                       metadata={"format": "waggle-model/1", "model": model,
+                                 "version": str(seq)})
+        write_atomic(d / f"{_name(seq)}.safetensors", data)
+        manifest = dict(manifest, model=model, version=str(seq),
+                        weights_sha256=hashlib.sha256(data).hexdigest(),
+                        weights_bytes=len(data), momentum=momentum is not None)
+        if momentum is not None:
+            write_atomic(d / f"{_name(seq)}.momentum.safetensors",
+                         st_save({k: v.contiguous() for k, v in momentum.items()}))
+        write_atomic(d / f"{_name(seq)}.json",
+                     json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+        self._apply_retention(model)
+        return self._info(model, seq)
+
+    def cleanup(self, model: str) -> None:
+        """Remove interrupted writes: temp files and weights without a manifest."""
+        d = self.root / model
+        if not d.is_dir():
+            return
+        remove_temp_files(d)
+        have = {p.name[:-5] for p in d.glob("v*.json")}
+        for p in d.glob("v*.safetensors"):
+            if p.name.split(".")[0] not in have:
+                p.unlink(missing_ok=True)
+
+    def _apply_retention(self, model: str) -> None:
+        for info in self.versions(model)[:-self.retain]:
+            info.weights.unlink(missing_ok=True)
+            if info.momentum is not None:
+                info.momentum.unlink(missing_ok=True)
+            self._spec_cache.pop((model, info.seq), None)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
