@@ -72,3 +72,62 @@ def messages(blob: bytes, update_id: str, node: str, chunk_size: int = 1 << 20,
     return [ChunkMessage(routing_key=f"update.{node}", body=c.body, message_id=c.message_id,
                          headers=c.headers(), user_id=uid)
             for c in split(update_id, blob, chunk_size)]
+
+
+def publish(params, exchange: str, blob: bytes, update_id: str, node: str, *,
+            user_id: str | None = "same", chunk_size: int = 1 << 20, headers=None) -> None:
+    """Publish an update's chunks as the node's publisher would (persistent,
+    mandatory, confirmed), with ``user_id`` = the node (or as given)."""
+    import time
+
+    import pika
+
+    conn = pika.BlockingConnection(params)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for c in split(update_id, blob, chunk_size):
+        props = pika.BasicProperties(
+            delivery_mode=pika.DeliveryMode.Persistent,
+            content_type="application/vnd.waggle.update", message_id=c.message_id,
+            headers=dict(c.headers(), **(headers or {})),
+            user_id=node if user_id == "same" else user_id, app_id="waggle-trainer",
+            type="waggle.update.chunk", timestamp=int(time.time()))
+        ch.basic_publish(exchange, f"update.{node}", c.body, props, mandatory=True)
+    conn.close()
+
+
+def dead_letters(params, queue: str) -> list:
+    import pika
+
+    conn = pika.BlockingConnection(params)
+    ch = conn.channel()
+    out = []
+    while True:
+        m, props, body = ch.basic_get(queue, auto_ack=True)
+        if m is None:
+            break
+        out.append((props, body))
+    conn.close()
+    return out
+
+
+def write_toml(path: Path, cfg: dict) -> Path:
+    """The config dict as a TOML file (tables of scalars, and [models.NAME])."""
+    import json
+
+    lines = []
+
+    def table(name: str, values: dict) -> None:
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                continue
+            lines.append(f"{k} = {json.dumps(v)}")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for name, values in cfg.items():
+        table(name, values)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -87,7 +87,8 @@ class StateDB:
             self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
                                         check_same_thread=False)
         else:
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                        check_same_thread=False)  # startup, then the worker
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
