@@ -17,9 +17,11 @@ from waggle_trainer.transport.model_wire import generate_signing_key
 MODEL = "tiny"
 
 
-def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def tiny_state(seed: int = 0, big: int = 0) -> dict[str, torch.Tensor]:
+    """A few small tensors (plus one of ``big`` floats when asked)."""
     g = torch.Generator().manual_seed(seed)
-    return {"conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+    extra = {"big.weight": torch.randn(big, generator=g)} if big else {}
+    return extra | {"conv.weight": torch.randn(4, 3, 3, 3, generator=g),
             "fc.weight": torch.randn(5, 8, generator=g), "fc.bias": torch.randn(5, generator=g),
             "bn.running_var": torch.ones(4), "bn.num_batches_tracked": torch.tensor(3)}
 
@@ -28,16 +30,16 @@ def node_key(node: str) -> bytes:
     return f"key-of-{node}-0123456789abcdef".encode()
 
 
-def setup_server_files(tmp: Path, nodes: list[str], **sections) -> dict:
+def setup_server_files(tmp: Path, nodes: list[str], big: int = 0, **sections) -> dict:
     """Keys dir, initial weights, signing key; returns the config dict."""
     keys = tmp / "node-keys"
-    keys.mkdir(exist_ok=True)
+    keys.mkdir(parents=True, exist_ok=True)
     for n in nodes:
         p = keys / f"{n}.key"
         p.write_bytes(node_key(n))
         os.chmod(p, 0o600)
     init = tmp / "initial.safetensors"
-    save_file(tiny_state(), str(init))
+    save_file(tiny_state(big=big), str(init))
     sk = tmp / "signing.pem"
     if not sk.exists():
         generate_signing_key(sk)
@@ -55,10 +57,10 @@ def make_config(tmp: Path, nodes: list[str], **sections):
     return server_config_from_dict(setup_server_files(tmp, nodes, **sections))
 
 
-def random_delta(seed: int, scale: float = 0.01) -> dict[str, torch.Tensor]:
+def random_delta(seed: int, scale: float = 0.01, big: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
     return {k: torch.randn(v.shape, generator=g) * scale
-            for k, v in tiny_state().items() if v.is_floating_point()}
+            for k, v in tiny_state(big=big).items() if v.is_floating_point()}
 
 
 def encoder(node: str, settings: CodecSettings | None = None, key: bytes | None = None):

@@ -115,3 +115,81 @@ def test_twenty_nodes_give_the_weighted_average_and_nodes_receive_it(tmp_path, n
         sub.stop()
         stop(server)
     assert server.returncode == 0, log.read_text()
+
+
+def reference_version(tmp: Path, nodes, big: int, rounds, **aggregation):
+    """The versions one server computes from the same updates, in process."""
+    from simnodes import make_config, messages
+
+    from waggle_trainer.server.pipeline import UpdatePipeline
+
+    p = UpdatePipeline(make_config(tmp, nodes, big=big, aggregation=aggregation))
+    p.startup()
+    with p.lock.held():
+        for updates in rounds:
+            for n, u in updates:
+                for m in messages(u.blob, u.update_id, n):
+                    p.handle(m).finish()
+    return p.store
+
+
+def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim_user):
+    nodes, big = ["a", "b", "c", "d"], 3_000_000
+    agg = {"min_updates": 4, "window_s": 3600.0}
+    cfg = setup_server_files(tmp_path, nodes, big=big, aggregation=agg, **broker_sections(names))
+    cfg["status"]["enabled"] = False
+    cfg["telemetry"] = dict(cfg["telemetry"], enabled=False)
+    cfg_path = write_toml(tmp_path / "server.toml", cfg)
+    store_dir = tmp_path / "state" / "models" / MODEL
+    rounds = [[(n, encoder(n).encode_delta(random_delta(10 * r + i, big=big),
+                                          base_version=str(r + 1), round=r + 1,
+                                          samples=3 + i + r)) for i, n in enumerate(nodes)]
+              for r in range(2)]
+    procs = []
+    try:
+        logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "c.log"]
+        active = start_server(cfg_path, logs[0])
+        procs.append(active)
+        assert wait_log(logs[0], "server running", 60), logs[0].read_text()
+        time.sleep(0.5)  # the first consumer on a single-active-consumer queue is the active one
+        standby = start_server(cfg_path, logs[1])
+        procs.append(standby)
+        assert wait_log(logs[1], "server running", 60), logs[1].read_text()
+        for n, u in rounds[0]:
+            publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
+        assert wait_log(logs[0], "aggregating 4 updates into version 2", 60), logs[0].read_text()
+        active.send_signal(signal.SIGKILL)
+        active.wait()
+        assert not (store_dir / "v000002.json").exists(), "the kill came after the aggregation"
+        # the standby takes over and finishes the round
+        assert wait_for((store_dir / "v000002.json").exists, 60), logs[1].read_text()
+        assert "aggregating 4 updates into version 2" in logs[1].read_text()
+        # round 2: the (now only) server is killed mid-aggregation and restarted
+        for n, u in rounds[1]:
+            publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
+        assert wait_log(logs[1], "aggregating 4 updates into version 3", 60), logs[1].read_text()
+        standby.send_signal(signal.SIGKILL)
+        standby.wait()
+        assert not (store_dir / "v000003.json").exists(), "the kill came after the aggregation"
+        restarted = start_server(cfg_path, logs[2])
+        procs.append(restarted)
+        assert wait_for((store_dir / "v000003.json").exists, 60), logs[2].read_text()
+    finally:
+        for p in procs:
+            stop(p)
+    ref = reference_version(tmp_path / "ref", nodes, big, rounds, **agg)
+    from waggle_trainer.server.store import ModelStore
+
+    got = ModelStore(tmp_path / "state" / "models")
+    for v in ("2", "3"):
+        a, b = got.get(MODEL, v), ref.get(MODEL, v)
+        wa, wb = got.load_weights(a), ref.load_weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wb), f"version {v} differs"
+        ids = [c["update_id"] for c in a.manifest["contributors"]]
+        assert sorted(ids) == sorted(u.update_id for _, u in rounds[int(v) - 2])
+    assert got.latest(MODEL).version == "3"  # nothing aggregated twice into a further version
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
+    assert db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall() == \
+        [("aggregated", 8)]

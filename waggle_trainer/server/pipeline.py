@@ -366,6 +366,8 @@ class UpdatePipeline:
         current = self.store.latest(model)
         assert current is not None
         pool = sorted(pool, key=lambda p: p.update_id)
+        log.info("model %s: aggregating %d updates into version %d", model, len(pool),
+                 current.seq + 1)
         base = self.store.load_weights(current)
         prev_m = self.store.load_momentum(current) if agg.server_momentum > 0 else None
         weights = [p.weight for p in pool]

@@ -157,6 +157,10 @@ def _num(v: Any, fmt: str = "{:.3f}") -> str:
     return html.escape(str(v))
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def render_html(data: dict[str, Any]) -> str:
     e = html.escape
     rows = []
@@ -195,7 +199,7 @@ th, td {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; text-align:
 th {{ background: #eee; }}
 </style></head><body>
 <h1>waggle-trainer server</h1>
-<p id="summary">{len(data["nodes"])} nodes, {len(data["versions"])} versions,
+<p id="summary">{_count(len(data["nodes"]), "node")}, {_count(len(data["versions"]), "version")},
 updates waiting for the next round: {pending}.
 Generated {_fmt_time(data["generated_ns"])} UTC.</p>
 <h2>Nodes</h2>
