@@ -12,7 +12,7 @@ from waggle_trainer.server.config import server_config_from_dict
 from waggle_trainer.server.staging import ChunkMessage
 from waggle_trainer.transport.chunks import split
 from waggle_trainer.transport.codec import CodecSettings, UpdateEncoder
-from waggle_trainer.transport.model_wire import generate_signing_key
+from waggle_trainer.server.signing import generate_signing_key
 
 MODEL = "tiny"
 

@@ -21,7 +21,7 @@ from simnodes import (MODEL, dead_letters, encoder, make_config, publish, random
 from test_pipeline import _forge, _forge_raw
 from waggle_trainer.server.app import Server
 from waggle_trainer.server.pipeline import UpdatePipeline
-from waggle_trainer.transport.model_wire import load_signing_key
+from waggle_trainer.server.signing import load_signing_key
 
 pytestmark = pytest.mark.broker
 

@@ -13,48 +13,12 @@ import signal
 import threading
 from pathlib import Path
 
-from waggle_trainer.config import ConfigError
-from waggle_trainer.transport.model_wire import load_signing_key
 
 from .config import ServerConfig
 from .consumer import ServerConsumer, amqp_settings
 from .pipeline import UpdatePipeline
 
 log = logging.getLogger(__name__)
-
-
-def check_files(cfg: ServerConfig, source: str):
-    """Files the config names, checked before anything starts; returns the signing
-    key (or None) or raises ConfigError naming each key at fault."""
-    problems: list[tuple[str, str]] = []
-    for name, m in cfg.models.items():
-        p = Path(m.initial_weights)
-        if not p.is_file():
-            problems.append((f"models.{name}.initial_weights",
-                             f"{str(p)!r} not found (a safetensors file of the model's weights)"))
-    if not cfg.models:
-        problems.append(("models", "no model to serve (add [models.NAME] with initial_weights)"))
-    if not Path(cfg.verify.keys_dir).is_dir():
-        problems.append(("verify.keys_dir", f"{str(cfg.verify.keys_dir)!r} is not a directory "
-                                            "(one <node_id>.key file per node)"))
-    key = None
-    if cfg.broadcast.enabled:
-        try:
-            key = load_signing_key(cfg.broadcast.signing_key_file)
-        except FileNotFoundError:
-            problems.append(("broadcast.signing_key_file",
-                             f"{str(cfg.broadcast.signing_key_file)!r} not found (create one with "
-                             "'waggle-trainer server-keygen PATH', or set broadcast.enabled = "
-                             "false)"))
-        except (OSError, ValueError) as e:
-            problems.append(("broadcast.signing_key_file", str(e)))
-    try:
-        Path(cfg.server.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        problems.append(("server.state_dir", f"cannot be created: {e.strerror}"))
-    if problems:
-        raise ConfigError(source, problems)
-    return key
 
 
 class Server:
@@ -93,13 +57,8 @@ class Server:
         self.stopped.set()
 
 
-def run(cfg: ServerConfig, source: str) -> int:
-    try:
-        key = check_files(cfg, source)
-    except ConfigError as e:
-        for line in e.lines():
-            print(line)
-        return 2
+def run(cfg: ServerConfig, key) -> int:
+    """Run until SIGTERM/SIGINT (0) or a fatal broker error (1)."""
     server = Server(cfg, key)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -51,20 +51,30 @@ def _config(args):
 
 
 def _server(args) -> int:
-    from .app import run
+    from waggle_trainer.config import ConfigError
+
+    from .signing import check_files
 
     cfg = _config(args)
     if cfg is None:
+        return 2
+    try:
+        key = check_files(cfg, args.config)
+    except ConfigError as exc:
+        for line in exc.lines():
+            print(line)
         return 2
     if args.log_level is None:
         import logging
 
         logging.getLogger().setLevel(cfg.server.log_level.upper())
-    return run(cfg, args.config)
+    from .app import run  # torch and pika: only once the config is known to be good
+
+    return run(cfg, key)
 
 
 def _keygen(args) -> int:
-    from waggle_trainer.transport.model_wire import generate_signing_key
+    from .signing import generate_signing_key
 
     try:
         pub = generate_signing_key(args.path)
@@ -82,7 +92,8 @@ def _keygen(args) -> int:
 def _store(cfg):
     from .store import ModelStore
 
-    return ModelStore(Path(cfg.server.state_dir) / "models", retain=cfg.store.retain_versions)
+    return ModelStore(Path(cfg.server.state_dir) / "models", retain=cfg.store.retain_versions,
+                      create=False)
 
 
 def _list(args) -> int:

@@ -21,16 +21,14 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from waggle_trainer.transport.codec import TensorSpec
+from typing import TYPE_CHECKING, Any
 
 from .files import remove_temp_files, write_atomic
+
+if TYPE_CHECKING:  # torch is imported where weights are touched: listing stays light
+    import torch
+
+    from waggle_trainer.transport.codec import TensorSpec
 
 _MANIFEST_RE = re.compile(r"^v(\d{6,})\.json$")
 
@@ -61,14 +59,17 @@ def _name(seq: int) -> str:
 
 
 class ModelStore:
-    def __init__(self, root: Path, retain: int = 10):
+    def __init__(self, root: Path, retain: int = 10, *, create: bool = True):
         self.root = Path(root)
         self.retain = retain
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spec_cache: dict[tuple[str, int], dict[str, TensorSpec]] = {}
 
     # ------------------------------------------------------------------ reading
     def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def versions(self, model: str) -> list[VersionInfo]:
@@ -102,6 +103,8 @@ class ModelStore:
         return vs[-1] if vs else None
 
     def load_weights(self, info: VersionInfo) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load as st_load
+
         if info.retired:
             raise StoreError(f"{info.model} version {info.version} is retired (weights removed)")
         data = info.weights.read_bytes()
@@ -110,6 +113,8 @@ class ModelStore:
         return st_load(data)
 
     def load_momentum(self, info: VersionInfo) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load as st_load
+
         if info.momentum is None or not info.momentum.exists():
             return None
         return st_load(info.momentum.read_bytes())
@@ -117,17 +122,24 @@ class ModelStore:
     def spec(self, model: str, version: str) -> dict[str, TensorSpec] | None:
         """Names, shapes and dtypes of the floating tensors of a kept version
         (None when unknown or retired); read from the safetensors header only."""
+        import torch
+        from safetensors import safe_open
+
+        from waggle_trainer.transport.codec import TensorSpec
+
         info = self.get(model, version)
         if info is None or info.retired:
             return None
         key = (model, info.seq)
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                  "BF16": torch.bfloat16}
         if key not in self._spec_cache:
             spec = {}
             with safe_open(str(info.weights), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                     sl = f.get_slice(name)
-                    dtype = _DTYPES.get(sl.get_dtype())
-                    if dtype is not None and dtype.is_floating_point:
+                    dtype = dtypes.get(sl.get_dtype())
+                    if dtype is not None:
                         spec[name] = TensorSpec(tuple(sl.get_shape()), dtype)
             self._spec_cache[key] = spec
         return self._spec_cache[key]
@@ -137,6 +149,8 @@ class ModelStore:
               manifest: dict[str, Any], momentum: dict[str, torch.Tensor] | None = None
               ) -> VersionInfo:
         """Store version ``seq`` atomically (weights, momentum, then the manifest)."""
+        from safetensors.torch import save as st_save
+
         d = self.root / model
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         data = st_save({k: v.contiguous() for k, v in weights.items()},
@@ -172,7 +186,3 @@ class ModelStore:
                 info.momentum.unlink(missing_ok=True)
             self._spec_cache.pop((model, info.seq), None)
 
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}

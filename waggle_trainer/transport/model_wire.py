@@ -9,7 +9,7 @@ compressed, in a signed blob (see ``docs/protocol.md``)::
 
 Ed25519, not HMAC: nodes hold only the server's *public* key, so a node that
 is taken over cannot forge a model for the others.  Keys are PEM files
-(``openssl genpkey -algorithm ed25519`` or :func:`generate_signing_key`).
+(``openssl genpkey -algorithm ed25519``, or ``waggle-trainer server-keygen``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import struct
 import time
 import uuid
@@ -102,38 +101,6 @@ class ModelVersion:
 
 
 # ----------------------------------------------------------------------- keys
-
-
-def generate_signing_key(path: str | os.PathLike) -> Path:
-    """Write a new Ed25519 private key (PEM, mode 0600) at ``path`` and its public
-    key beside it (``path`` + ``.pub``); returns the public key's path."""
-    p = Path(path)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub = p.with_name(p.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
-    return pub
-
-
-def load_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
-    """The server's private key (PEM); refused when group or others can read it."""
-    p = Path(path)
-    st = p.stat()
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{p}: signing key must not be accessible by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}; chmod 600)")
-    try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
-    except ValueError as e:
-        raise ValueError(f"{p}: not a PEM private key ({e})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{p}: not an Ed25519 key")
-    return key
 
 
 def load_verify_key(path: str | os.PathLike) -> Ed25519PublicKey:
