@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
-    from waggle_trainer.config import parse_size
+    from waggle_trainer.common import parse_size
     from waggle_trainer.remat.allocator import DEFAULT_MODE
     from waggle_trainer.remat.memory import format_rows, reference_rows
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from waggle_trainer import __version__
-from waggle_trainer.cli import main, setup_logging
+from waggle_trainer.cli import main
+from waggle_trainer.common import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ import psutil
 import pytest
 
 from waggle_trainer import config as cfgmod
-from waggle_trainer.config import ConfigError, load_config, parse_size
+from waggle_trainer.common import parse_size
+from waggle_trainer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "node.example.toml"

@@ -34,49 +34,20 @@ from pydantic import (
     model_validator,
 )
 
-WAGGLE_ETC = Path("/etc/waggle")
-ARCHES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-STRATEGIES = ("optimal", "revolve", "sequential", "none")
+from waggle_trainer.common import (
+    ARCHES,
+    SIZE_HELP,
+    STRATEGIES,
+    WAGGLE_ETC,
+    Arch,
+    LogLevel,
+    Strategy,
+    format_size,
+    parse_budget,
+    parse_size,
+)
 
 # --------------------------------------------------------------------------- sizes
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-SIZE_HELP = 'a positive size: bytes as an integer, or a string like "1.5GB", "512MiB"'
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a size string (``"1.5GB"``, ``"512MiB"``, ``"4096"``).
-
-    Raises ValueError with what is allowed.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a size")
-    if isinstance(value, int):
-        if value <= 0:
-            raise ValueError(f"{value} is not a positive size")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            n = float(m.group(1)) * _UNITS[m.group(2).lower()]
-            if n >= 1:
-                return int(n)
-    raise ValueError(f"{value!r} is not a size")
-
-
-def format_size(n: int) -> str:
-    """``1610612736`` -> ``"1.5GiB"``; exact integers stay exact (``"512MiB"``)."""
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            q = n / div
-            return f"{q:.0f}{unit}" if q == int(q) else f"{q:.2f}{unit}"
-    return f"{n}B"
 
 
 def _size(v: Any) -> int:
@@ -87,16 +58,6 @@ def _size(v: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(_size)]
-
-
-def parse_budget(v: Any) -> int | str:
-    """``"auto"`` or a size in bytes (see :func:`parse_size`); ValueError otherwise."""
-    if v == "auto":
-        return "auto"
-    try:
-        return parse_size(v)
-    except ValueError:
-        raise ValueError(f'{v!r} is not "auto" or a size ({SIZE_HELP})') from None
 
 
 Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
@@ -125,7 +86,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 class NodeSection(_Section):
     id: str | None = Field(None, description="node id; default /etc/waggle/node-id")
     vsn: str | None = Field(None, description="node VSN; default /etc/waggle/vsn")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: LogLevel = "info"
 
     @field_validator("id", "vsn")
     @classmethod
@@ -147,14 +108,14 @@ class CameraSection(_Section):
 
 
 class TeacherSection(_Section):
-    arch: Literal[ARCHES] = "resnet50"
+    arch: Arch = "resnet50"
     weights: Path | None = None
     num_classes: int = Field(10, ge=2)
     min_confidence: float = Field(0.5, ge=0, le=1)
 
 
 class StudentSection(_Section):
-    arch: Literal[ARCHES] = "resnet18"
+    arch: Arch = "resnet18"
     weights: Path | None = None
     num_classes: int = Field(10, ge=2)
     image_size: int = Field(224, ge=32, le=2048)
@@ -173,7 +134,7 @@ class TrainingSection(_Section):
 class MemorySection(_Section):
     budget: Budget = "auto"
     safety_margin: float = Field(0.1, ge=0, le=1)
-    strategy: Literal[STRATEGIES] = "optimal"
+    strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
 
     @field_validator("budget")

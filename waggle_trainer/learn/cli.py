@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from waggle_trainer.config import ARCHES, STRATEGIES, format_size, parse_budget
+from waggle_trainer.common import ARCHES, STRATEGIES, format_size, parse_budget
 
 EXIT_USAGE = 2
 EXIT_DOES_NOT_FIT = 1
@@ -204,7 +204,7 @@ def _bench(args) -> int:
 
 
 def _run(args) -> int:
-    from waggle_trainer.cli import setup_logging
+    from waggle_trainer.common import setup_logging
     from waggle_trainer.config import ConfigError, default_config, load_config
     from waggle_trainer.learn.planned_training import RunSpec
 

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from waggle_trainer.config import format_size, parse_size
+from waggle_trainer.common import format_size, parse_size
 
 __all__ = [
     "CgroupLocation",

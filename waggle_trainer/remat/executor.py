@@ -42,13 +42,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils.checkpoint import get_device_states, set_device_states
 
+from waggle_trainer.common import STRATEGIES
+
 from .chain import named_stages
 from .profiler import profile_chain
 from .schedule import BW, FA, FC, FN, LOSS, OPS, recomputes
 
-__all__ = ["CheckpointedSequential", "run_schedule", "STRATEGIES"]
-
-STRATEGIES = ("optimal", "revolve", "sequential", "none")
+__all__ = ["CheckpointedSequential", "run_schedule"]
 
 
 def _check_schedule(schedule: Sequence[tuple[str, int]], n: int) -> int:

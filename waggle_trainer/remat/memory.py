@@ -36,7 +36,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from waggle_trainer.config import ARCHES, format_size
+from waggle_trainer.common import ARCHES, format_size
 from waggle_trainer.remat.budget import OPTIMIZERS, training_state_bytes
 
 __all__ = [

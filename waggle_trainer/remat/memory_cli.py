@@ -47,7 +47,7 @@ def _int(name: str, value: str) -> int:
 
 
 def _memory(args) -> int:
-    from waggle_trainer.config import parse_size
+    from waggle_trainer.common import parse_size
 
     try:
         batch = _int("batch", args.batch)

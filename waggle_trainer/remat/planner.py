@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from waggle_trainer.common import STRATEGIES
+
 from .costs import ChainCosts
 from .optimal import DEFAULT_RESOLUTION, OptimalSolver, min_memory_schedule
 from .revolve import RevolveTable
@@ -39,7 +41,6 @@ from .simulate import SimResult, simulate
 
 __all__ = ["STRATEGIES", "InfeasibleBudget", "Plan", "Planner", "plan", "min_feasible_budget"]
 
-STRATEGIES = ("optimal", "revolve", "sequential", "none")
 MiB = 1 << 20
 _PROBES = 8
 

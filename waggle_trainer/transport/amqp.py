@@ -25,6 +25,8 @@ from urllib.parse import unquote, urlparse
 import pika
 import pika.exceptions as px
 
+from waggle_trainer.common import WAGGLE_ETC
+
 log = logging.getLogger(__name__)
 
 # pika logs every failed or dropped connection at ERROR, with tracebacks, several
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 if logging.getLogger("pika").level == logging.NOTSET:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
 
-WAGGLE_ETC = "/etc/waggle"
 
 
 class FatalAmqpError(Exception):
