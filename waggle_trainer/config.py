@@ -254,7 +254,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def describe_error(err: dict, root: type[BaseModel] | None = None) -> tuple[str, str]:
+def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, str]:
     """(``section.key``, what is wrong and what is allowed) for one pydantic error
     of a config model (``root``: the top model, default the node's ``Config``)."""
     loc = tuple(err["loc"])

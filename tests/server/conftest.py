@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "transport"))
 
-from brokerutil import BROKER, ensure_broker_running, rabbitmqctl  # noqa: E402
+from brokerutil import BROKER, ensure_broker_running, rabbitmqctl
 
 SIM_USER, SIM_PASSWORD = "wt-server-sim", "wt-server-sim-pw"
 

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from waggle_trainer.server.config import server_config_from_dict
+from waggle_trainer.server.signing import generate_signing_key
 from waggle_trainer.server.staging import ChunkMessage
 from waggle_trainer.transport.chunks import split
 from waggle_trainer.transport.codec import CodecSettings, UpdateEncoder
-from waggle_trainer.server.signing import generate_signing_key
 
 MODEL = "tiny"
 

@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from simnodes import MODEL, encoder, make_config, messages, random_delta, tiny_state
+
 from waggle_trainer.server.pipeline import UpdatePipeline
 from waggle_trainer.transport.codec import CodecSettings, _seal
 

@@ -15,10 +15,10 @@ import urllib.request
 import pika
 import pytest
 import torch
-
 from conftest import broker_sections
-from simnodes import (MODEL, dead_letters, encoder, make_config, publish, random_delta)
+from simnodes import MODEL, dead_letters, encoder, make_config, publish, random_delta
 from test_pipeline import _forge, _forge_raw
+
 from waggle_trainer.server.app import Server
 from waggle_trainer.server.pipeline import UpdatePipeline
 from waggle_trainer.server.signing import load_signing_key
@@ -113,7 +113,7 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
     try:
         assert wait_for(lambda: server.consumer.connected and server.telemetry.connected, 20)
         time.sleep(0.3)
-        pub = lambda u, node, **kw: publish(sim_user, names.exchange, u.blob,  # noqa: E731
+        pub = lambda u, node, **kw: publish(sim_user, names.exchange, u.blob,
                                             u.update_id, node, **kw)
         pub(poison, "a")
         pub(ok, "good")
@@ -151,7 +151,7 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
                   {"train.round": 3, "train.agreement": 0.71, "mem.budget_bytes": 300 * 2**20,
                    "mem.peak_bytes": 250 * 2**20, "outbox.updates": 1})
         telemetry(sim_user, names.telemetry, "b", {"train.agreement": 0.5, "train.round": 7})
-        pending = lambda: {p.update_id for p in server.pipeline.db.pending(MODEL)}  # noqa: E731
+        pending = lambda: {p.update_id for p in server.pipeline.db.pending(MODEL)}
         assert wait_for(lambda: pending() == {ok.update_id, later.update_id}, 30), pending()
         assert wait_for(lambda: server.telemetry.received >= 7, 10)
 

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import broker_sections
-from simnodes import (MODEL, encoder, publish, random_delta, setup_server_files, tiny_state,
-                      write_toml)
+from safetensors.torch import load_file
+from simnodes import (
+    MODEL,
+    encoder,
+    publish,
+    random_delta,
+    setup_server_files,
+    tiny_state,
+    write_toml,
+)
+
 from waggle_trainer.transport import AmqpSettings, reference_spec
 from waggle_trainer.transport.model_subscriber import ModelSubscriber
 from waggle_trainer.transport.model_wire import load_verify_key

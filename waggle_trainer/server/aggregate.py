@@ -23,7 +23,7 @@ sent a coordinate would let one small node move a coordinate on its own.)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], rule: str,
         if total <= 0:
             raise ValueError("weights must sum to a positive number")
         acc = torch.zeros(deltas[0].shape, dtype=torch.float64)
-        for d, w in zip(deltas, weights):
+        for d, w in zip(deltas, weights, strict=True):
             acc.add_(d.to(torch.float64), alpha=w)
         return acc.div_(total)
     stacked = torch.stack([d.to(torch.float64) for d in deltas])

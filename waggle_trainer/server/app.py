@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
-
 
 from .config import ServerConfig
 from .consumer import ServerConsumer, amqp_settings
 from .pipeline import UpdatePipeline
+from .status import StatusServer
+from .telemetry_view import TelemetryView
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +26,23 @@ class Server:
         self.cfg = cfg
         self.pipeline = UpdatePipeline(cfg)
         self.consumer = ServerConsumer(cfg, self.pipeline, signing_key=signing_key)
-        self.telemetry = None
-        self.status = None
+        self.telemetry: TelemetryView | None = None
+        self.status: StatusServer | None = None
         self.stopped = threading.Event()
 
     def start(self) -> None:
         self.pipeline.startup()
         if self.cfg.telemetry.enabled:
-            from .telemetry_view import TelemetryView
-
             self.telemetry = TelemetryView(amqp_settings(self.cfg, "waggle-trainer-server"),
                                            exchange=self.cfg.telemetry.exchange,
                                            history=self.cfg.telemetry.history_points)
             self.telemetry.start()
         if self.cfg.status.enabled:
-            from .status import StatusServer
-
-            self.status = StatusServer(self.cfg, self.pipeline.root / "state.sqlite",
-                                       self.pipeline.store, self.telemetry, self.consumer)
-            self.status.start()
-            log.info("status page on http://%s:%d/", self.cfg.status.bind, self.status.port)
+            status = StatusServer(self.cfg, self.pipeline.root / "state.sqlite",
+                                  self.pipeline.store, self.telemetry, self.consumer)
+            status.start()
+            self.status = status
+            log.info("status page on http://%s:%d/", self.cfg.status.bind, status.port)
         self.consumer.start()
 
     def stop(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -74,7 +74,7 @@ class VerifySection(_Section):
     staging_max_age_s: float = Field(3600.0, gt=0)
 
     @model_validator(mode="after")
-    def _staging_holds_an_update(self) -> "VerifySection":
+    def _staging_holds_an_update(self) -> VerifySection:
         if self.staging_max_bytes < self.max_update_bytes:
             raise ValueError(
                 f"verify.staging_max_bytes: {format_size(self.staging_max_bytes)} is smaller "
@@ -158,7 +158,7 @@ class ServerConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _retention_covers_staleness(self) -> "ServerConfig":
+    def _retention_covers_staleness(self) -> ServerConfig:
         need = self.aggregation.max_staleness + 1
         if self.store.retain_versions < need:
             raise ValueError(
@@ -168,7 +168,7 @@ class ServerConfig(_Section):
         return self
 
 
-def _problem(err: dict) -> tuple[str, str]:
+def _problem(err: Any) -> tuple[str, str]:
     where, msg = describe_error(err, ServerConfig)
     head, sep, rest = msg.partition(": ")
     if sep and "." in head and " " not in head:  # a cross-field message names its own key

@@ -28,18 +28,23 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pika
 
 from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker, connection_parameters
 from waggle_trainer.transport.chunks import split
-from waggle_trainer.transport.model_wire import (CONTENT_TYPE, MESSAGE_TYPE, encode_model,
-                                                 routing_key)
+from waggle_trainer.transport.model_wire import (
+    CONTENT_TYPE,
+    MESSAGE_TYPE,
+    encode_model,
+    routing_key,
+)
 
 from .config import ServerConfig
-from .pipeline import DeadLetter, Outcome, UpdatePipeline
+from .pipeline import DeadLetter, UpdatePipeline
 from .staging import ChunkMessage
 from .store import VersionInfo
 
@@ -99,15 +104,16 @@ class Publisher:
     def __init__(self, amqp: AmqpSettings):
         self.amqp = amqp
         self._conn: pika.BlockingConnection | None = None
-        self._ch = None
+        self._ch: Any = None
 
-    def _channel(self):
+    def _channel(self) -> Any:
         if self._conn is None or not self._conn.is_open or self._ch is None or \
                 not self._ch.is_open:
             self.close()
             self._conn = pika.BlockingConnection(connection_parameters(self.amqp, "publisher"))
-            self._ch = self._conn.channel()
-            self._ch.confirm_delivery()
+            ch = self._conn.channel()
+            ch.confirm_delivery()
+            self._ch = ch
         return self._ch
 
     def publish(self, exchange: str, key: str, body: bytes, props: pika.BasicProperties) -> None:
@@ -218,7 +224,7 @@ class ServerConsumer(AmqpWorker):
         pipeline = self.pipeline
         try:
             self._broadcast_missing()
-        except Exception:  # noqa: BLE001 - retried on the next tick
+        except Exception:
             log.exception("broadcast of stored versions failed; will retry")
         next_tick = 0.0
         while not self._stop.is_set():
@@ -238,7 +244,7 @@ class ServerConsumer(AmqpWorker):
                     self._broadcast(out.new_versions)
                     self._broadcast_missing()
                 self.publisher.idle()
-            except Exception as e:  # noqa: BLE001 - the worker must survive anything
+            except Exception as e:
                 self.worker_error = repr(e)
                 log.exception("server worker: unexpected error")
                 time.sleep(1.0)
@@ -272,7 +278,7 @@ class ServerConsumer(AmqpWorker):
                 out = self.pipeline.poison(d.msg, repr(e))
                 self._publish_dead_letters(out.dead_letters)
                 out.finish()
-        except Exception:  # noqa: BLE001 - the broker's delivery limit dead-letters it
+        except Exception:
             log.exception("dead-lettering poison message %s failed", d.msg.message_id)
             self._hand_back(d, ack=False)
             return

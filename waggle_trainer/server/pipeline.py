@@ -23,9 +23,10 @@ import math
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import zstandard
@@ -70,7 +71,7 @@ class Outcome:
             step()
         self.finish_steps.clear()
 
-    def merge(self, other: "Outcome") -> None:
+    def merge(self, other: Outcome) -> None:
         self.dead_letters += other.dead_letters
         self.finish_steps += other.finish_steps
         self.new_versions += other.new_versions
@@ -305,8 +306,9 @@ class UpdatePipeline:
         if self.cfg.verify.require_user_id:
             users = {m.user_id for m in msgs}
             if users != {env.node_id}:
-                raise UpdateRejected("user_id", f"broker-validated user_id {sorted(map(str, users))}"
-                                                f" differs from node id {env.node_id!r}")
+                raise UpdateRejected("user_id", f"broker-validated user_id "
+                                                f"{sorted(map(str, users))} differs from node "
+                                                f"id {env.node_id!r}")
         for k, v in env.metrics.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UpdateRejected("format", f"metric {k!r} is not a finite number")
@@ -388,7 +390,8 @@ class UpdatePipeline:
                 step = m
             new[name] = (b.to(torch.float64) + step * agg.server_lr).to(b.dtype)
         seq = current.seq + 1
-        manifest = {
+        nodes = sorted({p.node for p in pool})
+        manifest: dict[str, Any] = {
             "parent": current.version, "created_ns": time.time_ns(),
             "rule": {"rule": agg.rule, "trim_fraction": agg.trim_fraction,
                      "server_momentum": agg.server_momentum, "server_lr": agg.server_lr,
@@ -397,7 +400,7 @@ class UpdatePipeline:
                               "base_version": p.base_version, "samples": p.samples,
                               "staleness": p.staleness, "weight": p.weight,
                               "metrics": p.metrics} for p in pool],
-            "nodes": sorted({p.node for p in pool}),
+            "nodes": nodes,
             "samples": sum(p.samples for p in pool),
         }
         info = self.store.write(model, seq, new, manifest, momentum if momentum else None)
@@ -406,7 +409,7 @@ class UpdatePipeline:
         for p in pool:
             (self.pending_dir / f"{p.update_id}.safetensors").unlink(missing_ok=True)
         log.info("model %s: version %d stored from %d updates of %d nodes (%s, %d samples)",
-                 model, seq, len(pool), len(manifest["nodes"]), agg.rule, manifest["samples"])
+                 model, seq, len(pool), len(nodes), agg.rule, manifest["samples"])
         return info
 
     def accepted_bases(self, model: str) -> list[str]:

@@ -10,7 +10,6 @@ import os
 import stat
 from pathlib import Path
 
-
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

@@ -229,7 +229,7 @@ class StatusServer:
         page = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 try:
                     path = self.path.split("?", 1)[0]
                     data = collect(db_path, store, telemetry, consumer)

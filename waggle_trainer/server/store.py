@@ -136,7 +136,7 @@ class ModelStore:
         if key not in self._spec_cache:
             spec = {}
             with safe_open(str(info.weights), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                for name in f.keys():
                     sl = f.get_slice(name)
                     dtype = dtypes.get(sl.get_dtype())
                     if dtype is not None:

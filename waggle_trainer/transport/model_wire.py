@@ -20,9 +20,9 @@ import os
 import struct
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import zstandard
@@ -66,7 +66,7 @@ class ModelEnvelope:
                           allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "ModelEnvelope":
+    def from_json(cls, data: bytes) -> ModelEnvelope:
         try:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
