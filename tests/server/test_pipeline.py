@@ -231,3 +231,18 @@ def test_partial_updates_expire_and_staging_is_bounded(tmp_path):
     assert {d.code for d in out.dead_letters} == {"incomplete"}
     assert p.staging.partials() == []
     assert p.db.counters()["expired_partials"] == 2
+
+
+def test_safetensors_sniffing_is_not_fooled_by_a_header_length_byte():
+    import pickle as pk
+
+    from safetensors.torch import save
+
+    from waggle_trainer.server.pipeline import looks_like_safetensors
+
+    for n in range(1, 300):  # header lengths whose low byte is 0x80 included
+        raw = save({"x" * n: torch.zeros(1)})
+        assert looks_like_safetensors(raw[:4096], len(raw)) is None
+    p = pk.dumps({"a": 1}, protocol=4)
+    assert looks_like_safetensors(p, len(p)) == "a pickle"
+    assert looks_like_safetensors(b"PK\x03\x04" + bytes(20), 24) == "a zip archive (torch.save)"

@@ -32,14 +32,13 @@ import torch
 import zstandard
 from safetensors import safe_open
 from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 
 from waggle_trainer.transport.chunks import CHUNK_FORMAT, ChunkError, parse_headers
 from waggle_trainer.transport.codec import Envelope, UpdateDecoder, UpdateRejected
 
 from .aggregate import combine, staleness_weight
 from .config import ServerConfig
-from .files import StateLock, remove_temp_files, write_atomic
+from .files import StateLock, remove_temp_files, save_tensors_atomic
 from .keys import NodeKeys
 from .staging import ChunkMessage, Staging, valid_update_id
 from .state import PendingUpdate, StateDB
@@ -80,14 +79,15 @@ class Outcome:
 def looks_like_safetensors(head: bytes, total: int) -> str | None:
     """None if ``head`` (the first bytes of a payload of ``total`` bytes) starts
     like a safetensors file, else what it looks like.  Nothing is parsed."""
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        return "a pickle / torch.save file"
-    if len(head) < 9:
-        return "too short"
-    (n,) = struct.unpack("<Q", head[:8])
-    if n < 2 or n > total - 8 or head[8:9] != b"{":
-        return "not safetensors"
-    return None
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= total - 8 and head[8:9] == b"{":
+            return None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle"
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive (torch.save)"
+    return "not safetensors"
 
 
 def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes:
@@ -101,6 +101,10 @@ def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes:
     except (zstandard.ZstdError, zlib.error) as e:
         raise UpdateRejected("format", f"payload does not decompress: {e}") from None
     return payload[:n]
+
+
+class _AlreadyHandled(Exception):
+    """The update's id is in the durable de-duplication set."""
 
 
 class UpdatePipeline:
@@ -264,22 +268,34 @@ class UpdatePipeline:
 
         try:
             blob = self.staging.blob(uid)
-            env, payload = self.decoder.verify(blob)
-        except (ChunkError, UpdateRejected) as e:
+        except ChunkError as e:
             return refuse(e.code, e.reason)
-        if env.update_id != uid:
-            return refuse("headers", "update_id header differs from the envelope")
-        if self.db.update_status(uid) is not None:
+        signed: list[Envelope] = []
+        weighting: list[tuple[int, float]] = []
+
+        def checked_reference(env: Envelope):
+            """Called by the decoder once the signature held, before the payload is
+            decompressed or parsed."""
+            if env.update_id != uid:
+                raise UpdateRejected("headers", "update_id header differs from the envelope")
+            signed.append(env)
+            if self.db.update_status(uid) is not None:
+                raise _AlreadyHandled
+            n = int.from_bytes(blob[4:8], "big")
+            weighting.append(self._check(env, blob[8 + n + 32: 8 + n + 32 + 65536], msgs))
+            return self._reference(env)
+
+        try:
+            decoded = self.decoder.decode(blob, checked_reference)
+        except _AlreadyHandled:
             out = Outcome(duplicate=True)
             out.finish_steps.append(lambda: self.staging.discard(uid))
             return out
-        try:
-            staleness, weight = self._check(env, payload, msgs)
-            decoded = self.decoder.decode(blob, self._reference(env))
         except UpdateRejected as e:
-            return refuse(e.code, e.reason, env)
-        path = self.pending_dir / f"{uid}.safetensors"
-        write_atomic(path, st_save(decoded.delta))
+            return refuse(e.code, e.reason, signed[0] if signed else None)
+        env = decoded.envelope
+        staleness, weight = weighting[0]
+        save_tensors_atomic(self.pending_dir / f"{uid}.safetensors", decoded.delta)
         with self.db.transaction():
             superseded = self.db.record_verified(env, status="pending", staleness=staleness,
                                                  weight=weight)
@@ -300,9 +316,10 @@ class UpdatePipeline:
                                                  f"{env.model!r} is not kept")
         return spec
 
-    def _check(self, env: Envelope, payload: bytes,
+    def _check(self, env: Envelope, payload_head: bytes,
                msgs: list[ChunkMessage]) -> tuple[int, float]:
-        """Checks after the signature, before the payload is parsed."""
+        """Checks after the signature, before the payload is parsed: (staleness,
+        FedAvg weight).  ``payload_head``: the first bytes of the payload."""
         if self.cfg.verify.require_user_id:
             users = {m.user_id for m in msgs}
             if users != {env.node_id}:
@@ -331,8 +348,8 @@ class UpdatePipeline:
         if last is not None and env.round <= last:
             raise UpdateRejected("replay", f"round {env.round} is not after the last accepted "
                                            f"round {last} of node {env.node_id}")
-        what = looks_like_safetensors(_payload_head(payload, env.encoding.get("compression")),
-                                      env.raw_bytes)
+        what = looks_like_safetensors(
+            _payload_head(payload_head, env.encoding.get("compression")), env.raw_bytes)
         if what is not None:
             raise UpdateRejected("format", f"payload is {what}; only safetensors is accepted")
         return staleness, staleness_weight(env.samples, staleness,

@@ -16,14 +16,13 @@ of the newest ``retain`` versions; older manifests stay as history, marked
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .files import remove_temp_files, write_atomic
+from .files import file_sha256, remove_temp_files, save_tensors_atomic, write_atomic
 
 if TYPE_CHECKING:  # torch is imported where weights are touched: listing stays light
     import torch
@@ -103,21 +102,20 @@ class ModelStore:
         return vs[-1] if vs else None
 
     def load_weights(self, info: VersionInfo) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load as st_load
+        from safetensors.torch import load_file
 
         if info.retired:
             raise StoreError(f"{info.model} version {info.version} is retired (weights removed)")
-        data = info.weights.read_bytes()
-        if hashlib.sha256(data).hexdigest() != info.manifest["weights_sha256"]:
+        if file_sha256(info.weights) != info.manifest["weights_sha256"]:
             raise StoreError(f"{info.weights}: content differs from its manifest")
-        return st_load(data)
+        return load_file(str(info.weights))
 
     def load_momentum(self, info: VersionInfo) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load as st_load
+        from safetensors.torch import load_file
 
         if info.momentum is None or not info.momentum.exists():
             return None
-        return st_load(info.momentum.read_bytes())
+        return load_file(str(info.momentum))
 
     def spec(self, model: str, version: str) -> dict[str, TensorSpec] | None:
         """Names, shapes and dtypes of the floating tensors of a kept version
@@ -149,20 +147,16 @@ class ModelStore:
               manifest: dict[str, Any], momentum: dict[str, torch.Tensor] | None = None
               ) -> VersionInfo:
         """Store version ``seq`` atomically (weights, momentum, then the manifest)."""
-        from safetensors.torch import save as st_save
-
         d = self.root / model
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        data = st_save({k: v.contiguous() for k, v in weights.items()},
-                       metadata={"format": "waggle-model/1", "model": model,
-                                 "version": str(seq)})
-        write_atomic(d / f"{_name(seq)}.safetensors", data)
+        wpath = d / f"{_name(seq)}.safetensors"
+        save_tensors_atomic(wpath, weights, {"format": "waggle-model/1", "model": model,
+                                             "version": str(seq)})
         manifest = dict(manifest, model=model, version=str(seq),
-                        weights_sha256=hashlib.sha256(data).hexdigest(),
-                        weights_bytes=len(data), momentum=momentum is not None)
+                        weights_sha256=file_sha256(wpath), weights_bytes=wpath.stat().st_size,
+                        momentum=momentum is not None)
         if momentum is not None:
-            write_atomic(d / f"{_name(seq)}.momentum.safetensors",
-                         st_save({k: v.contiguous() for k, v in momentum.items()}))
+            save_tensors_atomic(d / f"{_name(seq)}.momentum.safetensors", momentum)
         write_atomic(d / f"{_name(seq)}.json",
                      json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
         self._apply_retention(model)
