@@ -246,3 +246,22 @@ def test_safetensors_sniffing_is_not_fooled_by_a_header_length_byte():
     p = pk.dumps({"a": 1}, protocol=4)
     assert looks_like_safetensors(p, len(p)) == "a pickle"
     assert looks_like_safetensors(b"PK\x03\x04" + bytes(20), 24) == "a zip archive (torch.save)"
+
+
+def test_telemetry_view_keeps_last_values_and_counts_malformed():
+    import json as js
+
+    from waggle_trainer.server.telemetry_view import TelemetryView
+    from waggle_trainer.transport import AmqpSettings
+
+    v = TelemetryView(AmqpSettings(), history=3)
+    for i in range(5):
+        assert v.record(js.dumps({"name": "train.agreement", "ts": i, "val": 0.1 * i,
+                                  "meta": {"node": "n1", "vsn": "V"}}).encode())
+    assert not v.record(b"not json")
+    assert not v.record(js.dumps({"name": "Bad Name", "ts": 1, "val": 1,
+                                  "meta": {"node": "n1"}}).encode())
+    assert not v.record(b'{"name": "x.y", "ts": 1, "val": NaN, "meta": {"node": "n1"}}')
+    last, series = v.snapshot()
+    assert last["n1"]["train.agreement"] == (4, pytest.approx(0.4))
+    assert [t for t, _ in series["n1"]] == [2, 3, 4] and v.malformed == 3
