@@ -56,8 +56,3 @@ def names(sim_user):
         ch.exchange_delete(x)
     conn.close()
 
-
-def broker_sections(n) -> dict:
-    return {"queue": {"exchange": n.exchange, "queue": n.queue, "dead_letter_exchange": n.dlx,
-                      "dead_letter_queue": n.dlq},
-            "broadcast": {"exchange": n.models}, "telemetry": {"exchange": n.telemetry}}

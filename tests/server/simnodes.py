@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from waggle_trainer.server.config import server_config_from_dict
 from waggle_trainer.server.signing import generate_signing_key
 from waggle_trainer.server.staging import ChunkMessage
 from waggle_trainer.transport.chunks import split
-from waggle_trainer.transport.codec import CodecSettings, UpdateEncoder
+from waggle_trainer.transport.codec import CodecSettings, UpdateEncoder, _seal
 
 MODEL = "tiny"
 
@@ -133,3 +134,41 @@ def write_toml(path: Path, cfg: dict) -> Path:
         table(name, values)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def broker_sections(n) -> dict:
+    return {"queue": {"exchange": n.exchange, "queue": n.queue, "dead_letter_exchange": n.dlx,
+                      "dead_letter_queue": n.dlq},
+            "broadcast": {"exchange": n.models}, "telemetry": {"exchange": n.telemetry}}
+
+
+def _uid(blob: bytes) -> str:
+    from waggle_trainer.transport.codec import peek_envelope
+
+    return peek_envelope(blob).update_id
+
+
+def _forge_raw(u, raw_payload: bytes) -> bytes:
+    """Re-sign ``u`` with another (uncompressed) payload, as a node with its key could."""
+    import hashlib
+
+    env = u.envelope
+    env.payload_sha256 = hashlib.sha256(raw_payload).hexdigest()
+    env.payload_bytes = env.raw_bytes = len(raw_payload)
+    env.encoding = dict(env.encoding, compression="none")
+    return _seal(env.to_json(), raw_payload, node_key(env.node_id))
+
+
+def _forge(u, mutate) -> bytes:
+    from safetensors.torch import load, save
+
+    from waggle_trainer.transport.codec import _split
+
+    payload = _split(u.blob)[3]
+    tensors = load(payload)
+    mutate(tensors)
+    n = struct.unpack("<Q", payload[:8])[0]
+    import json
+
+    meta = json.loads(payload[8:8 + n]).get("__metadata__")
+    return _forge_raw(u, save(tensors, metadata=meta))

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import pickle
-import struct
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from simnodes import MODEL, encoder, make_config, messages, random_delta, tiny_state
+from simnodes import (
+    MODEL,
+    _forge,
+    _forge_raw,
+    _uid,
+    encoder,
+    make_config,
+    messages,
+    random_delta,
+    tiny_state,
+)
 
 from waggle_trainer.server.pipeline import UpdatePipeline
-from waggle_trainer.transport.codec import CodecSettings, _seal
+from waggle_trainer.transport.codec import CodecSettings
 
 
 def feed(p: UpdatePipeline, msgs):
@@ -103,40 +112,6 @@ def test_refusals_each_with_their_code(tmp_path):
     rej = p.db.conn.execute("SELECT code, reason FROM rejections WHERE code='format'").fetchone()
     assert "pickle" in rej["reason"]
     assert len(raw) > 0 and len(p.db.pending(MODEL)) == 1  # only the good one waits
-
-
-def _uid(blob: bytes) -> str:
-    from waggle_trainer.transport.codec import peek_envelope
-
-    return peek_envelope(blob).update_id
-
-
-def _forge_raw(u, raw_payload: bytes) -> bytes:
-    """Re-sign ``u`` with another (uncompressed) payload, as a node with its key could."""
-    import hashlib
-
-    from simnodes import node_key
-
-    env = u.envelope
-    env.payload_sha256 = hashlib.sha256(raw_payload).hexdigest()
-    env.payload_bytes = env.raw_bytes = len(raw_payload)
-    env.encoding = dict(env.encoding, compression="none")
-    return _seal(env.to_json(), raw_payload, node_key(env.node_id))
-
-
-def _forge(u, mutate) -> bytes:
-    from safetensors.torch import load, save
-
-    from waggle_trainer.transport.codec import _split
-
-    payload = _split(u.blob)[3]
-    tensors = load(payload)
-    mutate(tensors)
-    n = struct.unpack("<Q", payload[:8])[0]
-    import json
-
-    meta = json.loads(payload[8:8 + n]).get("__metadata__")
-    return _forge_raw(u, save(tensors, metadata=meta))
 
 
 def test_stale_updates_are_down_weighted_then_refused(tmp_path):

@@ -15,9 +15,17 @@ import urllib.request
 import pika
 import pytest
 import torch
-from conftest import broker_sections
-from simnodes import MODEL, dead_letters, encoder, make_config, publish, random_delta
-from test_pipeline import _forge, _forge_raw
+from simnodes import (
+    MODEL,
+    _forge,
+    _forge_raw,
+    broker_sections,
+    dead_letters,
+    encoder,
+    make_config,
+    publish,
+    random_delta,
+)
 
 from waggle_trainer.server.app import Server
 from waggle_trainer.server.pipeline import UpdatePipeline

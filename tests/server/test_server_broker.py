@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import broker_sections
 from safetensors.torch import load_file
 from simnodes import (
     MODEL,
+    broker_sections,
     encoder,
     publish,
     random_delta,
@@ -141,7 +141,7 @@ def reference_version(tmp: Path, nodes, big: int, rounds, **aggregation):
 
 
 def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim_user):
-    nodes, big = ["a", "b", "c", "d"], 3_000_000
+    nodes, big = ["a", "b", "c", "d"], 2_000_000
     agg = {"min_updates": 4, "window_s": 3600.0}
     cfg = setup_server_files(tmp_path, nodes, big=big, aggregation=agg, **broker_sections(names))
     cfg["status"]["enabled"] = False
