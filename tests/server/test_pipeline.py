@@ -240,3 +240,42 @@ def test_telemetry_view_keeps_last_values_and_counts_malformed():
     last, series = v.snapshot()
     assert last["n1"]["train.agreement"] == (4, pytest.approx(0.4))
     assert [t for t, _ in series["n1"]] == [2, 3, 4] and v.malformed == 3
+
+
+def test_node_keys_are_re_read_when_their_file_changes(tmp_path):
+    import os
+
+    p = pipeline(tmp_path, ["a"], aggregation={"min_updates": 100})
+    key_file = tmp_path / "node-keys" / "a.key"
+    new_key = b"rotated-key-of-a-0123456789abcdef"
+    u = encoder("a", key=new_key).encode_delta(random_delta(1), base_version="1", round=1,
+                                                samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["signature"]
+    key_file.write_bytes(new_key + b"\n")
+    os.chmod(key_file, 0o600)
+    os.utime(key_file, ns=(1, 1))  # a different mtime even within one clock tick
+    u = encoder("a", key=new_key).encode_delta(random_delta(1), base_version="1", round=1,
+                                                samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
+    key_file.unlink()
+    u = encoder("a", key=new_key).encode_delta(random_delta(2), base_version="1", round=2,
+                                                samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["key"]
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "median"])
+def test_slicing_does_not_change_the_result(tmp_path, monkeypatch, rule):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from waggle_trainer.server import pipeline as pl
+    from waggle_trainer.server.aggregate import combine
+
+    ts = [torch.randn(7, 3, 2) for _ in range(5)]
+    for i, t in enumerate(ts):
+        save_file({"t": t}, str(tmp_path / f"{i}.safetensors"))
+    files = [safe_open(str(tmp_path / f"{i}.safetensors"), framework="pt") for i in range(5)]
+    w = [1.0, 2.0, 3.0, 4.0, 5.0]
+    whole = combine(ts, w, rule)
+    monkeypatch.setattr(pl, "SLICE_BYTES", 8 * 6 * 5 * 2)  # two rows at a time
+    assert torch.equal(pl._combine_in_slices(files, "t", ts[0].shape, w, rule, 0.1), whole)

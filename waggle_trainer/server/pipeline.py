@@ -103,6 +103,26 @@ def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes:
     return payload[:n]
 
 
+SLICE_BYTES = 64 * 2**20  # float64 working set per slice of one tensor, all contributors
+
+
+def _combine_in_slices(files: list, name: str, shape: torch.Size, weights: list[float],
+                       rule: str, trim_fraction: float) -> torch.Tensor:
+    """:func:`combine` one tensor, reading it from every contributor's file in
+    slices along the first dimension, so memory stays bounded however many
+    contributors there are (results do not depend on the slicing)."""
+    if len(shape) == 0:
+        return combine([f.get_tensor(name) for f in files], weights, rule, trim_fraction)
+    rows = shape[0]
+    row_elems = max(1, math.prod(shape[1:]))
+    step = max(1, SLICE_BYTES // (8 * row_elems * len(files)))
+    out = torch.empty(shape, dtype=torch.float64)
+    for r0 in range(0, rows, step):
+        parts = [f.get_slice(name)[r0:r0 + step] for f in files]
+        out[r0:r0 + step] = combine(parts, weights, rule, trim_fraction)
+    return out
+
+
 class _AlreadyHandled(Exception):
     """The update's id is in the durable de-duplication set."""
 
@@ -398,8 +418,8 @@ class UpdatePipeline:
             if not b.is_floating_point():
                 new[name] = b.clone()
                 continue
-            step = combine([f.get_tensor(name) for f in files], weights, agg.rule,
-                           agg.trim_fraction)
+            step = _combine_in_slices(files, name, b.shape, weights, agg.rule,
+                                      agg.trim_fraction)
             if agg.server_momentum > 0:
                 m = step if prev_m is None or name not in prev_m else \
                     prev_m[name].to(torch.float64) * agg.server_momentum + step
