@@ -176,8 +176,10 @@ class UpdatePipeline:
         remove files of updates no longer pending."""
         for model in self.store.models():
             known = self.db.known_versions(model)
-            for info in self.store.versions(model):
-                if info.seq not in known:
+            for seq in self.store.seqs(model):
+                if seq not in known:
+                    info = self.store.get(model, str(seq))
+                    assert info is not None
                     ids = [c["update_id"] for c in info.manifest.get("contributors", [])]
                     with self.db.transaction():
                         self.db.mark_aggregated(model, info.seq, ids)
@@ -451,6 +453,6 @@ class UpdatePipeline:
 
     def accepted_bases(self, model: str) -> list[str]:
         """Base versions updates may still be made against (newest first)."""
-        vs = [v for v in self.store.versions(model) if not v.retired]
-        keep = vs[-(self.cfg.aggregation.max_staleness + 1):]
-        return [v.version for v in reversed(keep)]
+        # retention keeps at least max_staleness + 1 versions (the config checks it)
+        newest = self.store.seqs(model)[-(self.cfg.aggregation.max_staleness + 1):]
+        return [str(seq) for seq in reversed(newest)]

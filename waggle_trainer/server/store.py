@@ -17,6 +17,7 @@ of the newest ``retain`` versions; older manifests stay as history, marked
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,16 +72,15 @@ class ModelStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
-    def versions(self, model: str) -> list[VersionInfo]:
+    def seqs(self, model: str) -> list[int]:
+        """Sequence numbers of the stored versions, oldest first (no manifest read)."""
         d = self.root / model
         if not d.is_dir():
             return []
-        out = []
-        for p in d.iterdir():
-            m = _MANIFEST_RE.match(p.name)
-            if m:
-                out.append(self._info(model, int(m.group(1))))
-        return sorted(out, key=lambda v: v.seq)
+        return sorted(int(m.group(1)) for m in map(_MANIFEST_RE.match, os.listdir(d)) if m)
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        return [self._info(model, seq) for seq in self.seqs(model)]
 
     def _info(self, model: str, seq: int) -> VersionInfo:
         d = self.root / model
@@ -98,8 +98,8 @@ class ModelStore:
         return self._info(model, seq)
 
     def latest(self, model: str) -> VersionInfo | None:
-        vs = self.versions(model)
-        return vs[-1] if vs else None
+        seqs = self.seqs(model)
+        return self._info(model, seqs[-1]) if seqs else None
 
     def load_weights(self, info: VersionInfo) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -174,9 +174,9 @@ class ModelStore:
                 p.unlink(missing_ok=True)
 
     def _apply_retention(self, model: str) -> None:
-        for info in self.versions(model)[:-self.retain]:
-            info.weights.unlink(missing_ok=True)
-            if info.momentum is not None:
-                info.momentum.unlink(missing_ok=True)
-            self._spec_cache.pop((model, info.seq), None)
+        d = self.root / model
+        for seq in self.seqs(model)[:-self.retain]:
+            (d / f"{_name(seq)}.safetensors").unlink(missing_ok=True)
+            (d / f"{_name(seq)}.momentum.safetensors").unlink(missing_ok=True)
+            self._spec_cache.pop((model, seq), None)
 
