@@ -279,3 +279,18 @@ def test_slicing_does_not_change_the_result(tmp_path, monkeypatch, rule):
     whole = combine(ts, w, rule)
     monkeypatch.setattr(pl, "SLICE_BYTES", 8 * 6 * 5 * 2)  # two rows at a time
     assert torch.equal(pl._combine_in_slices(files, "t", ts[0].shape, w, rule, 0.1), whole)
+
+
+def test_retention_keeps_the_newest_weights_and_every_manifest(tmp_path):
+    p = pipeline(tmp_path, ["a"], aggregation={"min_updates": 1, "max_staleness": 1},
+                 store={"retain_versions": 2})
+    for r in range(1, 5):
+        u = encoder("a").encode_delta(random_delta(r), base_version=str(r), round=r, samples=1)
+        assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
+    vs = p.store.versions(MODEL)
+    assert [v.version for v in vs] == ["1", "2", "3", "4", "5"]
+    assert [v.retired for v in vs] == [True, True, True, False, False]
+    assert vs[4].manifest["parent"] == "4" and vs[4].manifest["contributors"][0]["round"] == 4
+    assert p.accepted_bases(MODEL) == ["5", "4"]
+    u = encoder("a").encode_delta(random_delta(9), base_version="3", round=9, samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["stale"]
