@@ -172,3 +172,75 @@ def _forge(u, mutate) -> bytes:
 
     meta = json.loads(payload[8:8 + n]).get("__metadata__")
     return _forge_raw(u, save(tensors, metadata=meta))
+
+
+class Receiver:
+    """The server's consumer and pipeline in process, as the receiving end of the
+    node-side tests: accepted updates stay pending (no round is ever due)."""
+
+    def __init__(self, tmp: Path, names, n: int, key: bytes, nodes=("n1",), amqp=None,
+                 **sections):
+        from waggle_trainer.server.consumer import ServerConsumer
+        from waggle_trainer.server.pipeline import UpdatePipeline
+
+        keys = tmp / "recv-keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        for node in nodes:
+            (keys / f"{node}.key").write_bytes(key)
+            os.chmod(keys / f"{node}.key", 0o600)
+        init = tmp / "recv-initial.safetensors"
+        save_file({"w": torch.zeros(n)}, str(init))
+        cfg = {"server": {"state_dir": str(tmp / "recv-state")},
+               "verify": {"keys_dir": str(keys), "require_user_id": False},
+               "aggregation": {"min_updates": 10**9, "window_s": 1e9},
+               "broadcast": {"enabled": False}, "telemetry": {"enabled": False},
+               "status": {"enabled": False}, "models": {"m": {"initial_weights": str(init)}},
+               "queue": {"exchange": names.exchange, "queue": names.queue,
+                         "dead_letter_exchange": names.dlx, "dead_letter_queue": names.dlq}}
+        for k, v in sections.items():
+            cfg.setdefault(k, {}).update(v)
+        self.cfg = server_config_from_dict(cfg)
+        self.pipeline = UpdatePipeline(self.cfg)
+        self.pipeline.startup()
+        self.consumer = ServerConsumer(self.cfg, self.pipeline, amqp=amqp)
+        self.consumer.start()
+
+    def _db(self):
+        from waggle_trainer.server.state import StateDB
+
+        return StateDB(self.pipeline.root / "state.sqlite", readonly=True)
+
+    def ids(self) -> list[str]:
+        db = self._db()
+        try:
+            return [r[0] for r in db.conn.execute(
+                "SELECT update_id FROM updates WHERE status != 'rejected' ORDER BY received_ns")]
+        finally:
+            db.close()
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        db = self._db()
+        try:
+            return {r[0]: r[1] for r in db.conn.execute(
+                "SELECT code, COUNT(*) FROM rejections GROUP BY code")}
+        finally:
+            db.close()
+
+    def delta(self, update_id: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.pipeline.pending_dir / f"{update_id}.safetensors"))
+
+    def wait_for(self, n: int, timeout: float) -> bool:
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if len(self.ids()) >= n:
+                return True
+            time.sleep(0.05)
+        return len(self.ids()) >= n
+
+    def stop(self) -> None:
+        self.consumer.stop()

@@ -151,8 +151,8 @@ class ServerConsumer(AmqpWorker):
 
     def __init__(self, cfg: ServerConfig, pipeline: UpdatePipeline, *,
                  signing_key=None, on_version: Callable[[VersionInfo], None] | None = None,
-                 tick_s: float = 1.0):
-        super().__init__(amqp_settings(cfg))
+                 tick_s: float = 1.0, amqp: AmqpSettings | None = None):
+        super().__init__(amqp or amqp_settings(cfg))
         self.cfg = cfg
         self.pipeline = pipeline
         self.signing_key = signing_key
@@ -163,7 +163,7 @@ class ServerConsumer(AmqpWorker):
         self._conn: pika.BlockingConnection | None = None
         self._ch = None
         self._worker: threading.Thread | None = None
-        self.publisher = Publisher(amqp_settings(cfg))
+        self.publisher = Publisher(amqp or amqp_settings(cfg))
         self.handled = 0
         self.dead_lettered = 0
         self.requeued = 0
