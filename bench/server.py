@@ -44,8 +44,15 @@ from waggle_trainer.server.config import server_config_from_dict  # noqa: E402
 from waggle_trainer.server.pipeline import UpdatePipeline  # noqa: E402
 from waggle_trainer.server.signing import generate_signing_key, load_signing_key  # noqa: E402
 from waggle_trainer.server.staging import ChunkMessage  # noqa: E402
-from waggle_trainer.transport import (AmqpSettings, CodecSettings, Outbox,  # noqa: E402
-                                      UpdateEncoder, UpdatePublisher, reference_spec, split)
+from waggle_trainer.transport import (  # noqa: E402
+    AmqpSettings,
+    CodecSettings,
+    Outbox,
+    UpdateEncoder,
+    UpdatePublisher,
+    reference_spec,
+    split,
+)
 from waggle_trainer.transport.model_subscriber import ModelSubscriber  # noqa: E402
 from waggle_trainer.transport.model_wire import load_verify_key  # noqa: E402
 

@@ -155,28 +155,32 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
     procs = []
     try:
         logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "c.log"]
-        active = start_server(cfg_path, logs[0])
-        procs.append(active)
+        procs.append(start_server(cfg_path, logs[0]))
         assert wait_log(logs[0], "server running", 60), logs[0].read_text()
         time.sleep(0.5)  # the first consumer on a single-active-consumer queue is the active one
-        standby = start_server(cfg_path, logs[1])
-        procs.append(standby)
+        procs.append(start_server(cfg_path, logs[1]))
         assert wait_log(logs[1], "server running", 60), logs[1].read_text()
         for n, u in rounds[0]:
             publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
-        assert wait_log(logs[0], "aggregating 4 updates into version 2", 60), logs[0].read_text()
-        active.send_signal(signal.SIGKILL)
-        active.wait()
+        # the active one (the broker's choice: normally the first) aggregates and is killed
+        line = "aggregating 4 updates into version 2"
+        assert wait_for(lambda: any(line in p.read_text() for p in logs[:2]), 60, 0.02), \
+            logs[0].read_text()
+        k = 0 if line in logs[0].read_text() else 1
+        victim, survivor, survivor_log = procs[k], procs[1 - k], logs[1 - k]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
         assert not (store_dir / "v000002.json").exists(), "the kill came after the aggregation"
         # the standby takes over and finishes the round
-        assert wait_for((store_dir / "v000002.json").exists, 60), logs[1].read_text()
-        assert "aggregating 4 updates into version 2" in logs[1].read_text()
+        assert wait_for((store_dir / "v000002.json").exists, 60), survivor_log.read_text()
+        assert line in survivor_log.read_text()
         # round 2: the (now only) server is killed mid-aggregation and restarted
         for n, u in rounds[1]:
             publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
-        assert wait_log(logs[1], "aggregating 4 updates into version 3", 60), logs[1].read_text()
-        standby.send_signal(signal.SIGKILL)
-        standby.wait()
+        assert wait_log(survivor_log, "aggregating 4 updates into version 3", 60), \
+            survivor_log.read_text()
+        survivor.send_signal(signal.SIGKILL)
+        survivor.wait()
         assert not (store_dir / "v000003.json").exists(), "the kill came after the aggregation"
         restarted = start_server(cfg_path, logs[2])
         procs.append(restarted)

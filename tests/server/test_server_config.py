@@ -95,3 +95,11 @@ def test_keygen_and_models_commands(tmp_path):
     p.write_text(f'[server]\nstate_dir = "{tmp_path}/state"\n')
     r = run_cli("models", "--config", str(p), "show", "m", "3")
     assert r.returncode == 1 and "model 'm' has no version '3'" in r.stdout
+
+
+def test_reading_the_server_config_loads_neither_torch_nor_pika():
+    code = ("import sys, waggle_trainer.server.config, waggle_trainer.server.signing; "
+            "print(sorted(m for m in ('torch', 'pika') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
+    assert out.strip() == "[]"

@@ -23,6 +23,16 @@ from pydantic import (
 )
 
 from waggle_trainer.config import ConfigError, Size, describe_error, format_size, read_toml
+from waggle_trainer.transport.wire import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    MODEL_EXCHANGE,
+    SERVER_QUEUE,
+    UPDATE_BINDING_KEY,
+    UPDATE_EXCHANGE,
+)
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
@@ -57,11 +67,11 @@ class BrokerSection(_Section):
 
 
 class QueueSection(_Section):
-    exchange: str = "waggle.train.updates"
-    queue: str = "waggle.train.updates.quorum"
-    binding_key: str = "update.*"
-    dead_letter_exchange: str = "waggle.train.dead"
-    dead_letter_queue: str = "waggle.train.dead"
+    exchange: str = UPDATE_EXCHANGE
+    queue: str = SERVER_QUEUE
+    binding_key: str = UPDATE_BINDING_KEY
+    dead_letter_exchange: str = DEAD_LETTER_EXCHANGE
+    dead_letter_queue: str = DEAD_LETTER_QUEUE
     delivery_limit: int = Field(5, ge=1, le=100)
     prefetch: int = Field(4, ge=1, le=64)
 
@@ -100,7 +110,7 @@ class StoreSection(_Section):
 
 class BroadcastSection(_Section):
     enabled: StrictBool = True
-    exchange: str = "waggle.train.models"
+    exchange: str = MODEL_EXCHANGE
     signing_key_file: Path = Path("/etc/waggle-trainer-server/model-signing.pem")
     chunk_size: Size = 8 * 2**20
     compression: Literal["zstd", "none"] = "zstd"
@@ -108,9 +118,10 @@ class BroadcastSection(_Section):
     @field_validator("chunk_size")
     @classmethod
     def _below_broker_limit(cls, v: int) -> int:
-        if not 64 * 2**10 <= v <= 15 * 2**20:
-            raise ValueError(f"{format_size(v)} is out of range (64KiB..15MiB: "
-                             "RabbitMQ refuses messages over 16MiB)")
+        if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
+            raise ValueError(f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+                             f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
+                             "16MiB)")
         return v
 
 

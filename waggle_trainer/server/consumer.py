@@ -36,11 +36,17 @@ import pika
 
 from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker, connection_parameters
 from waggle_trainer.transport.chunks import split
-from waggle_trainer.transport.model_wire import (
-    CONTENT_TYPE,
-    MESSAGE_TYPE,
-    encode_model,
-    routing_key,
+from waggle_trainer.transport.model_wire import encode_model
+from waggle_trainer.transport.wire import (
+    HEADER_ORIGINAL_EXCHANGE,
+    HEADER_ORIGINAL_ROUTING_KEY,
+    HEADER_ORIGINAL_USER_ID,
+    HEADER_REJECT_CODE,
+    HEADER_REJECT_REASON,
+    HEADER_REJECTED_NS,
+    MODEL_CONTENT_TYPE,
+    MODEL_MESSAGE_TYPE,
+    model_routing_key,
 )
 
 from .config import ServerConfig
@@ -289,12 +295,12 @@ class ServerConsumer(AmqpWorker):
         for dl in letters:
             m = dl.msg
             headers = dict(m.headers)
-            headers.update({"x-waggle-reject-code": dl.code, "x-waggle-reject-reason": dl.reason,
-                            "x-waggle-original-exchange": q.exchange,
-                            "x-waggle-original-routing-key": m.routing_key,
-                            "x-waggle-rejected-ns": time.time_ns()})
+            headers.update({HEADER_REJECT_CODE: dl.code, HEADER_REJECT_REASON: dl.reason,
+                            HEADER_ORIGINAL_EXCHANGE: q.exchange,
+                            HEADER_ORIGINAL_ROUTING_KEY: m.routing_key,
+                            HEADER_REJECTED_NS: time.time_ns()})
             if m.user_id:
-                headers["x-waggle-original-user-id"] = m.user_id
+                headers[HEADER_ORIGINAL_USER_ID] = m.user_id
             props = pika.BasicProperties(
                 delivery_mode=pika.DeliveryMode.Persistent, content_type=m.content_type,
                 message_id=m.message_id, type=m.type, app_id=m.app_id, timestamp=m.timestamp,
@@ -335,9 +341,9 @@ class ServerConsumer(AmqpWorker):
         chunks = split(env.broadcast_id, blob, b.chunk_size)
         for c in chunks:
             props = pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, content_type=CONTENT_TYPE,
+                delivery_mode=pika.DeliveryMode.Persistent, content_type=MODEL_CONTENT_TYPE,
                 message_id=c.message_id, headers=c.headers(), app_id="waggle-trainer-server",
-                type=MESSAGE_TYPE, timestamp=int(time.time()))
-            self.publisher.publish(b.exchange, routing_key(info.model), c.body, props)
+                type=MODEL_MESSAGE_TYPE, timestamp=int(time.time()))
+            self.publisher.publish(b.exchange, model_routing_key(info.model), c.body, props)
         log.info("model %s: version %s broadcast on %s (%d bytes, %d chunk(s))", info.model,
                  info.version, b.exchange, len(blob), len(chunks))

@@ -90,17 +90,18 @@ def looks_like_safetensors(head: bytes, total: int) -> str | None:
     return "not safetensors"
 
 
-def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes:
-    """The first ``n`` decompressed bytes of a payload, without inflating the rest."""
+def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes | None:
+    """The first ``n`` decompressed bytes of a payload, without inflating the rest;
+    None when they cannot be had (the codec then refuses the payload with the
+    precise reason: a bomb, a corrupt stream, an unknown method)."""
     try:
         if compression == "zstd":
-            reader = zstandard.ZstdDecompressor().stream_reader(payload)
-            return reader.read(n)
+            return zstandard.ZstdDecompressor().stream_reader(payload).read(n)
         if compression == "deflate":
             return zlib.decompressobj().decompress(payload, n)
-    except (zstandard.ZstdError, zlib.error) as e:
-        raise UpdateRejected("format", f"payload does not decompress: {e}") from None
-    return payload[:n]
+    except (zstandard.ZstdError, zlib.error):
+        return None
+    return payload[:n] if compression == "none" else None
 
 
 SLICE_BYTES = 64 * 2**20  # float64 working set per slice of one tensor, all contributors
@@ -370,8 +371,8 @@ class UpdatePipeline:
         if last is not None and env.round <= last:
             raise UpdateRejected("replay", f"round {env.round} is not after the last accepted "
                                            f"round {last} of node {env.node_id}")
-        what = looks_like_safetensors(
-            _payload_head(payload_head, env.encoding.get("compression")), env.raw_bytes)
+        head = _payload_head(payload_head, env.encoding.get("compression"))
+        what = looks_like_safetensors(head, env.raw_bytes) if head is not None else None
         if what is not None:
             raise UpdateRejected("format", f"payload is {what}; only safetensors is accepted")
         return staleness, staleness_weight(env.samples, staleness,

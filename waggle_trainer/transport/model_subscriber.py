@@ -36,7 +36,8 @@ import pika
 from .amqp import AmqpSettings, AmqpWorker
 from .chunks import ChunkError, Reassembler, parse_headers
 from .codec import TensorSpec, UpdateRejected
-from .model_wire import MODEL_EXCHANGE, ModelVersion, decode_model, routing_key
+from .model_wire import ModelVersion, decode_model
+from .wire import MODEL_EXCHANGE, model_routing_key, node_model_queue
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class ModelSubscriber(AmqpWorker):
         self.current_version = current_version
         self.save_dir = Path(save_dir) if save_dir is not None else None
         self.exchange = exchange
-        self.queue = queue or f"{MODEL_EXCHANGE}.{node_id}"
+        self.queue = queue or node_model_queue(node_id)
         self.max_bytes = max_bytes
         self.on_version = on_version
         self.partial_timeout_s = partial_timeout_s
@@ -97,7 +98,7 @@ class ModelSubscriber(AmqpWorker):
         ch = conn.channel()
         ch.exchange_declare(self.exchange, exchange_type="topic", durable=True)
         ch.queue_declare(self.queue, durable=True)
-        ch.queue_bind(self.queue, self.exchange, routing_key=routing_key(self.model))
+        ch.queue_bind(self.queue, self.exchange, routing_key=model_routing_key(self.model))
         ch.basic_qos(prefetch_count=64)
         self._connected_ok()
         for method, props, body in ch.consume(self.queue, inactivity_timeout=0.5):

@@ -38,13 +38,6 @@ MAGIC = b"WGM1"
 FORMAT_VERSION = 1
 SIG_BYTES = 64
 MAX_ENVELOPE_BYTES = 64 * 1024
-MODEL_EXCHANGE = "waggle.train.models"
-CONTENT_TYPE = "application/vnd.waggle.model"
-MESSAGE_TYPE = "waggle.model.chunk"
-
-
-def routing_key(model: str) -> str:
-    return f"model.{model}"
 
 
 @dataclass
