@@ -294,3 +294,16 @@ def test_retention_keeps_the_newest_weights_and_every_manifest(tmp_path):
     assert p.accepted_bases(MODEL) == ["5", "4"]
     u = encoder("a").encode_delta(random_delta(9), base_version="3", round=9, samples=1)
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["stale"]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "deflate"])
+def test_a_large_compressed_update_is_sniffed_correctly(tmp_path, compression):
+    """The safetensors check reads the payload's first decompressed bytes; a zstd
+    block can span 128 KiB of the payload."""
+    big = 300_000
+    p = pipeline(tmp_path, ["a"], big=big, aggregation={"min_updates": 100})
+    u = encoder("a", CodecSettings("fp16", compression)).encode_delta(
+        random_delta(1, scale=1.0, big=big), base_version="1", round=1, samples=1)
+    assert len(u.blob) > 256 * 1024
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
+    assert len(p.db.pending(MODEL)) == 1

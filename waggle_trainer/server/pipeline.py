@@ -90,7 +90,7 @@ def looks_like_safetensors(head: bytes, total: int) -> str | None:
     return "not safetensors"
 
 
-def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes | None:
+def _payload_head(payload: memoryview, compression: Any, n: int = 4096) -> bytes | None:
     """The first ``n`` decompressed bytes of a payload, without inflating the rest;
     None when they cannot be had (the codec then refuses the payload with the
     precise reason: a bomb, a corrupt stream, an unknown method)."""
@@ -101,7 +101,7 @@ def _payload_head(payload: bytes, compression: Any, n: int = 4096) -> bytes | No
             return zlib.decompressobj().decompress(payload, n)
     except (zstandard.ZstdError, zlib.error):
         return None
-    return payload[:n] if compression == "none" else None
+    return bytes(payload[:n]) if compression == "none" else None
 
 
 SLICE_BYTES = 64 * 2**20  # float64 working set per slice of one tensor, all contributors
@@ -305,7 +305,8 @@ class UpdatePipeline:
             if self.db.update_status(uid) is not None:
                 raise _AlreadyHandled
             n = int.from_bytes(blob[4:8], "big")
-            weighting.append(self._check(env, blob[8 + n + 32: 8 + n + 32 + 65536], msgs))
+            payload = memoryview(blob)[8 + n + 32:]  # a zstd block can be 128 KiB: all of it
+            weighting.append(self._check(env, payload, msgs))
             return self._reference(env)
 
         try:
@@ -339,10 +340,10 @@ class UpdatePipeline:
                                                  f"{env.model!r} is not kept")
         return spec
 
-    def _check(self, env: Envelope, payload_head: bytes,
+    def _check(self, env: Envelope, payload: memoryview,
                msgs: list[ChunkMessage]) -> tuple[int, float]:
         """Checks after the signature, before the payload is parsed: (staleness,
-        FedAvg weight).  ``payload_head``: the first bytes of the payload."""
+        FedAvg weight)."""
         if self.cfg.verify.require_user_id:
             users = {m.user_id for m in msgs}
             if users != {env.node_id}:
@@ -371,7 +372,7 @@ class UpdatePipeline:
         if last is not None and env.round <= last:
             raise UpdateRejected("replay", f"round {env.round} is not after the last accepted "
                                            f"round {last} of node {env.node_id}")
-        head = _payload_head(payload_head, env.encoding.get("compression"))
+        head = _payload_head(payload, env.encoding.get("compression"))
         what = looks_like_safetensors(head, env.raw_bytes) if head is not None else None
         if what is not None:
             raise UpdateRejected("format", f"payload is {what}; only safetensors is accepted")
