@@ -81,6 +81,11 @@ def test_server_command_exits_2_with_one_line_per_problem(tmp_path):
     lines = r.stdout.splitlines()
     assert [line.split(": ")[1] for line in lines] == [
         "models.m.initial_weights", "verify.keys_dir", "broadcast.signing_key_file"], lines
+    (tmp_path / "m.safetensors").write_bytes(b"\x80\x04not a safetensors file")
+    r = run_cli("server", "--config", str(p))
+    assert r.returncode == 2
+    assert f"{p}: models.m.initial_weights: '{tmp_path}/m.safetensors' is not a safetensors" \
+        in r.stdout
     r = run_cli("server", "--config", str(tmp_path / "missing.toml"))
     assert r.returncode == 2 and r.stdout.startswith(f"{tmp_path}/missing.toml: file: not found")
 
@@ -103,3 +108,22 @@ def test_reading_the_server_config_loads_neither_torch_nor_pika():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
     assert out.strip() == "[]"
+
+
+def test_a_status_port_in_use_is_one_line_and_exit_2(tmp_path, capsys):
+    import socket
+
+    from simnodes import make_config
+
+    from waggle_trainer.server.app import run
+    from waggle_trainer.server.signing import load_signing_key
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = make_config(tmp_path, ["a"], status={"port": port}, telemetry={"enabled": False})
+        rc = run(cfg, load_signing_key(cfg.broadcast.signing_key_file), "server.toml")
+    out = capsys.readouterr().out
+    assert rc == 2 and out.startswith(f"server.toml: status.port: cannot listen on "
+                                      f"127.0.0.1:{port}: Address already in use")

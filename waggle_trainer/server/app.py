@@ -8,13 +8,14 @@ server (or to a standby already waiting on the queue).
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
 
 from .config import ServerConfig
 from .consumer import ServerConsumer, amqp_settings
-from .pipeline import UpdatePipeline
+from .pipeline import InitialWeightsError, UpdatePipeline
 from .status import StatusServer
 from .telemetry_view import TelemetryView
 
@@ -54,13 +55,32 @@ class Server:
         self.stopped.set()
 
 
-def run(cfg: ServerConfig, key) -> int:
-    """Run until SIGTERM/SIGINT (0) or a fatal broker error (1)."""
-    server = Server(cfg, key)
+def run(cfg: ServerConfig, key, source: str) -> int:
+    """Run until SIGTERM/SIGINT (0), a fatal broker error (1) or a start-up
+    problem the operator must fix (2, one line naming the config key)."""
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    server.start()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _serve(Server(cfg, key), cfg, source, stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _serve(server: Server, cfg: ServerConfig, source: str, stop: threading.Event) -> int:
+    try:
+        server.start()
+    except InitialWeightsError as e:
+        print(f"{source}: models.{e.model}.initial_weights: {e}")
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        print(f"{source}: status.port: cannot listen on {cfg.status.bind}:{cfg.status.port}: "
+              f"{e.strerror} (choose another port, or 0 for any free one)")
+        server.stop()
+        return 2
     log.info("server running: queue %s, models %s", cfg.queue.queue, ", ".join(cfg.models))
     while not stop.wait(0.5):
         if server.consumer.fatal_error is not None:

@@ -70,7 +70,7 @@ def _server(args) -> int:
         logging.getLogger().setLevel(cfg.server.log_level.upper())
     from .app import run  # torch and pika: only once the config is known to be good
 
-    return run(cfg, key)
+    return run(cfg, key, args.config)
 
 
 def _keygen(args) -> int:

@@ -124,6 +124,14 @@ def _combine_in_slices(files: list, name: str, shape: torch.Size, weights: list[
     return out
 
 
+class InitialWeightsError(ValueError):
+    """A model's configured initial weights cannot become its version 1."""
+
+    def __init__(self, model: str, message: str):
+        super().__init__(message)
+        self.model = model
+
+
 class _AlreadyHandled(Exception):
     """The update's id is in the durable de-duplication set."""
 
@@ -159,10 +167,14 @@ class UpdatePipeline:
         return new
 
     def _import_initial(self, model: str, path: Path) -> VersionInfo:
-        weights = load_file(str(path))
+        try:
+            weights = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise InitialWeightsError(model, f"{str(path)!r} does not load: {e}") from None
         for name, t in weights.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{path}: tensor {name!r} has non-finite values")
+                raise InitialWeightsError(model, f"{str(path)!r}: tensor {name!r} has "
+                                                 "non-finite values")
         info = self.store.write(model, 1, weights, {
             "parent": None, "created_ns": time.time_ns(), "rule": {"rule": "initial"},
             "source": str(path), "contributors": [], "nodes": [], "samples": 0})

@@ -51,6 +51,31 @@ def load_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     return key
 
 
+def _not_safetensors(path: Path) -> str | None:
+    """None if ``path`` starts with a readable safetensors header, else why not
+    (the header is parsed as JSON; no tensor is loaded)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = path.stat().st_size
+            if len(head) < 8:
+                return "is not a safetensors file (too short)"
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100 * 2**20):
+                return "is not a safetensors file (bad header length)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    except ValueError:
+        return "is not a safetensors file (its header is not JSON)"
+    if not isinstance(header, dict) or not any(k != "__metadata__" for k in header):
+        return "is not a safetensors file with tensors"
+    return None
+
+
 def check_files(cfg: ServerConfig, source: str):
     """Files the config names, checked before anything starts; returns the signing
     key (or None) or raises ConfigError naming each key at fault."""
@@ -60,6 +85,8 @@ def check_files(cfg: ServerConfig, source: str):
         if not p.is_file():
             problems.append((f"models.{name}.initial_weights",
                              f"{str(p)!r} not found (a safetensors file of the model's weights)"))
+        elif (why := _not_safetensors(p)) is not None:
+            problems.append((f"models.{name}.initial_weights", f"{str(p)!r} {why}"))
     if not cfg.models:
         problems.append(("models", "no model to serve (add [models.NAME] with initial_weights)"))
     if not Path(cfg.verify.keys_dir).is_dir():
