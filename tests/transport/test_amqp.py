@@ -11,19 +11,20 @@ import time
 
 import pika.exceptions as px
 import pytest
-
 from tlsbroker import issue, make_ca
+
 from waggle_trainer.common import setup_logging
 from waggle_trainer.transport import amqp
 from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker, FatalAmqpError, classify
-
 
 # ------------------------------------------------------------------- logging
 
 
 def test_importing_the_transport_leaves_pika_logging_alone():
-    code = ("import logging, waggle_trainer.transport, waggle_trainer.transport.amqp; "
-            "print(logging.getLogger('pika').level)")
+    code = (
+        "import logging, waggle_trainer.transport, waggle_trainer.transport.amqp; "
+        "print(logging.getLogger('pika').level)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(logging.NOTSET)
 
@@ -49,8 +50,9 @@ def test_broker_user_is_the_certificate_cn_read_without_private_ssl_api(tmp_path
     cert, key = issue(ca, tmp_path, "node-000048b02d15bc7c")
     # the private CPython helper must not be needed
     monkeypatch.delattr(ssl._ssl, "_test_decode_cert", raising=False)
-    s = AmqpSettings(tls=True, username=None, password=None, cacert=str(ca.path),
-                     cert=str(cert), key=str(key))
+    s = AmqpSettings(
+        tls=True, username=None, password=None, cacert=str(ca.path), cert=str(cert), key=str(key)
+    )
     assert s.broker_user() == "node-000048b02d15bc7c"
     info = amqp.certificate_info(str(cert))
     assert info.common_name == "node-000048b02d15bc7c" and info.issuer == "ca"
@@ -59,18 +61,21 @@ def test_broker_user_is_the_certificate_cn_read_without_private_ssl_api(tmp_path
 
 def test_unreadable_certificate_has_no_user(tmp_path):
     (tmp_path / "junk.pem").write_text("not a certificate")
-    assert AmqpSettings(tls=True, username=None, cert=str(tmp_path / "junk.pem")).broker_user() \
-        is None
-    assert AmqpSettings(tls=True, username=None, cert=str(tmp_path / "none.pem")).broker_user() \
-        is None
+    assert (
+        AmqpSettings(tls=True, username=None, cert=str(tmp_path / "junk.pem")).broker_user() is None
+    )
+    assert (
+        AmqpSettings(tls=True, username=None, cert=str(tmp_path / "none.pem")).broker_user() is None
+    )
 
 
 def test_tls_files_are_checked_before_any_connection(tmp_path):
     ca = make_ca(tmp_path, "ca")
     cert, key = issue(ca, tmp_path, "node-1")
     other_cert, _ = issue(ca, tmp_path, "node-2")
-    ok = dict(tls=True, username=None, password=None, cacert=str(ca.path), cert=str(cert),
-              key=str(key))
+    ok = dict(
+        tls=True, username=None, password=None, cacert=str(ca.path), cert=str(cert), key=str(key)
+    )
     AmqpSettings(**ok).check_tls_files()  # fine
     with pytest.raises(FatalAmqpError, match=r"key .*missing\.pem.*not found"):
         AmqpSettings(**{**ok, "key": str(tmp_path / "missing.pem")}).check_tls_files()
@@ -88,20 +93,26 @@ def _stream_lost_with(alert: str) -> px.IncompatibleProtocolError:
     # what pika raises when the broker ends the TLS handshake with an alert (seen with
     # RabbitMQ 3.10 and TLS 1.3: the alert arrives as the protocol header is read)
     return px.IncompatibleProtocolError(
-        f'StreamLostError: ("Stream connection lost: SSLError(1, \'[SSL: {alert}] '
-        f'sslv3 alert (_ssl.c:2580)\')",)')
+        f"StreamLostError: (\"Stream connection lost: SSLError(1, '[SSL: {alert}] "
+        f"sslv3 alert (_ssl.c:2580)')\",)"
+    )
 
 
-@pytest.mark.parametrize("alert,words", [
-    ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "expired"),
-    ("TLSV1_ALERT_UNKNOWN_CA", "does not trust the CA"),
-    ("SSLV3_ALERT_BAD_CERTIFICATE", "refused"),
-    ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "refused"),
-    ("SSLV3_ALERT_CERTIFICATE_REVOKED", "revoked"),
-])
+@pytest.mark.parametrize(
+    "alert,words",
+    [
+        ("SSLV3_ALERT_CERTIFICATE_EXPIRED", "expired"),
+        ("TLSV1_ALERT_UNKNOWN_CA", "does not trust the CA"),
+        ("SSLV3_ALERT_BAD_CERTIFICATE", "refused"),
+        ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "refused"),
+        ("SSLV3_ALERT_CERTIFICATE_REVOKED", "revoked"),
+    ],
+)
 def test_broker_refusing_the_client_certificate_is_fatal(alert, words):
-    err = classify(_stream_lost_with(alert), AmqpSettings(tls=True, username=None,
-                                                          cert="/nonexistent/cert.pem"))
+    err = classify(
+        _stream_lost_with(alert),
+        AmqpSettings(tls=True, username=None, cert="/nonexistent/cert.pem"),
+    )
     assert isinstance(err, FatalAmqpError)
     assert words in str(err) and "/nonexistent/cert.pem" in str(err)
     assert "\n" not in str(err)

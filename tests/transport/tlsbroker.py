@@ -64,7 +64,7 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
 
 def make_ca(directory: Path, cn: str) -> Issuer:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -76,9 +76,15 @@ def make_ca(directory: Path, cn: str) -> Issuer:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -90,11 +96,12 @@ def make_ca(directory: Path, cn: str) -> Issuer:
     return Issuer(_name(cn), key, cert, path)
 
 
-def issue(ca: Issuer, directory: Path, cn: str, *, server: bool = False,
-          expired: bool = False) -> tuple[Path, Path]:
+def issue(
+    ca: Issuer, directory: Path, cn: str, *, server: bool = False, expired: bool = False
+) -> tuple[Path, Path]:
     """A leaf certificate and key signed by ``ca``: ``(cert.pem, key.pem)`` paths."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     start, end = (
         (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
         if expired
@@ -185,8 +192,9 @@ class PrivateBroker:
                 p.wait(10)
 
 
-def start_private_broker(root: Path, definitions: dict, *, timeout: float = 90.0,
-                         probe: Client) -> PrivateBroker:
+def start_private_broker(
+    root: Path, definitions: dict, *, timeout: float = 90.0, probe: Client
+) -> PrivateBroker:
     """Start the node under ``root``; returns once ``probe`` completes a TLS handshake."""
     port, dist_port = free_port(), free_port()
     nodename = f"wt-tls-{uuid.uuid4().hex[:8]}@localhost"
@@ -233,21 +241,30 @@ def start_private_broker(root: Path, definitions: dict, *, timeout: float = 90.0
     }
     server = shutil.which("rabbitmq-server", path=str(RABBITMQ_BIN)) or "rabbitmq-server"
     with open(root / "log" / "stdout.txt", "wb") as out:
-        proc = subprocess.Popen([server], env=env, cwd=root, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [server],
+            env=env,
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     broker = PrivateBroker(root, nodename, port, dist_port, env, proc)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"private RabbitMQ node exited ({proc.returncode}):\n"
-                               + (root / "log" / "stdout.txt").read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                f"private RabbitMQ node exited ({proc.returncode}):\n"
+                + (root / "log" / "stdout.txt").read_text(errors="replace")[-3000:]
+            )
         if _tls_handshake_ok(port, probe):
             return broker
         time.sleep(0.3)
     broker.stop()
-    raise RuntimeError(f"private RabbitMQ node did not listen within {timeout:.0f} s:\n"
-                       + broker.log_tail())
+    raise RuntimeError(
+        f"private RabbitMQ node did not listen within {timeout:.0f} s:\n" + broker.log_tail()
+    )
 
 
 def _tls_handshake_ok(port: int, client: Client) -> bool:
