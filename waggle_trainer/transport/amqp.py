@@ -110,35 +110,51 @@ class AmqpSettings:
         return info.common_name if info else None
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context (CA, client certificate and key), built from the files now.
-
-        Raises :class:`FatalAmqpError` naming the file when one is missing,
-        unreadable, not PEM, or when the key does not belong to the certificate.
-        """
-        for what, path in (("cacert", self.cacert), ("cert", self.cert), ("key", self.key)):
-            if not os.path.exists(path):
-                raise FatalAmqpError(f"TLS {what} {path}: not found")
-            if not os.access(path, os.R_OK):
-                raise FatalAmqpError(f"TLS {what} {path}: not readable by this user")
-        try:
-            ctx = ssl.create_default_context(cafile=self.cacert)
-        except ssl.SSLError as e:
-            raise FatalAmqpError(f"TLS cacert {self.cacert}: not a PEM CA certificate "
-                                 f"({e.reason or e})") from None
-        try:
-            ctx.load_cert_chain(self.cert, self.key)
-        except ssl.SSLError as e:
-            if e.reason == "KEY_VALUES_MISMATCH":
-                raise FatalAmqpError(f"TLS key {self.key} does not match the certificate "
-                                     f"{self.cert}") from None
-            raise FatalAmqpError(f"TLS cert {self.cert} / key {self.key}: cannot be loaded "
-                                 f"({e.reason or e}; PEM files, key not encrypted)") from None
-        return ctx
+        """The TLS context (CA, client certificate and key), built from the files now;
+        raises :class:`TlsFileError` (see :func:`tls_context`)."""
+        return tls_context(self.cacert, self.cert, self.key)
 
     def check_tls_files(self) -> None:
         """With TLS, fail now (:class:`FatalAmqpError`) if the files cannot be used."""
         if self.tls:
             self.ssl_context()
+
+
+class TlsFileError(FatalAmqpError):
+    """A TLS file that cannot be used; ``field`` is ``cacert``, ``cert`` or ``key``."""
+
+    def __init__(self, field: str, path: str, detail: str):
+        self.field, self.path, self.detail = field, path, detail
+        super().__init__(f"TLS {field} {path}: {detail}")
+
+
+def tls_context(cacert: str, cert: str, key: str) -> ssl.SSLContext:
+    """A client TLS context trusting ``cacert`` and presenting ``cert``/``key``.
+
+    Raises :class:`TlsFileError` naming the file when one is missing, unreadable,
+    not PEM, or when the key does not belong to the certificate.
+    """
+    for field, path in (("cacert", cacert), ("cert", cert), ("key", key)):
+        if not os.path.isfile(path):
+            raise TlsFileError(field, path, "not found" if not os.path.exists(path)
+                               else "not a file")
+        if not os.access(path, os.R_OK):
+            raise TlsFileError(field, path, "not readable by this user")
+    try:
+        ctx = ssl.create_default_context(cafile=cacert)
+    except ssl.SSLError as e:
+        raise TlsFileError("cacert", cacert, f"not a PEM CA certificate ({e.reason or e})") \
+            from None
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise TlsFileError("key", key, f"does not match the certificate {cert}") from None
+        if certificate_info(cert) is None:
+            raise TlsFileError("cert", cert, "not a PEM certificate") from None
+        raise TlsFileError("key", key, f"cannot be loaded ({e.reason or e}; a PEM private "
+                           "key, not encrypted)") from None
+    return ctx
 
 
 @dataclass(frozen=True)
