@@ -135,13 +135,21 @@ def issue(
             critical=False,
         )
     cert = b.sign(ca.key, hashes.SHA256())
-    stem = directory / cn
-    cert_path = stem.with_suffix(".cert.pem")
+    cert_path = directory / f"{cn}.cert.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, _write_key(key, stem.with_suffix(".key.pem"))
+    return cert_path, _write_key(key, directory / f"{cn}.key.pem")
 
 
 # ------------------------------------------------------------------------ node
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies (even by
+    SIGKILL), so a crashed test run never leaves the private node behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def free_port() -> int:

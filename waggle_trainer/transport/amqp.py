@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -302,6 +303,31 @@ def classify(exc: BaseException, settings: AmqpSettings | None = None) -> FatalA
     return None
 
 
+def tls_refusal(s: AmqpSettings, wait_s: float = 2.0) -> FatalAmqpError | None:
+    """Ask the broker again why a TLS connection ended, and return its refusal if any.
+
+    With TLS 1.3 a broker checks the client certificate after the client's side of
+    the handshake is done; pika has by then sent the AMQP header, and the broker's
+    close can reset the connection before its alert is read (a bare "EOF").  Here
+    the handshake is repeated and nothing is sent, so the alert arrives intact.  A
+    broker that accepts the certificate says nothing: None after ``wait_s``.
+    """
+    try:
+        ctx = s.ssl_context()
+        with socket.create_connection((s.host, s.effective_port),
+                                      timeout=s.socket_timeout_s) as raw:
+            with ctx.wrap_socket(raw, server_hostname=s.server_hostname or s.host) as tls:
+                tls.settimeout(wait_s)
+                tls.recv(1)
+    except FatalAmqpError as e:
+        return e
+    except ssl.SSLError as e:
+        return classify(e, s)
+    except OSError:
+        return None
+    return None
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Network or broker trouble (pika's AMQP errors, OSError), unless :func:`classify`
     calls it fatal.  Anything else is a programming error."""
@@ -390,7 +416,7 @@ class AmqpWorker:
                                "" if self.amqp.vhost == "/" else f" vhost {self.amqp.vhost}")
                 self._session(conn)
             except Exception as e:  # noqa: BLE001 - classified: retry, fatal, or a bug
-                if not self._handle_failure(e):
+                if not self._handle_failure(e, connecting=not self.connected):
                     break
             finally:
                 self.connected = False
@@ -400,10 +426,12 @@ class AmqpWorker:
                     except (px.AMQPError, OSError):  # closing a broken connection
                         pass
 
-    def _handle_failure(self, e: Exception) -> bool:
+    def _handle_failure(self, e: Exception, connecting: bool = False) -> bool:
         """Log ``e`` once; True to reconnect after the backoff, False to stop."""
         if isinstance(e, FatalAmqpError) or is_retryable(e):
             fatal = classify(e, self.amqp)
+            if fatal is None and connecting and self.amqp.tls:
+                fatal = tls_refusal(self.amqp)
             if fatal is None:
                 delay = self._backoff.next()
                 self.last_error = describe(e)
