@@ -126,6 +126,7 @@ def tls_broker(tmp_path_factory):
         "other_ca": client(other_ca, f"{NODE_USER}.other"),
         "expired": client(ca, f"{NODE_USER}.expired", expired=True),
         "wrong_trust": Client(other_ca.path, *issue(ca, certs, f"{NODE_USER}.trust")),
+        "unknown_user": client(ca, "node-0000000000000003"),  # no such broker user
     }
     broker = start_private_broker(root, _definitions(), probe=admin)
     broker.clients = clients
@@ -285,6 +286,7 @@ def run_until_stopped(pub, timeout: float = 15.0):
     [
         ("other_ca", "the broker does not trust the CA that signed the client certificate"),
         ("expired", "it has expired (valid until"),
+        ("unknown_user", "authentication refused by the broker (certificate"),
         ("wrong_trust", "the broker's certificate is not trusted with cacert"),
     ],
 )
