@@ -40,11 +40,10 @@ from typing import Any, Literal
 import pika
 
 from .amqp import AmqpSettings, AmqpWorker
+from .wire import APP_ID, NODE_EXCHANGE, TELEMETRY_EXCHANGE
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_EXCHANGE = "waggle.msg"
-NODE_EXCHANGE = "to-validator"
 ROUTES = ("beehive", "node")
 SCOPES = ("all", "node", "beehive")
 MAX_INTERVAL_S = 120.0
@@ -149,7 +148,7 @@ class TelemetryRoute:
     #: "name": routing key = metric name (beehive); "scope": routing key = ``scope`` (node)
     routing: Literal["name", "scope"] = "name"
     scope: str = "all"
-    app_id: str | None = "waggle-trainer"
+    app_id: str | None = APP_ID
     persistent: bool = False
     #: declare the exchange (needs configure permission) or only check that it exists
     declare_exchange: bool = True
