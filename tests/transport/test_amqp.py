@@ -30,16 +30,17 @@ def test_importing_the_transport_leaves_pika_logging_alone():
 
 
 def test_logging_setup_quiets_pika_except_at_debug():
-    pika_log = logging.getLogger("pika")
-    before = pika_log.level
+    root, pika_log = logging.getLogger(), logging.getLogger("pika")
+    saved = (list(root.handlers), root.level, pika_log.level)
     try:
         setup_logging("info")
         assert pika_log.level == logging.CRITICAL  # our workers log one line per event
         setup_logging("debug")
         assert pika_log.level == logging.NOTSET  # everything, pika's own lines too
     finally:
-        pika_log.setLevel(before)
-        setup_logging("warning")
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        pika_log.setLevel(saved[2])
 
 
 # -------------------------------------------------------------- certificates
