@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,12 +175,16 @@ def _read_net(model: Path, config: Path | None, framework: str) -> Any:
             f"teacher.config: a {name} model needs its network description "
             f"({'.prototxt' if framework == 'caffe' else '.cfg'})"
         )
+    quiet = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our error says it
     try:
         net = readers[framework]()
     except cv2.error as exc:
         raise TeacherError(
             f"teacher.model {str(model)!r}: cannot be read as a {name} model ({_cv_reason(exc)})"
         ) from None
+    finally:
+        cv2.utils.logging.setLogLevel(quiet)
     if net is None or net.empty():
         raise TeacherError(f"teacher.model {str(model)!r}: OpenCV read an empty {name} network")
     return net
@@ -370,12 +375,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             reason = " ".join(str(exc).split())[:160]
             raise TeacherError(f"{where}: not a readable safetensors file ({reason})") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # our own error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 (pickle, zip and torch errors alike)
-        reason = " ".join(str(exc).split())[:160]
+        text = " ".join(str(exc).split())
+        m = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        reason = (
+            f"refused by the weights-only unpickler: {m.group(1)[:120]}; a pickle that holds "
+            "more than tensors could run code"
+            if m
+            else f"{type(exc).__name__}: {text[:160]}"
+        )
         raise TeacherError(
-            f"{where}: not a state dict that torch.load(weights_only=True) "
-            f"can read ({type(exc).__name__}: {reason})"
+            f"{where}: not a state dict that torch.load(weights_only=True) can read ({reason})"
         ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
@@ -419,18 +432,27 @@ def load_classifier(cfg: Config) -> ClassifierTeacher:
             f"model (e.g. {', '.join(known[:8])}, ...)"
         ) from None
     state = _read_state_dict(Path(t.model).expanduser())
-    head = _final_linear(builder(weights=None))
-    n_out = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else None
-    try:
-        model = builder(weights=None, **({"num_classes": n_out} if n_out else {}))
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1:2] or [str(exc)]
+    model = builder(weights=None)
+    head = f"{_final_linear(model)}.weight"
+    n_out = state[head].shape[0] if head in state else None
+    if n_out is not None and n_out != model.state_dict()[head].shape[0]:
+        model = builder(weights=None, num_classes=n_out)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        found = (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong))
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in found if v]
         raise TeacherError(
-            f"teacher.model {t.model!r}: does not fit teacher.arch {t.arch!r} "
-            f"({first[0].strip()[:160]})"
-        ) from None
-    n_out = model(torch.zeros(1, 3, 64, 64)).shape[1] if n_out is None else n_out
+            f"teacher.model {t.model!r}: does not fit teacher.arch {t.arch!r}: "
+            f"tensors {', '.join(parts)}"
+        )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    if n_out is None:
+        with torch.no_grad():
+            n_out = int(model(torch.zeros(1, 3, 64, 64)).shape[1])
     groups: list[list[int]] | None = None
     if cfg.task.class_map:
         groups = [list(map(int, cfg.task.class_map[c])) for c in cfg.task.classes]
