@@ -22,10 +22,12 @@ is a :class:`TeacherError` of one line that names the key and the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,6 +156,23 @@ def _cv_reason(exc: cv2.error) -> str:
     return reason[:200]
 
 
+@contextlib.contextmanager
+def _opencv_errors_only() -> Iterator[None]:
+    """Silence OpenCV's own warnings (cv2.utils.logging from 4.11, cv2.setLogLevel before)."""
+    logging_mod = getattr(cv2.utils, "logging", None)
+    get = getattr(logging_mod, "getLogLevel", None) or getattr(cv2, "getLogLevel", None)
+    set_ = getattr(logging_mod, "setLogLevel", None) or getattr(cv2, "setLogLevel", None)
+    if get is None or set_ is None:
+        yield
+        return
+    before = get()
+    set_(2)  # LOG_LEVEL_ERROR
+    try:
+        yield
+    finally:
+        set_(before)
+
+
 def _read_net(model: Path, config: Path | None, framework: str) -> Any:
     name = _FRAMEWORK_NAMES[framework]
     # Caffe and Darknet readers exist in OpenCV 4.x only (OpenCV 5 removed them)
@@ -175,16 +194,13 @@ def _read_net(model: Path, config: Path | None, framework: str) -> Any:
             f"teacher.config: a {name} model needs its network description "
             f"({'.prototxt' if framework == 'caffe' else '.cfg'})"
         )
-    quiet = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)  # our error says it
     try:
-        net = readers[framework]()
+        with _opencv_errors_only():  # OpenCV's warnings would repeat our error
+            net = readers[framework]()
     except cv2.error as exc:
         raise TeacherError(
             f"teacher.model {str(model)!r}: cannot be read as a {name} model ({_cv_reason(exc)})"
         ) from None
-    finally:
-        cv2.utils.logging.setLogLevel(quiet)
     if net is None or net.empty():
         raise TeacherError(f"teacher.model {str(model)!r}: OpenCV read an empty {name} network")
     return net
