@@ -45,6 +45,9 @@ from waggle_trainer.common import (
     parse_budget,
     parse_size,
 )
+from waggle_trainer.learn.model_refs import PACKAGED_MODELS, is_ref
+from waggle_trainer.vision.coco import COCO_IDS, COCO_NAMES, coco_id
+from waggle_trainer.vision.source_spec import is_live_source, parse_frame_range
 
 # --------------------------------------------------------------------------- sizes
 
@@ -93,27 +96,6 @@ class NodeSection(_Section):
         if v is not None and not _ID_RE.match(v):
             raise ValueError(f"{v!r} is not an identifier (1-64 of A-Z a-z 0-9 _ -)")
         return v
-
-
-_LIVE_RE = re.compile(r"^([a-z][a-z0-9+.-]*://|/dev/|[0-9]+$)", re.IGNORECASE)
-
-
-def is_live_source(source: str) -> bool:
-    """A camera device, a device index or a stream URL (as opposed to a file, a folder
-    of images or ``"synthetic"``)."""
-    return bool(_LIVE_RE.match(source))
-
-
-def parse_frame_range(text: str) -> tuple[int, int | None]:
-    """``"A:B"`` (frames A..B-1), ``"A:"`` or ``":B"`` -> (start, stop or None)."""
-    m = re.fullmatch(r"\s*([0-9]*)\s*:\s*([0-9]*)\s*", text)
-    if not m:
-        raise ValueError(f"{text!r} is not a frame range (\"A:B\", \"A:\" or \":B\", B > A >= 0)")
-    start = int(m.group(1)) if m.group(1) else 0
-    stop = int(m.group(2)) if m.group(2) else None
-    if stop is not None and stop <= start:
-        raise ValueError(f"{text!r} is an empty frame range (B must be greater than A)")
-    return start, stop
 
 
 class CameraSection(_Section):
@@ -192,8 +174,6 @@ class TeacherSection(_Section):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str) -> str:
-        from waggle_trainer.learn.model_refs import PACKAGED_MODELS, is_ref
-
         if not v.strip():
             raise ValueError("empty (give a model file or a packaged model such as "
                              f"{DEFAULT_TEACHER_MODEL!r})")
@@ -235,8 +215,6 @@ class TaskSection(_Section):
         teacher's outputs as its classes, in order."""
         if not isinstance(data, dict) or "class_map" in data:
             return data
-        from waggle_trainer.vision.coco import COCO_IDS
-
         kind = data.get("kind", "detect")
         classes = data.get("classes")
         if kind != "detect" or not isinstance(classes, list) and classes is not None:
@@ -263,8 +241,6 @@ class TaskSection(_Section):
 
     @model_validator(mode="after")
     def _check_map(self) -> TaskSection:
-        from waggle_trainer.vision.coco import COCO_NAMES, coco_id
-
         if self.kind == "classify":
             if len(self.classes) < CLASSES_MIN:
                 raise ValueError(f"task.classes: a classify task needs at least "

@@ -35,12 +35,13 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from waggle_trainer.config import Config, TeacherSection
 from waggle_trainer.learn.model_refs import ModelRefError, is_ref, resolve_ref
 from waggle_trainer.vision.preprocess import center_crop, normalize
 
 if TYPE_CHECKING:
     import torch
+
+    from waggle_trainer.config import Config, TeacherSection
 
 log = logging.getLogger(__name__)
 

@@ -32,12 +32,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 
-from waggle_trainer.config import CameraSection, is_live_source
+from waggle_trainer.vision.source_spec import is_live_source, parse_frame_range
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,24 @@ class SourceStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+class CameraSettings(Protocol):
+    """What a source reads from the config's ``[camera]`` section (``CameraSection``)."""
+
+    source: str
+    width: int
+    height: int
+    fps: float
+    loop: bool
+    frames: str | None
+    reconnect_min_s: float
+    reconnect_max_s: float
+    timeout_s: float
+
+
+def _frame_range(camera: CameraSettings) -> tuple[int, int | None]:
+    return parse_frame_range(camera.frames) if camera.frames is not None else (0, None)
 
 
 class SourceError(Exception):
@@ -102,7 +120,7 @@ class FrameSource(ABC):
         self.close()
 
 
-def open_source(camera: CameraSection) -> FrameSource:
+def open_source(camera: CameraSettings) -> FrameSource:
     """The frame source ``camera.source`` names; SourceError when it cannot be opened."""
     src = camera.source
     if src == "synthetic":
@@ -150,10 +168,10 @@ class SyntheticSource(FrameSource):
     kind = "synthetic"
     N_OBJECTS = 4
 
-    def __init__(self, camera: CameraSection, seed: int = 0) -> None:
+    def __init__(self, camera: CameraSettings, seed: int = 0) -> None:
         super().__init__("synthetic")
         self.width, self.height = camera.width, camera.height
-        self.start, self.stop = camera.frame_range
+        self.start, self.stop = _frame_range(camera)
         self.loop = camera.loop
         rng = np.random.default_rng(seed)
         yy, xx = np.mgrid[0 : self.height, 0 : self.width]
@@ -204,11 +222,11 @@ class VideoFileSource(FrameSource):
 
     kind = "video"
 
-    def __init__(self, camera: CameraSection, path: Path) -> None:
+    def __init__(self, camera: CameraSettings, path: Path) -> None:
         super().__init__(str(path))
         self.path = path
         self.loop = camera.loop
-        self.start, stop = camera.frame_range
+        self.start, stop = _frame_range(camera)
         self._cap = self._open()
         self.file_fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -348,7 +366,7 @@ class ImageFolderSource(FrameSource):
 
     kind = "folder"
 
-    def __init__(self, camera: CameraSection, folder: Path) -> None:
+    def __init__(self, camera: CameraSettings, folder: Path) -> None:
         super().__init__(str(folder))
         try:
             files = sorted(
@@ -364,7 +382,7 @@ class ImageFolderSource(FrameSource):
                 f"camera.source {str(folder)!r}: no images in this folder "
                 f"(looked for {' '.join(IMAGE_SUFFIXES)})"
             )
-        start, stop = camera.frame_range
+        start, stop = _frame_range(camera)
         if start >= len(files):
             raise SourceError(
                 f"camera.frames {camera.frames!r}: starts after the last image "
@@ -431,7 +449,7 @@ class LiveSource(FrameSource):
 
     kind = "live"
 
-    def __init__(self, camera: CameraSection, *, opener: Any = None) -> None:
+    def __init__(self, camera: CameraSettings, *, opener: Any = None) -> None:
         super().__init__(camera.source)
         self.camera = camera
         self.period_ns = int(1e9 / camera.fps) if camera.fps > 0 else 0
