@@ -304,3 +304,54 @@ def test_http_mjpeg_stream_reconnects_after_a_drop():
     finally:
         src.close()
         server.close()
+
+
+class FlakyCapture(FakeCapture):
+    """Every 4th decoded frame is empty (a corrupt frame from the camera)."""
+
+    def __init__(self):
+        super().__init__(0, None, period_s=0.001)
+        self.retrieved = 0
+
+    def retrieve(self):
+        self.retrieved += 1
+        if self.retrieved % 4 == 0:
+            return True, np.zeros((0, 0, 3), np.uint8)
+        return super().retrieve()
+
+
+def test_live_empty_frames_are_skipped_and_counted():
+    src = LiveSource(cam("rtsp://camera.invalid/s", fps=0), opener=FlakyCapture)
+    try:
+        frames = [src.read(timeout_s=5) for _ in range(20)]
+    finally:
+        src.close()
+    assert all(f is not None and f.image.shape == (4, 4, 3) for f in frames)
+    assert src.stats.skipped >= 5
+    assert src.stats.reconnects == 0  # isolated empty frames are not a dropped stream
+
+
+def test_reconnect_delays_double_up_to_the_cap():
+    """Open attempts while the camera is away come after min(max, min * 2**k) seconds,
+    times a random factor in [0.5, 1]."""
+    calls = []
+
+    def opener():
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return FakeCapture(0, 3)  # the first connection drops after 3 grabs
+        return FakeCapture(0, None) if len(calls) == 8 else None
+
+    camera = cam("rtsp://camera.invalid/s", fps=0, reconnect_min_s=0.02, reconnect_max_s=0.1)
+    src = LiveSource(camera, opener=opener)
+    try:
+        deadline = time.monotonic() + 10
+        while src.stats.reconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        src.close()
+    assert src.stats.reconnects == 1 and len(calls) == 8
+    gaps = np.diff(calls[1:])  # between failed attempts 1..7
+    nominal = np.minimum(0.1, 0.02 * 2.0 ** np.arange(1, 7))
+    assert (gaps >= 0.5 * nominal - 0.002).all(), (gaps, nominal)
+    assert (gaps <= nominal + 0.25).all(), (gaps, nominal)  # capped (generous for a busy CPU)
