@@ -22,12 +22,10 @@ is a :class:`TeacherError` of one line that names the key and the file.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +34,7 @@ import cv2
 import numpy as np
 
 from waggle_trainer.learn.model_refs import ModelRefError, is_ref, resolve_ref
+from waggle_trainer.vision.opencv_log import opencv_errors_only
 from waggle_trainer.vision.preprocess import center_crop, normalize
 
 if TYPE_CHECKING:
@@ -157,23 +156,6 @@ def _cv_reason(exc: cv2.error) -> str:
     return reason[:200]
 
 
-@contextlib.contextmanager
-def _opencv_errors_only() -> Iterator[None]:
-    """Silence OpenCV's own warnings (cv2.utils.logging from 4.11, cv2.setLogLevel before)."""
-    logging_mod = getattr(cv2.utils, "logging", None)
-    get = getattr(logging_mod, "getLogLevel", None) or getattr(cv2, "getLogLevel", None)
-    set_ = getattr(logging_mod, "setLogLevel", None) or getattr(cv2, "setLogLevel", None)
-    if get is None or set_ is None:
-        yield
-        return
-    before = get()
-    set_(2)  # LOG_LEVEL_ERROR
-    try:
-        yield
-    finally:
-        set_(before)
-
-
 def _read_net(model: Path, config: Path | None, framework: str) -> Any:
     name = _FRAMEWORK_NAMES[framework]
     # Caffe and Darknet readers exist in OpenCV 4.x only (OpenCV 5 removed them)
@@ -196,7 +178,7 @@ def _read_net(model: Path, config: Path | None, framework: str) -> Any:
             f"({'.prototxt' if framework == 'caffe' else '.cfg'})"
         )
     try:
-        with _opencv_errors_only():  # OpenCV's warnings would repeat our error
+        with opencv_errors_only():  # OpenCV's warnings would repeat our error
             net = readers[framework]()
     except cv2.error as exc:
         raise TeacherError(

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from waggle_trainer.vision.opencv_log import opencv_errors_only
 from waggle_trainer.vision.source_spec import is_live_source, parse_frame_range
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,8 @@ class VideoFileSource(FrameSource):
         )
 
     def _open(self) -> cv2.VideoCapture:
-        cap = cv2.VideoCapture(str(self.path))
+        with opencv_errors_only():
+            cap = cv2.VideoCapture(str(self.path))
         if not cap.isOpened():
             cap.release()
             raise SourceError(
@@ -501,7 +503,8 @@ class LiveSource(FrameSource):
 
     def _open_capture(self) -> Any:
         target, api, params = self._target()
-        cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
+        with opencv_errors_only():
+            cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
         if not cap.isOpened():
             cap.release()
             return None
