@@ -243,3 +243,17 @@ def test_classifier_loading_errors(tmp_path, tiny_resnet):
         load_teacher(
             classifier_cfg(good, task={"classes": ["a", "b"], "class_map": {"a": [0], "b": [5]}})
         )
+
+
+def test_explicit_model_and_config_paths_give_the_same_teacher():
+    ref = reference_teacher()
+    _, model, config = model_refs.resolve_ref("openpibo:ssd_mobilenet_v2_coco")
+    explicit = load_teacher(detector_cfg(model=str(model), config=str(config)))
+    assert explicit.description.startswith("frozen_inference_graph.pb (TensorFlow)")
+    [frame] = vtest_frames([100])
+    [a], [b] = ref.label([frame]), explicit.label([frame])
+    assert len(a) >= 2
+    np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
+    assert a.classes.tolist() == b.classes.tolist()
+    with pytest.raises(TeacherError, match="teacher.config: not used with the packaged model"):
+        load_teacher(detector_cfg(config=str(config)))
