@@ -355,3 +355,20 @@ def test_reconnect_delays_double_up_to_the_cap():
     nominal = np.minimum(0.1, 0.02 * 2.0 ** np.arange(1, 7))
     assert (gaps >= 0.5 * nominal - 0.002).all(), (gaps, nominal)
     assert (gaps <= nominal + 0.25).all(), (gaps, nominal)  # capped (generous for a busy CPU)
+
+
+class BrokenCapture(FakeCapture):
+    def grab(self) -> bool:
+        if self.grabs >= 3:
+            raise RuntimeError("driver bug")
+        return super().grab()
+
+
+def test_a_failing_grab_thread_is_an_error_not_a_hang():
+    src = LiveSource(cam("rtsp://camera.invalid/s", fps=0), opener=lambda: BrokenCapture(0, None))
+    try:
+        with pytest.raises(SourceError, match=r"the grab thread failed \(RuntimeError: driver bug"):
+            for _ in range(10):
+                src.read(timeout_s=5)
+    finally:
+        src.close()

@@ -463,6 +463,7 @@ class LiveSource(FrameSource):
         self._seq = 0
         self._due_ns = 0
         self._closed = False
+        self._failure: str | None = None  # set if the grab thread itself fails
         self.connected = False
         cap = self._open_or_raise()
         self.connected = True
@@ -601,6 +602,11 @@ class LiveSource(FrameSource):
                     cap.release()
                     cap = None
                     self.connected = False
+        except Exception as exc:  # a bug must not leave next() waiting forever
+            log.exception("camera.source %r: the grab thread failed", self.name)
+            with self._cond:
+                self._failure = f"{type(exc).__name__}: {exc}"
+                self._cond.notify_all()
         finally:
             if cap is not None:
                 cap.release()
@@ -614,6 +620,10 @@ class LiveSource(FrameSource):
             while True:
                 if self._closed:
                     raise StopIteration
+                if self._failure is not None:
+                    raise SourceError(
+                        f"camera.source {self.name!r}: the grab thread failed ({self._failure})"
+                    )
                 g = self._latest
                 if g is not None and g.seq != self._taken_seq and g.mono_ns >= self._due_ns:
                     break
