@@ -302,10 +302,20 @@ class VideoFileSource(FrameSource):
             )
         if not self.loop:
             raise StopIteration
-        self._cap.release()
+        self._rewind()
+        self._lap_delivered = False
+
+    def _rewind(self) -> None:
+        """Back to the first frame of the range: a seek, or reopening the file."""
+        cap = self._cap
+        if cap.set(cv2.CAP_PROP_POS_FRAMES, self.start) and (
+            int(cap.get(cv2.CAP_PROP_POS_FRAMES)) == self.start
+        ):
+            self._pos = self.start
+            return
+        cap.release()
         self._cap = self._open()
         self._seek(self.start)
-        self._lap_delivered = False
 
     def __next__(self) -> Frame:
         failed = 0  # failed reads in a row: corrupt frames, or the end of the file
