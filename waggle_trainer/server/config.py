@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
@@ -30,6 +30,7 @@ from waggle_trainer.transport.wire import (
     MIN_CHUNK_SIZE,
     MODEL_EXCHANGE,
     SERVER_QUEUE,
+    TELEMETRY_EXCHANGE,
     UPDATE_BINDING_KEY,
     UPDATE_EXCHANGE,
 )
@@ -127,7 +128,7 @@ class BroadcastSection(_Section):
 
 class TelemetrySection(_Section):
     enabled: StrictBool = True
-    exchange: str = "waggle.msg"
+    exchange: str = TELEMETRY_EXCHANGE
     history_points: int = Field(500, ge=10, le=100_000)
 
 
@@ -179,19 +180,11 @@ class ServerConfig(_Section):
         return self
 
 
-def _problem(err: Any) -> tuple[str, str]:
-    where, msg = describe_error(err, ServerConfig)
-    head, sep, rest = msg.partition(": ")
-    if sep and "." in head and " " not in head:  # a cross-field message names its own key
-        return head, rest
-    return where, msg
-
-
 def server_config_from_dict(data: dict, source: str = "<config>") -> ServerConfig:
     try:
         return ServerConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_problem(e) for e in exc.errors()]) from None
+        raise ConfigError(source, [describe_error(e, ServerConfig) for e in exc.errors()]) from None
 
 
 def load_server_config(path: str | os.PathLike) -> ServerConfig:

@@ -37,6 +37,7 @@ __all__ = [
     "Reassembler",
     "Telemetry",
     "TelemetryPublisher",
+    "TelemetryRoute",
     "TensorSpec",
     "UpdateDecoder",
     "UpdateEncoder",
@@ -96,4 +97,10 @@ if TYPE_CHECKING:
     from .model_wire import ModelVersion, decode_model, load_verify_key
     from .outbox import Outbox, OutboxEntry, OutboxFull
     from .publisher import UpdatePublisher
-    from .telemetry import Telemetry, TelemetryPublisher, make_message, validate_name
+    from .telemetry import (
+        Telemetry,
+        TelemetryPublisher,
+        TelemetryRoute,
+        make_message,
+        validate_name,
+    )
