@@ -155,13 +155,21 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
         later = b.encode_delta(random_delta(9), base_version="1", round=7, samples=2,
                                metrics={"agreement": 0.55})
         pub(later, "b")
-        telemetry(sim_user, names.telemetry, "good",
-                  {"train.round": 3, "train.agreement": 0.71, "mem.budget_bytes": 300 * 2**20,
-                   "mem.peak_bytes": 250 * 2**20, "outbox.updates": 1})
-        telemetry(sim_user, names.telemetry, "b", {"train.agreement": 0.5, "train.round": 7})
+        good_metrics = {"train.round": 3, "train.agreement": 0.71,
+                        "mem.budget_bytes": 300 * 2**20, "mem.peak_bytes": 250 * 2**20,
+                        "outbox.updates": 1}
+
+        def all_metrics_seen() -> bool:
+            last = server.telemetry.snapshot()[0]
+            return len(last.get("good", {})) == 5 and len(last.get("b", {})) == 2
+
+        for _ in range(3):  # telemetry is transient: resent if another test cut the listener off
+            telemetry(sim_user, names.telemetry, "good", good_metrics)
+            telemetry(sim_user, names.telemetry, "b", {"train.agreement": 0.5, "train.round": 7})
+            if wait_for(all_metrics_seen, 10):
+                break
         pending = lambda: {p.update_id for p in server.pipeline.db.pending(MODEL)}
         assert wait_for(lambda: pending() == {ok.update_id, later.update_id}, 30), pending()
-        assert wait_for(lambda: server.telemetry.received >= 7, 10)
 
         dl = []
         assert wait_for(lambda: dl.extend(dead_letters(sim_user, names.dlq)) or len(dl) >= 8,
