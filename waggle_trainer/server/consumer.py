@@ -28,7 +28,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,13 +155,11 @@ class ServerConsumer(AmqpWorker):
     purpose = "server-consumer"
 
     def __init__(self, cfg: ServerConfig, pipeline: UpdatePipeline, *,
-                 signing_key=None, on_version: Callable[[VersionInfo], None] | None = None,
-                 tick_s: float = 1.0, amqp: AmqpSettings | None = None):
+                 signing_key=None, tick_s: float = 1.0, amqp: AmqpSettings | None = None):
         super().__init__(amqp or amqp_settings(cfg))
         self.cfg = cfg
         self.pipeline = pipeline
         self.signing_key = signing_key
-        self.on_version = on_version
         self.tick_s = tick_s
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._generation = 0
@@ -310,9 +307,6 @@ class ServerConsumer(AmqpWorker):
 
     # -- broadcast ------------------------------------------------------------
     def _broadcast(self, versions: list[VersionInfo]) -> None:
-        for info in versions:
-            if self.on_version is not None:
-                self.on_version(info)
         if versions:
             self._broadcast_missing()
 

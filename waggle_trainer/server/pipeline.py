@@ -33,7 +33,7 @@ import zstandard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from waggle_trainer.transport.chunks import CHUNK_FORMAT, ChunkError, parse_headers
+from waggle_trainer.transport.chunks import ChunkError, parse_headers
 from waggle_trainer.transport.codec import Envelope, UpdateDecoder, UpdateRejected
 
 from .aggregate import combine, staleness_weight
@@ -238,13 +238,8 @@ class UpdatePipeline:
         return out
 
     def _parse(self, msg: ChunkMessage) -> tuple[str, int, int, str]:
-        if not msg.message_id:
-            raise ChunkError("headers", "message_id missing")
-        fmt = msg.headers.get("format")
-        if isinstance(fmt, bytes):
-            fmt = fmt.decode("utf-8", "replace")
-        if fmt != CHUNK_FORMAT:
-            raise ChunkError("format", f"chunk format {fmt!r}, expected {CHUNK_FORMAT!r}")
+        """Chunk format, headers and ``message_id`` (``chunks.parse_headers``), and
+        an update id that is safe as a directory name."""
         uid, idx, cnt, sha = parse_headers(msg.headers, msg.message_id)
         if not valid_update_id(uid):
             raise ChunkError("headers", f"update_id {uid[:80]!r} is not an id "
