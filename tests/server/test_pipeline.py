@@ -307,3 +307,19 @@ def test_a_large_compressed_update_is_sniffed_correctly(tmp_path, compression):
     assert len(u.blob) > 256 * 1024
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
     assert len(p.db.pending(MODEL)) == 1
+
+
+def test_a_round_closes_when_its_time_window_has_passed(tmp_path):
+    import time
+
+    p = pipeline(tmp_path, ["a", "b"], aggregation={"min_updates": 10, "window_s": 0.3})
+    u = encoder("a").encode_delta(random_delta(1), base_version="1", round=1, samples=3)
+    feed(p, messages(u.blob, u.update_id, "a"))
+    with p.lock.held():
+        assert p.tick().new_versions == []  # one update of ten, window still open
+    time.sleep(0.4)
+    with p.lock.held():
+        (info,) = p.tick().new_versions
+    assert info.version == "2" and info.manifest["nodes"] == ["a"]
+    with p.lock.held():
+        assert p.tick().new_versions == []  # the pool is empty now
