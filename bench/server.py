@@ -147,10 +147,12 @@ def throughput(settings: CodecSettings, n_updates: int, round_size: int, rss: Pe
         p.startup()
         base = p.store.load_weights(p.store.latest(MODEL))
         blobs = []
-        for node, delta in zip(nodes, deltas(n_updates, base), strict=True):
+        for i, (node, delta) in enumerate(zip(nodes, deltas(n_updates, base), strict=True)):
             enc = UpdateEncoder(node_id=node, vsn="B", model=MODEL, key=node_key(node),
                                 settings=settings)
-            u = enc.encode_delta(delta, base_version="1", round=1, samples=16)
+            # each round's updates are made against the version the previous round stored
+            u = enc.encode_delta(delta, base_version=str(1 + i // round_size), round=1,
+                                 samples=16)
             blobs.append((node, u.update_id, u.blob))
         size = len(blobs[0][2])
         _trim()

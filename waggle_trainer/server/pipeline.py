@@ -104,7 +104,7 @@ def _payload_head(payload: memoryview, compression: Any, n: int = 4096) -> bytes
     return bytes(payload[:n]) if compression == "none" else None
 
 
-SLICE_BYTES = 64 * 2**20  # float64 working set per slice of one tensor, all contributors
+SLICE_BYTES = 16 * 2**20  # float64 working set per slice of one tensor, all contributors
 
 
 def _combine_in_slices(files: list, name: str, shape: torch.Size, weights: list[float],
