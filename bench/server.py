@@ -82,10 +82,14 @@ def setup(tmp: Path, nodes: list[str], **sections) -> dict:
     sk = tmp / "signing.pem"
     if not sk.exists():
         generate_signing_key(sk)
-    cfg = {"server": {"state_dir": str(tmp / "state")}, "verify": {"keys_dir": str(keys)},
-           "broadcast": {"signing_key_file": str(sk)},
-           "models": {MODEL: {"initial_weights": str(init)}},
-           "status": {"enabled": False}, "telemetry": {"enabled": False}}
+    cfg = {
+        "server": {"state_dir": str(tmp / "state")},
+        "verify": {"keys_dir": str(keys)},
+        "broadcast": {"signing_key_file": str(sk)},
+        "models": {MODEL: {"initial_weights": str(init)}},
+        "status": {"enabled": False},
+        "telemetry": {"enabled": False},
+    }
     for k, v in sections.items():
         cfg.setdefault(k, {}).update(v)
     return cfg
@@ -134,25 +138,29 @@ class PeakRss:
 def deltas(n: int, base: dict[str, torch.Tensor]):
     for i in range(n):
         g = torch.Generator().manual_seed(i)
-        yield {k: torch.randn(v.shape, generator=g) * 1e-3
-               for k, v in base.items() if v.is_floating_point()}
+        yield {
+            k: torch.randn(v.shape, generator=g) * 1e-3
+            for k, v in base.items()
+            if v.is_floating_point()
+        }
 
 
 def throughput(settings: CodecSettings, n_updates: int, round_size: int, rss: PeakRss):
     nodes = [f"n{i:03d}" for i in range(n_updates)]
     with tempfile.TemporaryDirectory(prefix="bench-server-") as d:
-        cfg = server_config_from_dict(setup(Path(d), nodes,
-                                            aggregation={"min_updates": round_size}))
+        cfg = server_config_from_dict(
+            setup(Path(d), nodes, aggregation={"min_updates": round_size})
+        )
         p = UpdatePipeline(cfg)
         p.startup()
         base = p.store.load_weights(p.store.latest(MODEL))
         blobs = []
         for i, (node, delta) in enumerate(zip(nodes, deltas(n_updates, base), strict=True)):
-            enc = UpdateEncoder(node_id=node, vsn="B", model=MODEL, key=node_key(node),
-                                settings=settings)
+            enc = UpdateEncoder(
+                node_id=node, vsn="B", model=MODEL, key=node_key(node), settings=settings
+            )
             # each round's updates are made against the version the previous round stored
-            u = enc.encode_delta(delta, base_version=str(1 + i // round_size), round=1,
-                                 samples=16)
+            u = enc.encode_delta(delta, base_version=str(1 + i // round_size), round=1, samples=16)
             blobs.append((node, u.update_id, u.blob))
         size = len(blobs[0][2])
         _trim()
@@ -163,9 +171,15 @@ def throughput(settings: CodecSettings, n_updates: int, round_size: int, rss: Pe
         with p.lock.held():
             for i, (node, uid, blob) in enumerate(blobs):
                 for c in split(uid, blob, CHUNK):
-                    out = p.handle(ChunkMessage(routing_key=f"update.{node}", body=c.body,
-                                                message_id=c.message_id, headers=c.headers(),
-                                                user_id=node))
+                    out = p.handle(
+                        ChunkMessage(
+                            routing_key=f"update.{node}",
+                            body=c.body,
+                            message_id=c.message_id,
+                            headers=c.headers(),
+                            user_id=node,
+                        )
+                    )
                     out.finish()
                     if out.dead_letters:
                         raise RuntimeError(f"refused: {out.dead_letters[0].reason}")
@@ -174,9 +188,17 @@ def throughput(settings: CodecSettings, n_updates: int, round_size: int, rss: Pe
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - c0
         versions = len(p.store.versions(MODEL)) - 1
-    return {"setting": settings.describe(), "bytes": size, "updates": n_updates,
-            "versions": versions, "seconds": elapsed, "rate": n_updates / elapsed,
-            "cpu": cpu, "cpu_rate": n_updates / cpu, "peaks": peaks}
+    return {
+        "setting": settings.describe(),
+        "bytes": size,
+        "updates": n_updates,
+        "versions": versions,
+        "seconds": elapsed,
+        "rate": n_updates / elapsed,
+        "cpu": cpu,
+        "cpu_rate": n_updates / cpu,
+        "peaks": peaks,
+    }
 
 
 def latency(repeats: int) -> list[float]:
@@ -186,29 +208,54 @@ def latency(repeats: int) -> list[float]:
     import pika
 
     s = uuid.uuid4().hex[:8]
-    names = {"exchange": f"bench.updates.{s}", "queue": f"bench.server.{s}",
-             "dlx": f"bench.dead.{s}", "models": f"bench.models.{s}"}
+    names = {
+        "exchange": f"bench.updates.{s}",
+        "queue": f"bench.server.{s}",
+        "dlx": f"bench.dead.{s}",
+        "models": f"bench.models.{s}",
+    }
     node = "guest"  # the broker user of the local broker: its user_id check passes for real
     out = []
     with tempfile.TemporaryDirectory(prefix="bench-server-e2e-") as d:
         tmp = Path(d)
-        cfg = server_config_from_dict(setup(
-            tmp, [node], aggregation={"min_updates": 1},
-            queue={"exchange": names["exchange"], "queue": names["queue"],
-                   "dead_letter_exchange": names["dlx"], "dead_letter_queue": names["dlx"]},
-            broadcast={"exchange": names["models"]}))
+        cfg = server_config_from_dict(
+            setup(
+                tmp,
+                [node],
+                aggregation={"min_updates": 1},
+                queue={
+                    "exchange": names["exchange"],
+                    "queue": names["queue"],
+                    "dead_letter_exchange": names["dlx"],
+                    "dead_letter_queue": names["dlx"],
+                },
+                broadcast={"exchange": names["models"]},
+            )
+        )
         server = Server(cfg, load_signing_key(cfg.broadcast.signing_key_file))
         server.start()
         base = server.pipeline.store.load_weights(server.pipeline.store.latest(MODEL))
         amqp = AmqpSettings(connection_name="bench")
-        sub = ModelSubscriber(amqp, node_id=node, model=MODEL,
-                              verify_key=load_verify_key(tmp / "signing.pem.pub"),
-                              expected=reference_spec(base), current_version="1",
-                              exchange=names["models"], queue=f"{names['models']}.{node}")
-        pub = UpdatePublisher(amqp, Outbox(tmp / "outbox", 1 << 30), node_id=node,
-                              exchange=names["exchange"])
-        enc = UpdateEncoder(node_id=node, vsn="B", model=MODEL, key=node_key(node),
-                            settings=CodecSettings("fp16", "zstd"))
+        sub = ModelSubscriber(
+            amqp,
+            node_id=node,
+            model=MODEL,
+            verify_key=load_verify_key(tmp / "signing.pem.pub"),
+            expected=reference_spec(base),
+            current_version="1",
+            exchange=names["models"],
+            queue=f"{names['models']}.{node}",
+        )
+        pub = UpdatePublisher(
+            amqp, Outbox(tmp / "outbox", 1 << 30), node_id=node, exchange=names["exchange"]
+        )
+        enc = UpdateEncoder(
+            node_id=node,
+            vsn="B",
+            model=MODEL,
+            key=node_key(node),
+            settings=CodecSettings("fp16", "zstd"),
+        )
         try:
             sub.start()
             pub.start()
@@ -263,8 +310,9 @@ def main() -> int:
     rss.stop()
     print("end-to-end latency ...", file=sys.stderr)
     lat = latency(args.latency)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     load = os.getloadavg()
     lines = [
         "# Server benchmark",
@@ -289,19 +337,22 @@ def main() -> int:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        lines.append(f"| {r['setting']} | {r['bytes']:,} | {r['updates']} | {r['versions']} | "
-                     f"{r['seconds']:.1f} | {r['rate']:.2f} | {r['cpu']:.1f} | "
-                     f"{r['cpu_rate']:.2f} | "
-                     + ", ".join(f"{p / 2**20:.0f}" for p in r["peaks"]) + " |")
+        lines.append(
+            f"| {r['setting']} | {r['bytes']:,} | {r['updates']} | {r['versions']} | "
+            f"{r['seconds']:.1f} | {r['rate']:.2f} | {r['cpu']:.1f} | "
+            f"{r['cpu_rate']:.2f} | " + ", ".join(f"{p / 2**20:.0f}" for p in r["peaks"]) + " |"
+        )
     fp16, fp16_cpu = rows[0]["rate"], rows[0]["cpu_rate"]
     lines += [
         "",
         f"Target: 100 nodes × one resnet18 fp16 update per 10 min = 0.17 updates/s, with 10× "
         f"headroom 1.7 updates/s. Measured on this shared machine {fp16:.2f} updates/s wall "
-        f"clock: " + ("**met**" if fp16 >= 1.7 else "**missed**")
+        f"clock: "
+        + ("**met**" if fp16 >= 1.7 else "**missed**")
         + f" ({fp16 / 0.1667:.1f}× the load); {fp16_cpu:.2f} updates per CPU-second, i.e. "
         "what one otherwise idle core would sustain: "
-        + ("met" if fp16_cpu >= 1.7 else "missed") + ".",
+        + ("met" if fp16_cpu >= 1.7 else "missed")
+        + ".",
         "",
         "## End-to-end latency (real broker)",
         "",

@@ -33,8 +33,9 @@ def sim_user():
             raise
     rabbitmqctl("set_user_tags", SIM_USER, "impersonator")
     rabbitmqctl("set_permissions", "-p", "/", SIM_USER, ".*", ".*", ".*")
-    yield pika.ConnectionParameters("127.0.0.1", 5672, "/",
-                                    pika.PlainCredentials(SIM_USER, SIM_PASSWORD))
+    yield pika.ConnectionParameters(
+        "127.0.0.1", 5672, "/", pika.PlainCredentials(SIM_USER, SIM_PASSWORD)
+    )
     ensure_broker_running()
     rabbitmqctl("delete_user", SIM_USER)
 
@@ -43,9 +44,15 @@ def sim_user():
 def names(sim_user):
     """Unique exchange and queue names for one test; deleted afterwards."""
     s = uuid.uuid4().hex[:10]
-    n = SimpleNamespace(exchange=f"test.updates.{s}", queue=f"test.server.{s}",
-                        dlx=f"test.dead.{s}", dlq=f"test.dead.{s}", models=f"test.models.{s}",
-                        telemetry=f"test.msg.{s}", node_queues=[])
+    n = SimpleNamespace(
+        exchange=f"test.updates.{s}",
+        queue=f"test.server.{s}",
+        dlx=f"test.dead.{s}",
+        dlq=f"test.dead.{s}",
+        models=f"test.models.{s}",
+        telemetry=f"test.msg.{s}",
+        node_queues=[],
+    )
     yield n
     ensure_broker_running()
     conn = pika.BlockingConnection(BROKER)
@@ -55,4 +62,3 @@ def names(sim_user):
     for x in (n.exchange, n.dlx, n.models, n.telemetry):
         ch.exchange_delete(x)
     conn.close()
-

@@ -22,9 +22,13 @@ def tiny_state(seed: int = 0, big: int = 0) -> dict[str, torch.Tensor]:
     """A few small tensors (plus one of ``big`` floats when asked)."""
     g = torch.Generator().manual_seed(seed)
     extra = {"big.weight": torch.randn(big, generator=g)} if big else {}
-    return extra | {"conv.weight": torch.randn(4, 3, 3, 3, generator=g),
-            "fc.weight": torch.randn(5, 8, generator=g), "fc.bias": torch.randn(5, generator=g),
-            "bn.running_var": torch.ones(4), "bn.num_batches_tracked": torch.tensor(3)}
+    return extra | {
+        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "fc.weight": torch.randn(5, 8, generator=g),
+        "fc.bias": torch.randn(5, generator=g),
+        "bn.running_var": torch.ones(4),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
 
 
 def node_key(node: str) -> bytes:
@@ -44,11 +48,13 @@ def setup_server_files(tmp: Path, nodes: list[str], big: int = 0, **sections) ->
     sk = tmp / "signing.pem"
     if not sk.exists():
         generate_signing_key(sk)
-    cfg = {"server": {"state_dir": str(tmp / "state")},
-           "verify": {"keys_dir": str(keys)},
-           "broadcast": {"signing_key_file": str(sk)},
-           "models": {MODEL: {"initial_weights": str(init)}},
-           "status": {"port": 0}}
+    cfg = {
+        "server": {"state_dir": str(tmp / "state")},
+        "verify": {"keys_dir": str(keys)},
+        "broadcast": {"signing_key_file": str(sk)},
+        "models": {MODEL: {"initial_weights": str(init)}},
+        "status": {"port": 0},
+    }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
@@ -60,25 +66,50 @@ def make_config(tmp: Path, nodes: list[str], **sections):
 
 def random_delta(seed: int, scale: float = 0.01, big: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + seed)
-    return {k: torch.randn(v.shape, generator=g) * scale
-            for k, v in tiny_state(big=big).items() if v.is_floating_point()}
+    return {
+        k: torch.randn(v.shape, generator=g) * scale
+        for k, v in tiny_state(big=big).items()
+        if v.is_floating_point()
+    }
 
 
 def encoder(node: str, settings: CodecSettings | None = None, key: bytes | None = None):
-    return UpdateEncoder(node_id=node, vsn="W0T", model=MODEL, key=key or node_key(node),
-                         settings=settings or CodecSettings("fp32", "none"))
+    return UpdateEncoder(
+        node_id=node,
+        vsn="W0T",
+        model=MODEL,
+        key=key or node_key(node),
+        settings=settings or CodecSettings("fp32", "none"),
+    )
 
 
-def messages(blob: bytes, update_id: str, node: str, chunk_size: int = 1 << 20,
-             user_id: str | None = "same") -> list[ChunkMessage]:
+def messages(
+    blob: bytes, update_id: str, node: str, chunk_size: int = 1 << 20, user_id: str | None = "same"
+) -> list[ChunkMessage]:
     uid = node if user_id == "same" else user_id
-    return [ChunkMessage(routing_key=f"update.{node}", body=c.body, message_id=c.message_id,
-                         headers=c.headers(), user_id=uid)
-            for c in split(update_id, blob, chunk_size)]
+    return [
+        ChunkMessage(
+            routing_key=f"update.{node}",
+            body=c.body,
+            message_id=c.message_id,
+            headers=c.headers(),
+            user_id=uid,
+        )
+        for c in split(update_id, blob, chunk_size)
+    ]
 
 
-def publish(params, exchange: str, blob: bytes, update_id: str, node: str, *,
-            user_id: str | None = "same", chunk_size: int = 1 << 20, headers=None) -> None:
+def publish(
+    params,
+    exchange: str,
+    blob: bytes,
+    update_id: str,
+    node: str,
+    *,
+    user_id: str | None = "same",
+    chunk_size: int = 1 << 20,
+    headers=None,
+) -> None:
     """Publish an update's chunks as the node's publisher would (persistent,
     mandatory, confirmed), with ``user_id`` = the node (or as given)."""
     import time
@@ -91,10 +122,14 @@ def publish(params, exchange: str, blob: bytes, update_id: str, node: str, *,
     for c in split(update_id, blob, chunk_size):
         props = pika.BasicProperties(
             delivery_mode=pika.DeliveryMode.Persistent,
-            content_type="application/vnd.waggle.update", message_id=c.message_id,
+            content_type="application/vnd.waggle.update",
+            message_id=c.message_id,
             headers=dict(c.headers(), **(headers or {})),
-            user_id=node if user_id == "same" else user_id, app_id="waggle-trainer",
-            type="waggle.update.chunk", timestamp=int(time.time()))
+            user_id=node if user_id == "same" else user_id,
+            app_id="waggle-trainer",
+            type="waggle.update.chunk",
+            timestamp=int(time.time()),
+        )
         ch.basic_publish(exchange, f"update.{node}", c.body, props, mandatory=True)
     conn.close()
 
@@ -137,9 +172,16 @@ def write_toml(path: Path, cfg: dict) -> Path:
 
 
 def broker_sections(n) -> dict:
-    return {"queue": {"exchange": n.exchange, "queue": n.queue, "dead_letter_exchange": n.dlx,
-                      "dead_letter_queue": n.dlq},
-            "broadcast": {"exchange": n.models}, "telemetry": {"exchange": n.telemetry}}
+    return {
+        "queue": {
+            "exchange": n.exchange,
+            "queue": n.queue,
+            "dead_letter_exchange": n.dlx,
+            "dead_letter_queue": n.dlq,
+        },
+        "broadcast": {"exchange": n.models},
+        "telemetry": {"exchange": n.telemetry},
+    }
 
 
 def _uid(blob: bytes) -> str:
@@ -170,7 +212,7 @@ def _forge(u, mutate) -> bytes:
     n = struct.unpack("<Q", payload[:8])[0]
     import json
 
-    meta = json.loads(payload[8:8 + n]).get("__metadata__")
+    meta = json.loads(payload[8 : 8 + n]).get("__metadata__")
     return _forge_raw(u, save(tensors, metadata=meta))
 
 
@@ -178,8 +220,7 @@ class Receiver:
     """The server's consumer and pipeline in process, as the receiving end of the
     node-side tests: accepted updates stay pending (no round is ever due)."""
 
-    def __init__(self, tmp: Path, names, n: int, key: bytes, nodes=("n1",), amqp=None,
-                 **sections):
+    def __init__(self, tmp: Path, names, n: int, key: bytes, nodes=("n1",), amqp=None, **sections):
         from waggle_trainer.server.consumer import ServerConsumer
         from waggle_trainer.server.pipeline import UpdatePipeline
 
@@ -190,13 +231,21 @@ class Receiver:
             os.chmod(keys / f"{node}.key", 0o600)
         init = tmp / "recv-initial.safetensors"
         save_file({"w": torch.zeros(n)}, str(init))
-        cfg = {"server": {"state_dir": str(tmp / "recv-state")},
-               "verify": {"keys_dir": str(keys), "require_user_id": False},
-               "aggregation": {"min_updates": 10**9, "window_s": 1e9},
-               "broadcast": {"enabled": False}, "telemetry": {"enabled": False},
-               "status": {"enabled": False}, "models": {"m": {"initial_weights": str(init)}},
-               "queue": {"exchange": names.exchange, "queue": names.queue,
-                         "dead_letter_exchange": names.dlx, "dead_letter_queue": names.dlq}}
+        cfg = {
+            "server": {"state_dir": str(tmp / "recv-state")},
+            "verify": {"keys_dir": str(keys), "require_user_id": False},
+            "aggregation": {"min_updates": 10**9, "window_s": 1e9},
+            "broadcast": {"enabled": False},
+            "telemetry": {"enabled": False},
+            "status": {"enabled": False},
+            "models": {"m": {"initial_weights": str(init)}},
+            "queue": {
+                "exchange": names.exchange,
+                "queue": names.queue,
+                "dead_letter_exchange": names.dlx,
+                "dead_letter_queue": names.dlq,
+            },
+        }
         for k, v in sections.items():
             cfg.setdefault(k, {}).update(v)
         self.cfg = server_config_from_dict(cfg)
@@ -213,8 +262,12 @@ class Receiver:
     def ids(self) -> list[str]:
         db = self._db()
         try:
-            return [r[0] for r in db.conn.execute(
-                "SELECT update_id FROM updates WHERE status != 'rejected' ORDER BY received_ns")]
+            return [
+                r[0]
+                for r in db.conn.execute(
+                    "SELECT update_id FROM updates WHERE status != 'rejected' ORDER BY received_ns"
+                )
+            ]
         finally:
             db.close()
 
@@ -222,8 +275,10 @@ class Receiver:
     def rejected(self) -> dict[str, int]:
         db = self._db()
         try:
-            return {r[0]: r[1] for r in db.conn.execute(
-                "SELECT code, COUNT(*) FROM rejections GROUP BY code")}
+            return {
+                r[0]: r[1]
+                for r in db.conn.execute("SELECT code, COUNT(*) FROM rejections GROUP BY code")
+            }
         finally:
             db.close()
 

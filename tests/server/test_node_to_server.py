@@ -47,14 +47,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def encoder(node="n1", settings=None) -> UpdateEncoder:
-    return UpdateEncoder(node_id=node, vsn="W0T", model="m", key=KEY,
-                         settings=settings or CodecSettings("fp32", "none"))
+    return UpdateEncoder(
+        node_id=node,
+        vsn="W0T",
+        model="m",
+        key=KEY,
+        settings=settings or CodecSettings("fp32", "none"),
+    )
 
 
 def make_update(n: int, round: int = 1, node="n1", enc=None, metrics=None):
     delta = {"w": torch.randn(n)}
-    u = (enc or encoder(node)).encode_delta(delta, base_version="1", round=round, samples=8,
-                                            metrics=metrics)
+    u = (enc or encoder(node)).encode_delta(
+        delta, base_version="1", round=round, samples=8, metrics=metrics
+    )
     return u, delta
 
 
@@ -70,15 +76,25 @@ def _publish_raw(exchange, chunks, routing_key="update.n1", **header_changes):
     ch = conn.channel()
     ch.confirm_delivery()
     for c, body in chunks:
-        ch.basic_publish(exchange, routing_key, body, pika.BasicProperties(
-            delivery_mode=2, message_id=c.message_id, headers={**c.headers(), **header_changes},
-            user_id="guest"), mandatory=True)
+        ch.basic_publish(
+            exchange,
+            routing_key,
+            body,
+            pika.BasicProperties(
+                delivery_mode=2,
+                message_id=c.message_id,
+                headers={**c.headers(), **header_changes},
+                user_id="guest",
+            ),
+            mandatory=True,
+        )
     conn.close()
 
 
 def publish(exchange, update_id, blob, chunk_size=64 * 1024, **header_changes):
-    _publish_raw(exchange, [(c, c.body) for c in split(update_id, blob, chunk_size)],
-                 **header_changes)
+    _publish_raw(
+        exchange, [(c, c.body) for c in split(update_id, blob, chunk_size)], **header_changes
+    )
 
 
 # ---------------------------------------------------------------------- (a)
@@ -88,8 +104,14 @@ def test_fifty_updates_through_closed_connections_and_a_broker_restart(names, tm
     n = 40_000  # ~160 KB per update, 3 chunks of 64 KiB
     nodes = [f"n{i}" for i in range(50)]  # one node each: no update supersedes another
     recv = receiver(tmp_path, names, n, nodes=nodes)
-    pub = UpdatePublisher(fast(), Outbox(tmp_path / "outbox", 1 << 30), node_id="n1",
-                          exchange=names.exchange, chunk_size=64 * 1024, unroutable_retry_s=0.5)
+    pub = UpdatePublisher(
+        fast(),
+        Outbox(tmp_path / "outbox", 1 << 30),
+        node_id="n1",
+        exchange=names.exchange,
+        chunk_size=64 * 1024,
+        unroutable_retry_s=0.5,
+    )
     expected = {}
     chaos_done = threading.Event()
     chaos_log = []
@@ -148,10 +170,19 @@ def test_sigkill_mid_update_is_republished_from_the_outbox(names, tmp_path):
     Outbox(outbox_dir, 1 << 30).put(u.blob)
     count = len(split(u.update_id, u.blob, 64 * 1024))
     child = subprocess.Popen(
-        [sys.executable, str(TRANSPORT_TESTS / "publish_child.py"), str(outbox_dir),
-         names.exchange, str(64 * 1024), "0.05"],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            str(TRANSPORT_TESTS / "publish_child.py"),
+            str(outbox_dir),
+            names.exchange,
+            str(64 * 1024),
+            "0.05",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     watchdog = threading.Timer(60, child.kill)  # never hang on a child that says nothing
     watchdog.start()
     try:
@@ -164,8 +195,13 @@ def test_sigkill_mid_update_is_republished_from_the_outbox(names, tmp_path):
         assert u.update_id in Outbox(outbox_dir, 1 << 30)  # still spooled after the kill
         time.sleep(0.3)
         assert recv.ids() == []  # the server holds the partial update, staged on disk
-        pub = UpdatePublisher(fast(), Outbox(outbox_dir, 1 << 30), node_id="child",
-                              exchange=names.exchange, chunk_size=64 * 1024)
+        pub = UpdatePublisher(
+            fast(),
+            Outbox(outbox_dir, 1 << 30),
+            node_id="child",
+            exchange=names.exchange,
+            chunk_size=64 * 1024,
+        )
         pub.start()
         assert recv.wait_for(1, 30)
         assert pub.wait_idle(10)
@@ -206,8 +242,9 @@ def test_update_over_16_mib_travels_in_chunks(names, tmp_path):
         recv = receiver(tmp_path, names, n)
         u, delta = make_update(n)
         assert len(u.blob) > limit
-        pub = UpdatePublisher(fast(), Outbox(tmp_path / "outbox", 1 << 30), node_id="n1",
-                              exchange=names.exchange)  # default 8 MiB chunks
+        pub = UpdatePublisher(
+            fast(), Outbox(tmp_path / "outbox", 1 << 30), node_id="n1", exchange=names.exchange
+        )  # default 8 MiB chunks
         pub.start()
         pub.submit(u)
         assert recv.wait_for(1, 60)
@@ -234,18 +271,17 @@ def test_flipped_byte_goes_to_the_dead_letter_queue_with_the_reason(names, tmp_p
         assert len(chunks) == 3
         bad = bytearray(chunks[1].body)
         bad[777] ^= 0x01
-        _publish_raw(names.exchange, [(c, bytes(bad) if c.index == 1 else c.body)
-                                      for c in chunks])
+        _publish_raw(names.exchange, [(c, bytes(bad) if c.index == 1 else c.body) for c in chunks])
         # 2) flipped and the chunk hash recomputed (a forger without the key): the HMAC fails
         u2, _ = make_update(n, round=2)
         blob2 = bytearray(u2.blob)
         blob2[len(_split(u2.blob)[0]) + 32 + 1000] ^= 0x01
-        _publish_raw(names.exchange, [(c, c.body) for c in split(u2.update_id, bytes(blob2),
-                                                                 100_000)])
+        _publish_raw(
+            names.exchange, [(c, c.body) for c in split(u2.update_id, bytes(blob2), 100_000)]
+        )
         # 3) and a good update afterwards still goes through
         u3, d3 = make_update(n, round=3)
-        _publish_raw(names.exchange, [(c, c.body) for c in split(u3.update_id, u3.blob,
-                                                                 100_000)])
+        _publish_raw(names.exchange, [(c, c.body) for c in split(u3.update_id, u3.blob, 100_000)])
         assert recv.wait_for(1, 20)
         assert wait_until(lambda: queue_depth(names.dlq) >= 6, 10)
     finally:
@@ -257,11 +293,13 @@ def test_flipped_byte_goes_to_the_dead_letter_queue_with_the_reason(names, tmp_p
     for props, _body in dl:
         h = props.headers
         by_update.setdefault(h["update_id"], set()).add(
-            (h["x-waggle-reject-code"], h["x-waggle-reject-reason"]))
+            (h["x-waggle-reject-code"], h["x-waggle-reject-reason"])
+        )
         assert h["x-waggle-original-user-id"] == "guest"
     assert by_update[u.update_id] == {
-        ("sha256", "reassembled update does not match payload_sha256 header")}
-    (code, reason), = by_update[u2.update_id]
+        ("sha256", "reassembled update does not match payload_sha256 header")
+    }
+    ((code, reason),) = by_update[u2.update_id]
     assert code == "signature" and "HMAC" in reason
     assert recv.rejected == {"sha256": 1, "signature": 1}
     assert queue_depth(names.queue) == 0
@@ -269,8 +307,12 @@ def test_flipped_byte_goes_to_the_dead_letter_queue_with_the_reason(names, tmp_p
 
 def test_user_id_must_match_the_broker_user(names, tmp_path, caplog):
     recv = receiver(tmp_path, names, 1000)
-    pub = UpdatePublisher(fast(user_id="someone-else"), Outbox(tmp_path / "outbox", 1 << 30),
-                          node_id="n1", exchange=names.exchange)
+    pub = UpdatePublisher(
+        fast(user_id="someone-else"),
+        Outbox(tmp_path / "outbox", 1 << 30),
+        node_id="n1",
+        exchange=names.exchange,
+    )
     try:
         pub.submit(make_update(1000)[0])
         with caplog.at_level(logging.ERROR):
@@ -291,7 +333,7 @@ def test_duplicate_whole_updates_are_collapsed(names, tmp_path):
         chunks = [(c, c.body) for c in split(u.update_id, u.blob, 16_000)]
         _publish_raw(names.exchange, chunks)
         _publish_raw(names.exchange, chunks[:1])  # a partial resend...
-        _publish_raw(names.exchange, chunks)       # ...and a whole one
+        _publish_raw(names.exchange, chunks)  # ...and a whole one
         assert recv.wait_for(1, 10)
         assert wait_until(lambda: queue_depth(names.queue) == 0, 10)
     finally:
@@ -304,8 +346,7 @@ def test_duplicate_whole_updates_are_collapsed(names, tmp_path):
 # ------------------------------------------------------- hostile and failing updates
 
 
-def test_three_hostile_updates_are_refused_and_a_valid_one_behind_them_is_accepted(
-        names, tmp_path):
+def test_three_hostile_updates_are_refused_and_a_valid_one_behind_them_is_accepted(names, tmp_path):
     n = 5000
     recv = receiver(tmp_path, names, n)
     enc = encoder(settings=CodecSettings("fp16", "zstd"))
@@ -324,13 +365,19 @@ def test_three_hostile_updates_are_refused_and_a_valid_one_behind_them_is_accept
     finally:
         recv.stop()
     assert recv.ids() == [good.update_id]
-    codes = {p.headers["update_id"]: (p.headers["x-waggle-reject-code"],
-                                      p.headers["x-waggle-reject-reason"])
-             for p, _ in dead_letters(names)}
+    codes = {
+        p.headers["update_id"]: (
+            p.headers["x-waggle-reject-code"],
+            p.headers["x-waggle-reject-reason"],
+        )
+        for p, _ in dead_letters(names)
+    }
     assert codes[bomb.update_id][0] == "size" and str(2**50) in codes[bomb.update_id][1]
     assert codes[v2.update_id][0] == "format" and "waggle-update-chunk/2" in codes[v2.update_id][1]
-    assert codes[nan.update_id] == ("nonfinite",
-                                    "metric 'loss' is nan: only finite numbers are allowed")
+    assert codes[nan.update_id] == (
+        "nonfinite",
+        "metric 'loss' is nan: only finite numbers are allowed",
+    )
     # refused, not crashed: no handling failed, nothing requeued, nothing fatal (reconnects
     # are not counted: other tests on the shared broker close every connection at times)
     assert recv.consumer.requeued == 0 and recv.consumer.worker_error is None
@@ -339,7 +386,8 @@ def test_three_hostile_updates_are_refused_and_a_valid_one_behind_them_is_accept
 
 
 def test_a_message_that_cannot_even_be_dead_lettered_is_dead_lettered_by_the_broker(
-        names, tmp_path, monkeypatch):
+    names, tmp_path, monkeypatch
+):
     """Handling fails every time and so does the server's own dead-lettering: the
     quorum queue's delivery limit ends the loop (the broker dead-letters it, with
     its x-death header) and the update behind it is accepted."""
@@ -373,5 +421,5 @@ def test_a_message_that_cannot_even_be_dead_lettered_is_dead_lettered_by_the_bro
     finally:
         recv.stop()
     assert recv.ids() == [good.update_id] and len(tries) == 2  # delivery_limit + 1
-    (props, body), = dead_letters(names)
+    ((props, body),) = dead_letters(names)
     assert body == broken.blob and props.headers["x-death"][0]["reason"] == "delivery_limit"

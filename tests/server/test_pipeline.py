@@ -46,13 +46,17 @@ def codes(outs) -> list[str]:
 def test_weighted_average_of_chunked_updates_is_stored(tmp_path):
     nodes = [f"n{i}" for i in range(5)]
     p = pipeline(tmp_path, nodes, aggregation={"min_updates": 5})
-    expected_num = {k: torch.zeros(v.shape, dtype=torch.float64)
-                    for k, v in tiny_state().items() if v.is_floating_point()}
+    expected_num = {
+        k: torch.zeros(v.shape, dtype=torch.float64)
+        for k, v in tiny_state().items()
+        if v.is_floating_point()
+    }
     total = 0
     for i, n in enumerate(nodes):
         d = random_delta(i)
-        u = encoder(n).encode_delta(d, base_version="1", round=1, samples=10 * (i + 1),
-                                    metrics={"agreement": 0.5 + i / 10})
+        u = encoder(n).encode_delta(
+            d, base_version="1", round=1, samples=10 * (i + 1), metrics={"agreement": 0.5 + i / 10}
+        )
         outs = feed(p, messages(u.blob, u.update_id, n, chunk_size=700))
         assert codes(outs) == []
         total += 10 * (i + 1)
@@ -85,8 +89,9 @@ def test_refusals_each_with_their_code(tmp_path):
 
     old = enc.encode_delta(random_delta(2), base_version="1", round=5, samples=4)
     assert refused(old.blob, old.update_id) == ["replay"]
-    tampered = bytearray(enc.encode_delta(random_delta(3), base_version="1", round=6,
-                                          samples=4).blob)
+    tampered = bytearray(
+        enc.encode_delta(random_delta(3), base_version="1", round=6, samples=4).blob
+    )
     tampered[-5] ^= 1
     assert refused(bytes(tampered), "11111111-2222-3333-4444-555555555555") == ["signature"]
     # NaN cannot be encoded by an honest encoder: forge the payload and sign it properly
@@ -100,9 +105,10 @@ def test_refusals_each_with_their_code(tmp_path):
     assert refused(u.blob, u.update_id, "b") == ["base_version"]
     u = encoder("b").encode_delta(random_delta(7), base_version="1", round=4, samples=1)
     assert refused(u.blob, u.update_id, "b", user_id="a") == ["user_id"]
-    pick = _forge_raw(encoder("b").encode_delta(random_delta(8), base_version="1", round=5,
-                                                samples=1),
-                      pickle.dumps({"w": [1.0, 2.0]}))
+    pick = _forge_raw(
+        encoder("b").encode_delta(random_delta(8), base_version="1", round=5, samples=1),
+        pickle.dumps({"w": [1.0, 2.0]}),
+    )
     assert refused(pick, _uid(pick), "b") == ["format"]
     rej = p.db.conn.execute("SELECT code, reason FROM rejections WHERE code='format'").fetchone()
     assert "pickle" in rej["reason"]
@@ -110,8 +116,11 @@ def test_refusals_each_with_their_code(tmp_path):
 
 
 def test_stale_updates_are_down_weighted_then_refused(tmp_path):
-    p = pipeline(tmp_path, ["a", "b", "c"],
-                 aggregation={"min_updates": 1, "max_staleness": 1, "staleness_decay": 0.5})
+    p = pipeline(
+        tmp_path,
+        ["a", "b", "c"],
+        aggregation={"min_updates": 1, "max_staleness": 1, "staleness_decay": 0.5},
+    )
     u = encoder("a").encode_delta(random_delta(1), base_version="1", round=1, samples=8)
     feed(p, messages(u.blob, u.update_id, "a"))
     assert p.store.latest(MODEL).version == "2"
@@ -128,8 +137,9 @@ def test_stale_updates_are_down_weighted_then_refused(tmp_path):
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 def test_robust_rules_ignore_one_wild_node(tmp_path, rule):
     nodes = ["a", "b", "c", "d", "e"]
-    p = pipeline(tmp_path, nodes, aggregation={"min_updates": 5, "rule": rule,
-                                                "trim_fraction": 0.2})
+    p = pipeline(
+        tmp_path, nodes, aggregation={"min_updates": 5, "rule": rule, "trim_fraction": 0.2}
+    )
     for i, n in enumerate(nodes):
         d = {k: torch.full(v.shape, 0.01 * (i + 1)) for k, v in random_delta(0).items()}
         if n == "e":
@@ -172,9 +182,18 @@ def test_crash_between_store_and_database_counts_nothing_twice(tmp_path):
         feed(p, messages(u.blob, u.update_id, n))
     pool = p.db.pending(MODEL)
     # the version is written, then the process dies before the database records it
-    p.store.write(MODEL, 2, load_file(str(p.store.latest(MODEL).weights)),
-                  {"parent": "1", "contributors": [{"update_id": x.update_id} for x in pool],
-                   "nodes": nodes, "samples": 4, "created_ns": 1})
+    p.store.write(
+        MODEL,
+        2,
+        load_file(str(p.store.latest(MODEL).weights)),
+        {
+            "parent": "1",
+            "contributors": [{"update_id": x.update_id} for x in pool],
+            "nodes": nodes,
+            "samples": 4,
+            "created_ns": 1,
+        },
+    )
     p2 = UpdatePipeline(p.cfg)
     p2.startup()
     assert p2.db.pending(MODEL) == []
@@ -182,8 +201,11 @@ def test_crash_between_store_and_database_counts_nothing_twice(tmp_path):
 
 
 def test_partial_updates_expire_and_staging_is_bounded(tmp_path):
-    p = pipeline(tmp_path, ["a"], verify={"staging_max_age_s": 0.2, "staging_max_bytes": 1000,
-                                          "max_update_bytes": 1000})
+    p = pipeline(
+        tmp_path,
+        ["a"],
+        verify={"staging_max_age_s": 0.2, "staging_max_bytes": 1000, "max_update_bytes": 1000},
+    )
     enc = encoder("a")
     u1 = enc.encode_delta(random_delta(1), base_version="1", round=1, samples=1)
     m1 = messages(u1.blob, u1.update_id, "a", chunk_size=300)
@@ -226,11 +248,20 @@ def test_telemetry_view_keeps_last_values_and_counts_malformed():
 
     v = TelemetryView(AmqpSettings(), history=3)
     for i in range(5):
-        assert v.record(js.dumps({"name": "train.agreement", "ts": i, "val": 0.1 * i,
-                                  "meta": {"node": "n1", "vsn": "V"}}).encode())
+        assert v.record(
+            js.dumps(
+                {
+                    "name": "train.agreement",
+                    "ts": i,
+                    "val": 0.1 * i,
+                    "meta": {"node": "n1", "vsn": "V"},
+                }
+            ).encode()
+        )
     assert not v.record(b"not json")
-    assert not v.record(js.dumps({"name": "Bad Name", "ts": 1, "val": 1,
-                                  "meta": {"node": "n1"}}).encode())
+    assert not v.record(
+        js.dumps({"name": "Bad Name", "ts": 1, "val": 1, "meta": {"node": "n1"}}).encode()
+    )
     assert not v.record(b'{"name": "x.y", "ts": 1, "val": NaN, "meta": {"node": "n1"}}')
     last, series = v.snapshot()
     assert last["n1"]["train.agreement"] == (4, pytest.approx(0.4))
@@ -243,18 +274,21 @@ def test_node_keys_are_re_read_when_their_file_changes(tmp_path):
     p = pipeline(tmp_path, ["a"], aggregation={"min_updates": 100})
     key_file = tmp_path / "node-keys" / "a.key"
     new_key = b"rotated-key-of-a-0123456789abcdef"
-    u = encoder("a", key=new_key).encode_delta(random_delta(1), base_version="1", round=1,
-                                                samples=1)
+    u = encoder("a", key=new_key).encode_delta(
+        random_delta(1), base_version="1", round=1, samples=1
+    )
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["signature"]
     key_file.write_bytes(new_key + b"\n")
     os.chmod(key_file, 0o600)
     os.utime(key_file, ns=(1, 1))  # a different mtime even within one clock tick
-    u = encoder("a", key=new_key).encode_delta(random_delta(1), base_version="1", round=1,
-                                                samples=1)
+    u = encoder("a", key=new_key).encode_delta(
+        random_delta(1), base_version="1", round=1, samples=1
+    )
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
     key_file.unlink()
-    u = encoder("a", key=new_key).encode_delta(random_delta(2), base_version="1", round=2,
-                                                samples=1)
+    u = encoder("a", key=new_key).encode_delta(
+        random_delta(2), base_version="1", round=2, samples=1
+    )
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == ["key"]
 
 
@@ -277,8 +311,12 @@ def test_slicing_does_not_change_the_result(tmp_path, monkeypatch, rule):
 
 
 def test_retention_keeps_the_newest_weights_and_every_manifest(tmp_path):
-    p = pipeline(tmp_path, ["a"], aggregation={"min_updates": 1, "max_staleness": 1},
-                 store={"retain_versions": 2})
+    p = pipeline(
+        tmp_path,
+        ["a"],
+        aggregation={"min_updates": 1, "max_staleness": 1},
+        store={"retain_versions": 2},
+    )
     for r in range(1, 5):
         u = encoder("a").encode_delta(random_delta(r), base_version=str(r), round=r, samples=1)
         assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
@@ -298,7 +336,8 @@ def test_a_large_compressed_update_is_sniffed_correctly(tmp_path, compression):
     big = 300_000
     p = pipeline(tmp_path, ["a"], big=big, aggregation={"min_updates": 100})
     u = encoder("a", CodecSettings("fp16", compression)).encode_delta(
-        random_delta(1, scale=1.0, big=big), base_version="1", round=1, samples=1)
+        random_delta(1, scale=1.0, big=big), base_version="1", round=1, samples=1
+    )
     assert len(u.blob) > 256 * 1024
     assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
     assert len(p.db.pending(MODEL)) == 1

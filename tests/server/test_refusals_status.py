@@ -48,10 +48,17 @@ def telemetry(params, exchange: str, node: str, values: dict[str, float]) -> Non
     ch = conn.channel()
     ch.exchange_declare(exchange, exchange_type="topic", durable=True)
     for i, (name, val) in enumerate(values.items()):
-        body = json.dumps({"name": name, "ts": time.time_ns() + i, "val": val,
-                           "meta": {"node": node, "vsn": "W0T"}})
-        ch.basic_publish(exchange, name, body.encode(),
-                         pika.BasicProperties(content_type="application/json"))
+        body = json.dumps(
+            {
+                "name": name,
+                "ts": time.time_ns() + i,
+                "val": val,
+                "meta": {"node": node, "vsn": "W0T"},
+            }
+        )
+        ch.basic_publish(
+            exchange, name, body.encode(), pika.BasicProperties(content_type="application/json")
+        )
     conn.close()
 
 
@@ -92,19 +99,32 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         pytest.fail("chromium is not installed (apt-get install -y chromium; .ci/run does it)")
-    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
-                           "--disable-dev-shm-usage", "--hide-scrollbars", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
-        tmp_path, names, sim_user, monkeypatch):
+    tmp_path, names, sim_user, monkeypatch
+):
     nodes = ["good", "a", "b"]
     sections = broker_sections(names)
     sections["queue"]["delivery_limit"] = 2
     cfg = make_config(tmp_path, nodes, aggregation={"min_updates": 100}, **sections)
-    ok = encoder("good").encode_delta(random_delta(0), base_version="1", round=3, samples=9,
-                                      metrics={"agreement": 0.7})
+    ok = encoder("good").encode_delta(
+        random_delta(0), base_version="1", round=3, samples=9, metrics={"agreement": 0.7}
+    )
     poison = encoder("a").encode_delta(random_delta(1), base_version="1", round=1, samples=1)
     crashes = []
     real_complete = UpdatePipeline._complete
@@ -121,14 +141,14 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
     try:
         assert wait_for(lambda: server.consumer.connected and server.telemetry.connected, 20)
         time.sleep(0.3)
-        pub = lambda u, node, **kw: publish(sim_user, names.exchange, u.blob,
-                                            u.update_id, node, **kw)
+        pub = lambda u, node, **kw: publish(
+            sim_user, names.exchange, u.blob, u.update_id, node, **kw
+        )
         pub(poison, "a")
         pub(ok, "good")
         b = encoder("b")
         sent = {}
-        replay = encoder("good").encode_delta(random_delta(2), base_version="1", round=3,
-                                              samples=1)
+        replay = encoder("good").encode_delta(random_delta(2), base_version="1", round=3, samples=1)
         sent["replay"] = replay.update_id
         pub(replay, "good")
         t = bytearray(b.encode_delta(random_delta(3), base_version="1", round=1, samples=1).blob)
@@ -152,12 +172,17 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
         u = b.encode_delta(random_delta(8), base_version="1", round=6, samples=1)
         sent["user_id"] = u.update_id
         pub(u, "b", user_id="good")
-        later = b.encode_delta(random_delta(9), base_version="1", round=7, samples=2,
-                               metrics={"agreement": 0.55})
+        later = b.encode_delta(
+            random_delta(9), base_version="1", round=7, samples=2, metrics={"agreement": 0.55}
+        )
         pub(later, "b")
-        good_metrics = {"train.round": 3, "train.agreement": 0.71,
-                        "mem.budget_bytes": 300 * 2**20, "mem.peak_bytes": 250 * 2**20,
-                        "outbox.updates": 1}
+        good_metrics = {
+            "train.round": 3,
+            "train.agreement": 0.71,
+            "mem.budget_bytes": 300 * 2**20,
+            "mem.peak_bytes": 250 * 2**20,
+            "outbox.updates": 1,
+        }
 
         def all_metrics_seen() -> bool:
             last = server.telemetry.snapshot()[0]
@@ -172,14 +197,23 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
         assert wait_for(lambda: pending() == {ok.update_id, later.update_id}, 30), pending()
 
         dl = []
-        assert wait_for(lambda: dl.extend(dead_letters(sim_user, names.dlq)) or len(dl) >= 8,
-                        20), [p.headers.get("x-waggle-reject-code") for p, _ in dl]
+        assert wait_for(lambda: dl.extend(dead_letters(sim_user, names.dlq)) or len(dl) >= 8, 20), [
+            p.headers.get("x-waggle-reject-code") for p, _ in dl
+        ]
         by_code = {}
         for props, _body in dl:
             h = props.headers
             by_code.setdefault(h["x-waggle-reject-code"], []).append(h)
-        assert set(by_code) == {"poison", "replay", "signature", "format", "nonfinite", "shape",
-                                "base_version", "user_id"}, sorted(by_code)
+        assert set(by_code) == {
+            "poison",
+            "replay",
+            "signature",
+            "format",
+            "nonfinite",
+            "shape",
+            "base_version",
+            "user_id",
+        }, sorted(by_code)
         assert len(crashes) == 3  # delivered delivery_limit + 1 times, then dead-lettered
         assert "simulated crash" in by_code["poison"][0]["x-waggle-reject-reason"]
         assert "pickle" in by_code["format"][0]["x-waggle-reject-reason"]
@@ -192,8 +226,14 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
         rows = {n["node"]: n for n in api["nodes"]}
         assert rows["good"]["accepted"] == 1 and rows["good"]["rejected"] == {"replay": 1}
         assert rows["good"]["budget_bytes"] == 300 * 2**20 and rows["good"]["round"] == 3
-        assert rows["b"]["rejected"] == {"signature": 1, "nonfinite": 1, "shape": 1,
-                                         "base_version": 1, "user_id": 1, "format": 1}
+        assert rows["b"]["rejected"] == {
+            "signature": 1,
+            "nonfinite": 1,
+            "shape": 1,
+            "base_version": 1,
+            "user_id": 1,
+            "format": 1,
+        }
         assert "password" not in json.dumps(api) and "guest" not in json.dumps(api)
         shot = tmp_path / "status.png"
         r = chromium("--window-size=1280,1400", f"--screenshot={shot}", base + "/")

@@ -33,9 +33,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def start_server(cfg_path: Path, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-m", "waggle_trainer", "--log-level", "info",
-                             "server", "--config", str(cfg_path)],
-                            stdout=subprocess.PIPE, stderr=open(log_path, "wb"), env=env)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "waggle_trainer",
+            "--log-level",
+            "info",
+            "server",
+            "--config",
+            str(cfg_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(log_path, "wb"),
+        env=env,
+    )
 
 
 def wait_for(pred, timeout: float, step: float = 0.1) -> bool:
@@ -63,31 +75,42 @@ def stop(proc: subprocess.Popen) -> None:
 
 def test_twenty_nodes_give_the_weighted_average_and_nodes_receive_it(tmp_path, names, sim_user):
     nodes = [f"node{i:02d}" for i in range(20)]
-    cfg = setup_server_files(tmp_path, nodes, aggregation={"min_updates": 20},
-                             **broker_sections(names))
+    cfg = setup_server_files(
+        tmp_path, nodes, aggregation={"min_updates": 20}, **broker_sections(names)
+    )
     cfg["status"]["enabled"] = False
     log = tmp_path / "server.log"
     server = start_server(write_toml(tmp_path / "server.toml", cfg), log)
     names.node_queues.append(f"{names.models}.node00")
-    sub = ModelSubscriber(AmqpSettings(connection_name="test"), node_id="node00", model=MODEL,
-                          verify_key=load_verify_key(tmp_path / "signing.pem.pub"),
-                          expected=reference_spec(tiny_state()), current_version="1",
-                          exchange=names.models, queue=f"{names.models}.node00",
-                          save_dir=tmp_path / "node00-models")
+    sub = ModelSubscriber(
+        AmqpSettings(connection_name="test"),
+        node_id="node00",
+        model=MODEL,
+        verify_key=load_verify_key(tmp_path / "signing.pem.pub"),
+        expected=reference_spec(tiny_state()),
+        current_version="1",
+        exchange=names.models,
+        queue=f"{names.models}.node00",
+        save_dir=tmp_path / "node00-models",
+    )
     try:
         assert wait_log(log, "server running", 60), log.read_text()
         sub.start()
         assert wait_for(lambda: sub.connected, 10)
         time.sleep(0.3)
         base = tiny_state()
-        num = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in base.items()
-               if v.is_floating_point()}
+        num = {
+            k: torch.zeros(v.shape, dtype=torch.float64)
+            for k, v in base.items()
+            if v.is_floating_point()
+        }
         total = 0
         for i, n in enumerate(nodes):
             d = random_delta(i)
             samples = 5 + 3 * i
-            u = encoder(n).encode_delta(d, base_version="1", round=1, samples=samples,
-                                        metrics={"agreement": 0.6})
+            u = encoder(n).encode_delta(
+                d, base_version="1", round=1, samples=samples, metrics={"agreement": 0.6}
+            )
             publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=400)
             total += samples
             for k in num:
@@ -105,19 +128,28 @@ def test_twenty_nodes_give_the_weighted_average_and_nodes_receive_it(tmp_path, n
         assert all(torch.equal(mv.state[k], got[k]) for k in got)
         assert (tmp_path / "node00-models" / f"{MODEL}-2.wgm").exists()
         # models list / show / export from the command line
-        cli = [sys.executable, "-m", "waggle_trainer", "models", "--config",
-               str(tmp_path / "server.toml")]
+        cli = [
+            sys.executable,
+            "-m",
+            "waggle_trainer",
+            "models",
+            "--config",
+            str(tmp_path / "server.toml"),
+        ]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         out = subprocess.run(cli + ["list"], capture_output=True, text=True, env=env)
         rows = [line.split() for line in out.stdout.splitlines()]
         assert out.returncode == 0, out.stdout
         v2 = next(r for r in rows if r[:3] == [MODEL, "2", "1"])
         assert v2[-5:] == ["20", "20", str(total), "fedavg", "kept"], out.stdout
-        out = subprocess.run(cli + ["export", MODEL, "2", str(tmp_path / "v2.safetensors")],
-                             capture_output=True, text=True, env=env)
+        out = subprocess.run(
+            cli + ["export", MODEL, "2", str(tmp_path / "v2.safetensors")],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         assert out.returncode == 0, out.stdout
-        assert torch.equal(load_file(str(tmp_path / "v2.safetensors"))["fc.bias"],
-                           got["fc.bias"])
+        assert torch.equal(load_file(str(tmp_path / "v2.safetensors"))["fc.bias"], got["fc.bias"])
     finally:
         sub.stop()
         stop(server)
@@ -148,10 +180,21 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
     cfg["telemetry"] = dict(cfg["telemetry"], enabled=False)
     cfg_path = write_toml(tmp_path / "server.toml", cfg)
     store_dir = tmp_path / "state" / "models" / MODEL
-    rounds = [[(n, encoder(n).encode_delta(random_delta(10 * r + i, big=big),
-                                          base_version=str(r + 1), round=r + 1,
-                                          samples=3 + i + r)) for i, n in enumerate(nodes)]
-              for r in range(2)]
+    rounds = [
+        [
+            (
+                n,
+                encoder(n).encode_delta(
+                    random_delta(10 * r + i, big=big),
+                    base_version=str(r + 1),
+                    round=r + 1,
+                    samples=3 + i + r,
+                ),
+            )
+            for i, n in enumerate(nodes)
+        ]
+        for r in range(2)
+    ]
     procs = []
     try:
         logs = [tmp_path / "a.log", tmp_path / "b.log", tmp_path / "c.log"]
@@ -164,8 +207,9 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
             publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
         # the active one (the broker's choice: normally the first) aggregates and is killed
         line = "aggregating 4 updates into version 2"
-        assert wait_for(lambda: any(line in p.read_text() for p in logs[:2]), 60, 0.02), \
-            logs[0].read_text()
+        assert wait_for(lambda: any(line in p.read_text() for p in logs[:2]), 60, 0.02), logs[
+            0
+        ].read_text()
         k = 0 if line in logs[0].read_text() else 1
         victim, survivor, survivor_log = procs[k], procs[1 - k], logs[1 - k]
         victim.send_signal(signal.SIGKILL)
@@ -177,8 +221,9 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
         # round 2: the (now only) server is killed mid-aggregation and restarted
         for n, u in rounds[1]:
             publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=4 << 20)
-        assert wait_log(survivor_log, "aggregating 4 updates into version 3", 60), \
+        assert wait_log(survivor_log, "aggregating 4 updates into version 3", 60), (
             survivor_log.read_text()
+        )
         survivor.send_signal(signal.SIGKILL)
         survivor.wait()
         assert not (store_dir / "v000003.json").exists(), "the kill came after the aggregation"
@@ -202,5 +247,6 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
     import sqlite3
 
     db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
-    assert db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall() == \
-        [("aggregated", 8)]
+    assert db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall() == [
+        ("aggregated", 8)
+    ]

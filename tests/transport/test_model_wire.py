@@ -19,8 +19,11 @@ def state():
 def keys(tmp_path):
     generate_signing_key(tmp_path / "k.pem")
     generate_signing_key(tmp_path / "other.pem")
-    return (load_signing_key(tmp_path / "k.pem"), load_verify_key(tmp_path / "k.pem.pub"),
-            load_verify_key(tmp_path / "other.pem.pub"))
+    return (
+        load_signing_key(tmp_path / "k.pem"),
+        load_verify_key(tmp_path / "k.pem.pub"),
+        load_verify_key(tmp_path / "other.pem.pub"),
+    )
 
 
 def test_round_trip_and_every_refusal(keys):
@@ -39,8 +42,9 @@ def test_round_trip_and_every_refusal(keys):
         decode_model(bytes(tampered), pk)
     assert e.value.code == "signature"
     with pytest.raises(UpdateRejected) as e:
-        decode_model(blob, pk, expected=reference_spec({"w": torch.zeros(4, 3),
-                                                        "b": torch.zeros(3)}))
+        decode_model(
+            blob, pk, expected=reference_spec({"w": torch.zeros(4, 3), "b": torch.zeros(3)})
+        )
     assert e.value.code == "shape"
     bad = dict(s, b=torch.tensor([1.0, float("inf"), 0.0]))
     _, blob = encode_model(bad, model="m", version="5", parent="4", accepts=["5"], key=sk)

@@ -30,8 +30,9 @@ import torch
 RULES = ("fedavg", "median", "trimmed_mean")
 
 
-def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], rule: str,
-            trim_fraction: float = 0.1) -> torch.Tensor:
+def combine(
+    deltas: Sequence[torch.Tensor], weights: Sequence[float], rule: str, trim_fraction: float = 0.1
+) -> torch.Tensor:
     """One tensor's aggregated delta (float64) from the contributors' deltas."""
     if not deltas:
         raise ValueError("no deltas to combine")
@@ -55,10 +56,10 @@ def combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], rule: str,
         t = int(math.floor(trim_fraction * n))
         if n - 2 * t < 1:
             t = (n - 1) // 2
-        return ordered[t:n - t].mean(dim=0)
+        return ordered[t : n - t].mean(dim=0)
     raise ValueError(f"unknown rule {rule!r} (one of {', '.join(RULES)})")
 
 
 def staleness_weight(samples: int, staleness: int, decay: float) -> float:
     """The FedAvg weight of an update ``staleness`` versions behind the newest."""
-    return float(samples) * decay ** staleness
+    return float(samples) * decay**staleness

@@ -34,13 +34,20 @@ class Server:
     def start(self) -> None:
         self.pipeline.startup()
         if self.cfg.telemetry.enabled:
-            self.telemetry = TelemetryView(amqp_settings(self.cfg, "waggle-trainer-server"),
-                                           exchange=self.cfg.telemetry.exchange,
-                                           history=self.cfg.telemetry.history_points)
+            self.telemetry = TelemetryView(
+                amqp_settings(self.cfg, "waggle-trainer-server"),
+                exchange=self.cfg.telemetry.exchange,
+                history=self.cfg.telemetry.history_points,
+            )
             self.telemetry.start()
         if self.cfg.status.enabled:
-            status = StatusServer(self.cfg, self.pipeline.root / "state.sqlite",
-                                  self.pipeline.store, self.telemetry, self.consumer)
+            status = StatusServer(
+                self.cfg,
+                self.pipeline.root / "state.sqlite",
+                self.pipeline.store,
+                self.telemetry,
+                self.consumer,
+            )
             status.start()
             self.status = status
             log.info("status page on http://%s:%d/", self.cfg.status.bind, status.port)
@@ -59,8 +66,9 @@ def run(cfg: ServerConfig, key, source: str) -> int:
     """Run until SIGTERM/SIGINT (0), a fatal broker error (1) or a start-up
     problem the operator must fix (2, one line naming the config key)."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         return _serve(Server(cfg, key), cfg, source, stop)
     finally:
@@ -77,8 +85,10 @@ def _serve(server: Server, cfg: ServerConfig, source: str, stop: threading.Event
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
-        print(f"{source}: status.port: cannot listen on {cfg.status.bind}:{cfg.status.port}: "
-              f"{e.strerror} (choose another port, or 0 for any free one)")
+        print(
+            f"{source}: status.port: cannot listen on {cfg.status.bind}:{cfg.status.port}: "
+            f"{e.strerror} (choose another port, or 0 for any free one)"
+        )
         server.stop()
         return 2
     log.info("server running: queue %s, models %s", cfg.queue.queue, ", ".join(cfg.models))

@@ -10,13 +10,18 @@ from pathlib import Path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("server", help="run the aggregation server (verify, aggregate, "
-                                      "store, broadcast, status page)")
+    p = sub.add_parser(
+        "server",
+        help="run the aggregation server (verify, aggregate, store, broadcast, status page)",
+    )
     p.add_argument("--config", required=True, metavar="FILE", help="server config (TOML)")
     p.set_defaults(handler=_server)
 
-    p = sub.add_parser("server-keygen", help="create the server's Ed25519 model-signing key "
-                                             "(PATH, mode 0600) and its public key PATH.pub")
+    p = sub.add_parser(
+        "server-keygen",
+        help="create the server's Ed25519 model-signing key "
+        "(PATH, mode 0600) and its public key PATH.pub",
+    )
     p.add_argument("path")
     p.set_defaults(handler=_keygen)
 
@@ -84,16 +89,18 @@ def _keygen(args) -> int:
     except OSError as e:
         print(f"{args.path}: cannot be written: {e.strerror}")
         return 2
-    print(f"private key {args.path} (keep it on the server), public key {pub} (give it to "
-          "every node)")
+    print(
+        f"private key {args.path} (keep it on the server), public key {pub} (give it to every node)"
+    )
     return 0
 
 
 def _store(cfg):
     from .store import ModelStore
 
-    return ModelStore(Path(cfg.server.state_dir) / "models", retain=cfg.store.retain_versions,
-                      create=False)
+    return ModelStore(
+        Path(cfg.server.state_dir) / "models", retain=cfg.store.retain_versions, create=False
+    )
 
 
 def _list(args) -> int:
@@ -102,20 +109,40 @@ def _list(args) -> int:
         return 2
     store = _store(cfg)
     models = [args.model] if args.model else store.models()
-    rows = [("model", "version", "parent", "created (UTC)", "updates", "nodes", "samples",
-             "rule", "weights")]
+    rows = [
+        (
+            "model",
+            "version",
+            "parent",
+            "created (UTC)",
+            "updates",
+            "nodes",
+            "samples",
+            "rule",
+            "weights",
+        )
+    ]
     for m in models:
         for v in store.versions(m):
             man = v.manifest
-            created = time.strftime("%Y-%m-%d %H:%M:%S",
-                                    time.gmtime(man.get("created_ns", 0) / 1e9))
-            rows.append((m, v.version, str(man.get("parent") or "-"), created,
-                         str(len(man.get("contributors", []))), str(len(man.get("nodes", []))),
-                         str(man.get("samples", 0)), man.get("rule", {}).get("rule", "?"),
-                         "retired" if v.retired else "kept"))
+            created = time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.gmtime(man.get("created_ns", 0) / 1e9)
+            )
+            rows.append(
+                (
+                    m,
+                    v.version,
+                    str(man.get("parent") or "-"),
+                    created,
+                    str(len(man.get("contributors", []))),
+                    str(len(man.get("nodes", []))),
+                    str(man.get("samples", 0)),
+                    man.get("rule", {}).get("rule", "?"),
+                    "retired" if v.retired else "kept",
+                )
+            )
     if len(rows) == 1:
-        print(f"no stored versions{' of ' + args.model if args.model else ''} in "
-              f"{store.root}")
+        print(f"no stored versions{' of ' + args.model if args.model else ''} in {store.root}")
         return 1 if args.model else 0
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -129,8 +156,10 @@ def _version(args):
         return None, 2
     info = _store(cfg).get(args.model, args.version)
     if info is None:
-        print(f"model {args.model!r} has no version {args.version!r} "
-              f"(see 'waggle-trainer models --config {args.config} list')")
+        print(
+            f"model {args.model!r} has no version {args.version!r} "
+            f"(see 'waggle-trainer models --config {args.config} list')"
+        )
         return None, 1
     return info, 0
 
@@ -151,8 +180,10 @@ def _export(args) -> int:
     if info is None:
         return rc
     if info.retired:
-        print(f"model {args.model} version {args.version} is retired: its weights were removed "
-              "by the retention policy (store.retain_versions)")
+        print(
+            f"model {args.model} version {args.version} is retired: its weights were removed "
+            "by the retention policy (store.retain_versions)"
+        )
         return 1
     out = Path(args.out)
     if out.suffix != ".safetensors":

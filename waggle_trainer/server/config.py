@@ -90,7 +90,8 @@ class VerifySection(_Section):
             raise ValueError(
                 f"verify.staging_max_bytes: {format_size(self.staging_max_bytes)} is smaller "
                 f"than verify.max_update_bytes ({format_size(self.max_update_bytes)}); "
-                "staging must hold at least one whole update")
+                "staging must hold at least one whole update"
+            )
         return self
 
 
@@ -120,9 +121,11 @@ class BroadcastSection(_Section):
     @classmethod
     def _below_broker_limit(cls, v: int) -> int:
         if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
-            raise ValueError(f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
-                             f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
-                             "16MiB)")
+            raise ValueError(
+                f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+                f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
+                "16MiB)"
+            )
         return v
 
 
@@ -176,7 +179,8 @@ class ServerConfig(_Section):
             raise ValueError(
                 f"store.retain_versions: {self.store.retain_versions} is too small "
                 f"(must be >= aggregation.max_staleness + 1 = {need}: the bases of "
-                "updates still accepted must be kept)")
+                "updates still accepted must be kept)"
+            )
         return self
 
 

@@ -58,10 +58,14 @@ log = logging.getLogger(__name__)
 
 def queue_arguments(cfg: ServerConfig) -> dict[str, Any]:
     q = cfg.queue
-    return {"x-queue-type": "quorum", "x-delivery-limit": q.delivery_limit,
-            "x-single-active-consumer": True,
-            "x-dead-letter-exchange": q.dead_letter_exchange,
-            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": q.delivery_limit,
+        "x-single-active-consumer": True,
+        "x-dead-letter-exchange": q.dead_letter_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
 
 
 def declare_topology(ch, cfg: ServerConfig) -> None:
@@ -79,10 +83,19 @@ def declare_topology(ch, cfg: ServerConfig) -> None:
 
 def amqp_settings(cfg: ServerConfig, name: str = "waggle-trainer-server") -> AmqpSettings:
     b = cfg.broker
-    return AmqpSettings(host=b.host, port=b.port, vhost=b.vhost, username=b.username,
-                        password=b.password.get_secret_value(), tls=b.tls,
-                        cacert=str(b.cacert), cert=str(b.cert), key=str(b.key),
-                        heartbeat_s=b.heartbeat_s, connection_name=name)
+    return AmqpSettings(
+        host=b.host,
+        port=b.port,
+        vhost=b.vhost,
+        username=b.username,
+        password=b.password.get_secret_value(),
+        tls=b.tls,
+        cacert=str(b.cacert),
+        cert=str(b.cert),
+        key=str(b.key),
+        heartbeat_s=b.heartbeat_s,
+        connection_name=name,
+    )
 
 
 @dataclass
@@ -95,11 +108,18 @@ class Delivery:
 def _message(method, props: pika.BasicProperties, body: bytes) -> ChunkMessage:
     headers = dict(props.headers or {})
     count = headers.get("x-delivery-count", 0)
-    return ChunkMessage(routing_key=method.routing_key, body=body, message_id=props.message_id,
-                        headers=headers, user_id=props.user_id,
-                        content_type=props.content_type, type=props.type, app_id=props.app_id,
-                        timestamp=props.timestamp,
-                        delivery_count=count if isinstance(count, int) else 0)
+    return ChunkMessage(
+        routing_key=method.routing_key,
+        body=body,
+        message_id=props.message_id,
+        headers=headers,
+        user_id=props.user_id,
+        content_type=props.content_type,
+        type=props.type,
+        app_id=props.app_id,
+        timestamp=props.timestamp,
+        delivery_count=count if isinstance(count, int) else 0,
+    )
 
 
 class Publisher:
@@ -112,8 +132,7 @@ class Publisher:
         self._ch: Any = None
 
     def _channel(self) -> Any:
-        if self._conn is None or not self._conn.is_open or self._ch is None or \
-                not self._ch.is_open:
+        if self._conn is None or not self._conn.is_open or self._ch is None or not self._ch.is_open:
             self.close()
             self._conn = pika.BlockingConnection(connection_parameters(self.amqp, "publisher"))
             ch = self._conn.channel()
@@ -126,8 +145,11 @@ class Publisher:
             try:
                 self._channel().basic_publish(exchange, key, body, props)
                 return
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.ChannelClosed,
-                    pika.exceptions.StreamLostError):
+            except (
+                pika.exceptions.AMQPConnectionError,
+                pika.exceptions.ChannelClosed,
+                pika.exceptions.StreamLostError,
+            ):
                 self.close()
                 if attempt:
                     raise
@@ -154,8 +176,15 @@ class ServerConsumer(AmqpWorker):
 
     purpose = "server-consumer"
 
-    def __init__(self, cfg: ServerConfig, pipeline: UpdatePipeline, *,
-                 signing_key=None, tick_s: float = 1.0, amqp: AmqpSettings | None = None):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        pipeline: UpdatePipeline,
+        *,
+        signing_key=None,
+        tick_s: float = 1.0,
+        amqp: AmqpSettings | None = None,
+    ):
         super().__init__(amqp or amqp_settings(cfg))
         self.cfg = cfg
         self.pipeline = pipeline
@@ -272,8 +301,13 @@ class ServerConsumer(AmqpWorker):
         limit = self.cfg.queue.delivery_limit
         if d.msg.delivery_count < limit:
             self.requeued += 1
-            log.error("handling message %s failed (delivery %d of at most %d): %r; requeued",
-                      d.msg.message_id, d.msg.delivery_count + 1, limit + 1, e)
+            log.error(
+                "handling message %s failed (delivery %d of at most %d): %r; requeued",
+                d.msg.message_id,
+                d.msg.delivery_count + 1,
+                limit + 1,
+                e,
+            )
             self._hand_back(d, ack=False)
             return
         try:
@@ -292,16 +326,26 @@ class ServerConsumer(AmqpWorker):
         for dl in letters:
             m = dl.msg
             headers = dict(m.headers)
-            headers.update({HEADER_REJECT_CODE: dl.code, HEADER_REJECT_REASON: dl.reason,
-                            HEADER_ORIGINAL_EXCHANGE: q.exchange,
-                            HEADER_ORIGINAL_ROUTING_KEY: m.routing_key,
-                            HEADER_REJECTED_NS: time.time_ns()})
+            headers.update(
+                {
+                    HEADER_REJECT_CODE: dl.code,
+                    HEADER_REJECT_REASON: dl.reason,
+                    HEADER_ORIGINAL_EXCHANGE: q.exchange,
+                    HEADER_ORIGINAL_ROUTING_KEY: m.routing_key,
+                    HEADER_REJECTED_NS: time.time_ns(),
+                }
+            )
             if m.user_id:
                 headers[HEADER_ORIGINAL_USER_ID] = m.user_id
             props = pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, content_type=m.content_type,
-                message_id=m.message_id, type=m.type, app_id=m.app_id, timestamp=m.timestamp,
-                headers=headers)
+                delivery_mode=pika.DeliveryMode.Persistent,
+                content_type=m.content_type,
+                message_id=m.message_id,
+                type=m.type,
+                app_id=m.app_id,
+                timestamp=m.timestamp,
+                headers=headers,
+            )
             self.publisher.publish(q.dead_letter_exchange, m.routing_key, m.body, props)
             self.dead_lettered += 1
 
@@ -327,17 +371,33 @@ class ServerConsumer(AmqpWorker):
 
     def publish_version(self, info: VersionInfo) -> None:
         b = self.cfg.broadcast
-        env, blob = encode_model(self.pipeline.store.load_weights(info), model=info.model,
-                            version=info.version, parent=info.manifest.get("parent"),
-                            accepts=self.pipeline.accepted_bases(info.model),
-                            key=self.signing_key, compression=b.compression,
-                            created_ns=info.manifest.get("created_ns"))
+        env, blob = encode_model(
+            self.pipeline.store.load_weights(info),
+            model=info.model,
+            version=info.version,
+            parent=info.manifest.get("parent"),
+            accepts=self.pipeline.accepted_bases(info.model),
+            key=self.signing_key,
+            compression=b.compression,
+            created_ns=info.manifest.get("created_ns"),
+        )
         chunks = split(env.broadcast_id, blob, b.chunk_size)
         for c in chunks:
             props = pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, content_type=MODEL_CONTENT_TYPE,
-                message_id=c.message_id, headers=c.headers(), app_id="waggle-trainer-server",
-                type=MODEL_MESSAGE_TYPE, timestamp=int(time.time()))
+                delivery_mode=pika.DeliveryMode.Persistent,
+                content_type=MODEL_CONTENT_TYPE,
+                message_id=c.message_id,
+                headers=c.headers(),
+                app_id="waggle-trainer-server",
+                type=MODEL_MESSAGE_TYPE,
+                timestamp=int(time.time()),
+            )
             self.publisher.publish(b.exchange, model_routing_key(info.model), c.body, props)
-        log.info("model %s: version %s broadcast on %s (%d bytes, %d chunk(s))", info.model,
-                 info.version, b.exchange, len(blob), len(chunks))
+        log.info(
+            "model %s: version %s broadcast on %s (%d bytes, %d chunk(s))",
+            info.model,
+            info.version,
+            b.exchange,
+            len(blob),
+            len(chunks),
+        )

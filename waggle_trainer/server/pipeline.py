@@ -107,8 +107,9 @@ def _payload_head(payload: memoryview, compression: Any, n: int = 4096) -> bytes
 SLICE_BYTES = 16 * 2**20  # float64 working set per slice of one tensor, all contributors
 
 
-def _combine_in_slices(files: list, name: str, shape: torch.Size, weights: list[float],
-                       rule: str, trim_fraction: float) -> torch.Tensor:
+def _combine_in_slices(
+    files: list, name: str, shape: torch.Size, weights: list[float], rule: str, trim_fraction: float
+) -> torch.Tensor:
     """:func:`combine` one tensor, reading it from every contributor's file in
     slices along the first dimension, so memory stays bounded however many
     contributors there are (results do not depend on the slicing)."""
@@ -119,8 +120,8 @@ def _combine_in_slices(files: list, name: str, shape: torch.Size, weights: list[
     step = max(1, SLICE_BYTES // (8 * row_elems * len(files)))
     out = torch.empty(shape, dtype=torch.float64)
     for r0 in range(0, rows, step):
-        parts = [f.get_slice(name)[r0:r0 + step] for f in files]
-        out[r0:r0 + step] = combine(parts, weights, rule, trim_fraction)
+        parts = [f.get_slice(name)[r0 : r0 + step] for f in files]
+        out[r0 : r0 + step] = combine(parts, weights, rule, trim_fraction)
     return out
 
 
@@ -145,8 +146,11 @@ class UpdatePipeline:
         self.lock = StateLock(root / "lock")
         self.db = StateDB(root / "state.sqlite")
         self.store = ModelStore(root / "models", retain=cfg.store.retain_versions)
-        self.staging = Staging(root / "staging", max_bytes=cfg.verify.staging_max_bytes,
-                               max_age_s=cfg.verify.staging_max_age_s)
+        self.staging = Staging(
+            root / "staging",
+            max_bytes=cfg.verify.staging_max_bytes,
+            max_age_s=cfg.verify.staging_max_age_s,
+        )
         self.pending_dir = root / "pending"
         self.pending_dir.mkdir(exist_ok=True, mode=0o700)
         self.keys = NodeKeys(cfg.verify.keys_dir)
@@ -173,11 +177,23 @@ class UpdatePipeline:
             raise InitialWeightsError(model, f"{str(path)!r} does not load: {e}") from None
         for name, t in weights.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InitialWeightsError(model, f"{str(path)!r}: tensor {name!r} has "
-                                                 "non-finite values")
-        info = self.store.write(model, 1, weights, {
-            "parent": None, "created_ns": time.time_ns(), "rule": {"rule": "initial"},
-            "source": str(path), "contributors": [], "nodes": [], "samples": 0})
+                raise InitialWeightsError(
+                    model, f"{str(path)!r}: tensor {name!r} has non-finite values"
+                )
+        info = self.store.write(
+            model,
+            1,
+            weights,
+            {
+                "parent": None,
+                "created_ns": time.time_ns(),
+                "rule": {"rule": "initial"},
+                "source": str(path),
+                "contributors": [],
+                "nodes": [],
+                "samples": 0,
+            },
+        )
         with self.db.transaction():
             self.db.mark_aggregated(model, 1, [])
         log.info("model %s: version 1 imported from %s", model, path)
@@ -196,8 +212,12 @@ class UpdatePipeline:
                     ids = [c["update_id"] for c in info.manifest.get("contributors", [])]
                     with self.db.transaction():
                         self.db.mark_aggregated(model, info.seq, ids)
-                    log.info("model %s: version %s recorded after restart (%d updates)",
-                             model, info.version, len(ids))
+                    log.info(
+                        "model %s: version %s recorded after restart (%d updates)",
+                        model,
+                        info.version,
+                        len(ids),
+                    )
         pending = self.db.pending_ids()
         for p in self.pending_dir.glob("*.safetensors"):
             if p.stem not in pending:
@@ -231,8 +251,11 @@ class UpdatePipeline:
             out.finish_steps.append(lambda: self.staging.discard(uid))
             return out
         for old in evicted:
-            out.merge(self._expire(old, "staging_full",
-                                   "evicted: staging full (verify.staging_max_bytes)"))
+            out.merge(
+                self._expire(
+                    old, "staging_full", "evicted: staging full (verify.staging_max_bytes)"
+                )
+            )
         if complete:
             out.merge(self._complete(uid))
         return out
@@ -242,8 +265,9 @@ class UpdatePipeline:
         an update id that is safe as a directory name."""
         uid, idx, cnt, sha = parse_headers(msg.headers, msg.message_id)
         if not valid_update_id(uid):
-            raise ChunkError("headers", f"update_id {uid[:80]!r} is not an id "
-                                        "(1-64 of A-Z a-z 0-9 -)")
+            raise ChunkError(
+                "headers", f"update_id {uid[:80]!r} is not an id (1-64 of A-Z a-z 0-9 -)"
+            )
         return uid, idx, cnt, sha
 
     def _expire(self, uid: str, code: str, reason: str) -> Outcome:
@@ -253,8 +277,16 @@ class UpdatePipeline:
         out.finish_steps.append(lambda: self.db.bump("expired_partials"))
         return out
 
-    def _reject(self, msgs: list[ChunkMessage], code: str, reason: str, *, node: str | None,
-                uid: str | None, env: Envelope | None = None) -> Outcome:
+    def _reject(
+        self,
+        msgs: list[ChunkMessage],
+        code: str,
+        reason: str,
+        *,
+        node: str | None,
+        uid: str | None,
+        env: Envelope | None = None,
+    ) -> Outcome:
         log.warning("refused update %s from %s: %s: %s", uid or "?", node or "?", code, reason)
         out = Outcome(dead_letters=[DeadLetter(m, code, reason) for m in msgs])
 
@@ -263,6 +295,7 @@ class UpdatePipeline:
                 self.db.record_rejection(node, uid, code, reason)
                 if env is not None:
                     self.db.record_verified(env, status="rejected", reason=f"{code}: {reason}")
+
         out.finish_steps.append(record)
         return out
 
@@ -274,13 +307,18 @@ class UpdatePipeline:
         try:
             uid = self._parse(msg)[0]
             if (self.staging.root / uid).is_dir():
-                msgs = [m for m in self.staging.messages(uid)
-                        if m.message_id != msg.message_id] + [msg]
+                msgs = [m for m in self.staging.messages(uid) if m.message_id != msg.message_id] + [
+                    msg
+                ]
         except (ChunkError, OSError, ValueError):
             pass
-        out = self._reject(msgs, "poison", f"handling failed {msg.delivery_count + 1} times "
-                                           f"(queue.delivery_limit): {error}",
-                           node=msg.user_id, uid=uid)
+        out = self._reject(
+            msgs,
+            "poison",
+            f"handling failed {msg.delivery_count + 1} times (queue.delivery_limit): {error}",
+            node=msg.user_id,
+            uid=uid,
+        )
         if uid is not None:
             out.finish_steps.append(lambda: self.staging.discard(uid))
         return out
@@ -291,8 +329,9 @@ class UpdatePipeline:
         user_id = msgs[-1].user_id if msgs else None
 
         def refuse(code: str, reason: str, env: Envelope | None = None) -> Outcome:
-            out = self._reject(msgs, code, reason, node=env.node_id if env else user_id,
-                               uid=uid, env=env)
+            out = self._reject(
+                msgs, code, reason, node=env.node_id if env else user_id, uid=uid, env=env
+            )
             out.finish_steps.append(lambda: self.staging.discard(uid))
             return out
 
@@ -312,7 +351,7 @@ class UpdatePipeline:
             if self.db.update_status(uid) is not None:
                 raise _AlreadyHandled
             n = int.from_bytes(blob[4:8], "big")
-            payload = memoryview(blob)[8 + n + 32:]  # a zstd block can be 128 KiB: all of it
+            payload = memoryview(blob)[8 + n + 32 :]  # a zstd block can be 128 KiB: all of it
             weighting.append(self._check(env, payload, msgs))
             return self._reference(env)
 
@@ -328,14 +367,22 @@ class UpdatePipeline:
         staleness, weight = weighting[0]
         save_tensors_atomic(self.pending_dir / f"{uid}.safetensors", decoded.delta)
         with self.db.transaction():
-            superseded = self.db.record_verified(env, status="pending", staleness=staleness,
-                                                 weight=weight)
+            superseded = self.db.record_verified(
+                env, status="pending", staleness=staleness, weight=weight
+            )
         for old in superseded:
             (self.pending_dir / f"{old}.safetensors").unlink(missing_ok=True)
         self.staging.discard(uid)
-        log.info("accepted update %s from %s (model %s, base %s, round %d, %d samples%s)",
-                 uid, env.node_id, env.model, env.base_version, env.round, env.samples,
-                 f", staleness {staleness}" if staleness else "")
+        log.info(
+            "accepted update %s from %s (model %s, base %s, round %d, %d samples%s)",
+            uid,
+            env.node_id,
+            env.model,
+            env.base_version,
+            env.round,
+            env.samples,
+            f", staleness {staleness}" if staleness else "",
+        )
         out = Outcome(accepted=uid)
         out.new_versions += self._aggregate_if_due(env.model)
         return out
@@ -343,48 +390,66 @@ class UpdatePipeline:
     def _reference(self, env: Envelope):
         spec = self.store.spec(env.model, env.base_version)
         if spec is None:
-            raise UpdateRejected("base_version", f"base version {env.base_version!r} of model "
-                                                 f"{env.model!r} is not kept")
+            raise UpdateRejected(
+                "base_version",
+                f"base version {env.base_version!r} of model {env.model!r} is not kept",
+            )
         return spec
 
-    def _check(self, env: Envelope, payload: memoryview,
-               msgs: list[ChunkMessage]) -> tuple[int, float]:
+    def _check(
+        self, env: Envelope, payload: memoryview, msgs: list[ChunkMessage]
+    ) -> tuple[int, float]:
         """Checks after the signature, before the payload is parsed: (staleness,
         FedAvg weight)."""
         if self.cfg.verify.require_user_id:
             users = {m.user_id for m in msgs}
             if users != {env.node_id}:
-                raise UpdateRejected("user_id", f"broker-validated user_id "
-                                                f"{sorted(map(str, users))} differs from node "
-                                                f"id {env.node_id!r}")
+                raise UpdateRejected(
+                    "user_id",
+                    f"broker-validated user_id "
+                    f"{sorted(map(str, users))} differs from node "
+                    f"id {env.node_id!r}",
+                )
         for k, v in env.metrics.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UpdateRejected("format", f"metric {k!r} is not a finite number")
         if env.samples < 1:
             raise UpdateRejected("format", f"samples is {env.samples}, must be >= 1")
         if env.model not in self.cfg.models:
-            raise UpdateRejected("model", f"model {env.model!r} is not served here "
-                                          f"(served: {', '.join(sorted(self.cfg.models))})")
+            raise UpdateRejected(
+                "model",
+                f"model {env.model!r} is not served here "
+                f"(served: {', '.join(sorted(self.cfg.models))})",
+            )
         latest = self.store.latest(env.model)
         base = self.store.get(env.model, env.base_version)
         if base is None or latest is None:
-            raise UpdateRejected("base_version", f"base version {env.base_version!r} of model "
-                                                 f"{env.model!r} is unknown")
+            raise UpdateRejected(
+                "base_version",
+                f"base version {env.base_version!r} of model {env.model!r} is unknown",
+            )
         staleness = latest.seq - base.seq
         if staleness > self.cfg.aggregation.max_staleness or base.retired:
-            raise UpdateRejected("stale", f"base version {env.base_version} is {staleness} "
-                                          f"versions old (aggregation.max_staleness = "
-                                          f"{self.cfg.aggregation.max_staleness})")
+            raise UpdateRejected(
+                "stale",
+                f"base version {env.base_version} is {staleness} "
+                f"versions old (aggregation.max_staleness = "
+                f"{self.cfg.aggregation.max_staleness})",
+            )
         last = self.db.last_round(env.node_id, env.model)
         if last is not None and env.round <= last:
-            raise UpdateRejected("replay", f"round {env.round} is not after the last accepted "
-                                           f"round {last} of node {env.node_id}")
+            raise UpdateRejected(
+                "replay",
+                f"round {env.round} is not after the last accepted "
+                f"round {last} of node {env.node_id}",
+            )
         head = _payload_head(payload, env.encoding.get("compression"))
         what = looks_like_safetensors(head, env.raw_bytes) if head is not None else None
         if what is not None:
             raise UpdateRejected("format", f"payload is {what}; only safetensors is accepted")
-        return staleness, staleness_weight(env.samples, staleness,
-                                           self.cfg.aggregation.staleness_decay)
+        return staleness, staleness_weight(
+            env.samples, staleness, self.cfg.aggregation.staleness_decay
+        )
 
     # -------------------------------------------------------------- aggregation
     def tick(self) -> Outcome:
@@ -392,9 +457,15 @@ class UpdatePipeline:
         aggregate pools whose time window has passed."""
         out = Outcome()
         for uid in self.staging.expired():
-            out.merge(self._expire(uid, "incomplete", f"incomplete after "
-                                   f"{self.cfg.verify.staging_max_age_s:.0f} s "
-                                   "(verify.staging_max_age_s)"))
+            out.merge(
+                self._expire(
+                    uid,
+                    "incomplete",
+                    f"incomplete after "
+                    f"{self.cfg.verify.staging_max_age_s:.0f} s "
+                    "(verify.staging_max_age_s)",
+                )
+            )
         self.reconcile()
         for model in self.cfg.models:
             out.new_versions += self._aggregate_if_due(model)
@@ -416,38 +487,57 @@ class UpdatePipeline:
         current = self.store.latest(model)
         assert current is not None
         pool = sorted(pool, key=lambda p: p.update_id)
-        log.info("model %s: aggregating %d updates into version %d", model, len(pool),
-                 current.seq + 1)
+        log.info(
+            "model %s: aggregating %d updates into version %d", model, len(pool), current.seq + 1
+        )
         base = self.store.load_weights(current)
         prev_m = self.store.load_momentum(current) if agg.server_momentum > 0 else None
         weights = [p.weight for p in pool]
-        files = [safe_open(str(self.pending_dir / f"{p.update_id}.safetensors"), framework="pt")
-                 for p in pool]
+        files = [
+            safe_open(str(self.pending_dir / f"{p.update_id}.safetensors"), framework="pt")
+            for p in pool
+        ]
         new: dict[str, torch.Tensor] = {}
         momentum: dict[str, torch.Tensor] = {}
         for name, b in base.items():
             if not b.is_floating_point():
                 new[name] = b.clone()
                 continue
-            step = _combine_in_slices(files, name, b.shape, weights, agg.rule,
-                                      agg.trim_fraction)
+            step = _combine_in_slices(files, name, b.shape, weights, agg.rule, agg.trim_fraction)
             if agg.server_momentum > 0:
-                m = step if prev_m is None or name not in prev_m else \
-                    prev_m[name].to(torch.float64) * agg.server_momentum + step
+                m = (
+                    step
+                    if prev_m is None or name not in prev_m
+                    else prev_m[name].to(torch.float64) * agg.server_momentum + step
+                )
                 momentum[name] = m.to(torch.float32)
                 step = m
             new[name] = (b.to(torch.float64) + step * agg.server_lr).to(b.dtype)
         seq = current.seq + 1
         nodes = sorted({p.node for p in pool})
         manifest: dict[str, Any] = {
-            "parent": current.version, "created_ns": time.time_ns(),
-            "rule": {"rule": agg.rule, "trim_fraction": agg.trim_fraction,
-                     "server_momentum": agg.server_momentum, "server_lr": agg.server_lr,
-                     "staleness_decay": agg.staleness_decay},
-            "contributors": [{"update_id": p.update_id, "node": p.node, "round": p.round,
-                              "base_version": p.base_version, "samples": p.samples,
-                              "staleness": p.staleness, "weight": p.weight,
-                              "metrics": p.metrics} for p in pool],
+            "parent": current.version,
+            "created_ns": time.time_ns(),
+            "rule": {
+                "rule": agg.rule,
+                "trim_fraction": agg.trim_fraction,
+                "server_momentum": agg.server_momentum,
+                "server_lr": agg.server_lr,
+                "staleness_decay": agg.staleness_decay,
+            },
+            "contributors": [
+                {
+                    "update_id": p.update_id,
+                    "node": p.node,
+                    "round": p.round,
+                    "base_version": p.base_version,
+                    "samples": p.samples,
+                    "staleness": p.staleness,
+                    "weight": p.weight,
+                    "metrics": p.metrics,
+                }
+                for p in pool
+            ],
             "nodes": nodes,
             "samples": sum(p.samples for p in pool),
         }
@@ -456,12 +546,19 @@ class UpdatePipeline:
             self.db.mark_aggregated(model, seq, [p.update_id for p in pool])
         for p in pool:
             (self.pending_dir / f"{p.update_id}.safetensors").unlink(missing_ok=True)
-        log.info("model %s: version %d stored from %d updates of %d nodes (%s, %d samples)",
-                 model, seq, len(pool), len(nodes), agg.rule, manifest["samples"])
+        log.info(
+            "model %s: version %d stored from %d updates of %d nodes (%s, %d samples)",
+            model,
+            seq,
+            len(pool),
+            len(nodes),
+            agg.rule,
+            manifest["samples"],
+        )
         return info
 
     def accepted_bases(self, model: str) -> list[str]:
         """Base versions updates may still be made against (newest first)."""
         # retention keeps at least max_staleness + 1 versions (the config checks it)
-        newest = self.store.seqs(model)[-(self.cfg.aggregation.max_staleness + 1):]
+        newest = self.store.seqs(model)[-(self.cfg.aggregation.max_staleness + 1) :]
         return [str(seq) for seq in reversed(newest)]

@@ -24,14 +24,18 @@ def generate_signing_key(path: str | os.PathLike) -> Path:
     to overwrite (FileExistsError)."""
     p = Path(path)
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     pub = p.with_name(p.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                  serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return pub
 
 
@@ -40,8 +44,10 @@ def load_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     p = Path(path)
     st = p.stat()
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{p}: signing key must not be accessible by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}; chmod 600)")
+        raise ValueError(
+            f"{p}: signing key must not be accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}; chmod 600)"
+        )
     try:
         key = serialization.load_pem_private_key(p.read_bytes(), password=None)
     except ValueError as e:
@@ -83,24 +89,37 @@ def check_files(cfg: ServerConfig, source: str):
     for name, m in cfg.models.items():
         p = Path(m.initial_weights)
         if not p.is_file():
-            problems.append((f"models.{name}.initial_weights",
-                             f"{str(p)!r} not found (a safetensors file of the model's weights)"))
+            problems.append(
+                (
+                    f"models.{name}.initial_weights",
+                    f"{str(p)!r} not found (a safetensors file of the model's weights)",
+                )
+            )
         elif (why := _not_safetensors(p)) is not None:
             problems.append((f"models.{name}.initial_weights", f"{str(p)!r} {why}"))
     if not cfg.models:
         problems.append(("models", "no model to serve (add [models.NAME] with initial_weights)"))
     if not Path(cfg.verify.keys_dir).is_dir():
-        problems.append(("verify.keys_dir", f"{str(cfg.verify.keys_dir)!r} is not a directory "
-                                            "(one <node_id>.key file per node)"))
+        problems.append(
+            (
+                "verify.keys_dir",
+                f"{str(cfg.verify.keys_dir)!r} is not a directory "
+                "(one <node_id>.key file per node)",
+            )
+        )
     key = None
     if cfg.broadcast.enabled:
         try:
             key = load_signing_key(cfg.broadcast.signing_key_file)
         except FileNotFoundError:
-            problems.append(("broadcast.signing_key_file",
-                             f"{str(cfg.broadcast.signing_key_file)!r} not found (create one with "
-                             "'waggle-trainer server-keygen PATH', or set broadcast.enabled = "
-                             "false)"))
+            problems.append(
+                (
+                    "broadcast.signing_key_file",
+                    f"{str(cfg.broadcast.signing_key_file)!r} not found (create one with "
+                    "'waggle-trainer server-keygen PATH', or set broadcast.enabled = "
+                    "false)",
+                )
+            )
         except (OSError, ValueError) as e:
             problems.append(("broadcast.signing_key_file", str(e)))
     try:

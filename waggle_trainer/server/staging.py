@@ -98,8 +98,9 @@ class Staging:
     def bytes_total(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*/*.chunk"))
 
-    def add(self, update_id: str, index: int, count: int, sha: str,
-            msg: ChunkMessage) -> tuple[bool, list[str]]:
+    def add(
+        self, update_id: str, index: int, count: int, sha: str, msg: ChunkMessage
+    ) -> tuple[bool, list[str]]:
         """Stage one chunk.  Returns (complete, evicted update ids).  Raises
         ChunkError for a chunk inconsistent with its update (``headers``,
         ``conflict``) or an update that cannot fit (``size``)."""
@@ -119,8 +120,10 @@ class Staging:
         evicted = self._make_room(len(msg.body), update_id)
         if not meta_path.exists():
             d.mkdir(mode=0o700, exist_ok=True)
-            write_atomic(meta_path, json.dumps(
-                {"count": count, "sha": sha, "first_seen_ns": time.time_ns()}).encode())
+            write_atomic(
+                meta_path,
+                json.dumps({"count": count, "sha": sha, "first_seen_ns": time.time_ns()}).encode(),
+            )
         write_atomic(chunk, msg.body)
         write_atomic(d / f"{index}.json", json.dumps(_plain(msg.props())).encode())
         return self._complete(d, count), evicted
@@ -141,8 +144,9 @@ class Staging:
             if total + size <= self.max_bytes:
                 return evicted
         if total + size > self.max_bytes:
-            raise ChunkError("size", f"staging is full ({self.max_bytes} bytes) with this "
-                                     "update alone")
+            raise ChunkError(
+                "size", f"staging is full ({self.max_bytes} bytes) with this update alone"
+            )
         return evicted
 
     def blob(self, update_id: str) -> bytes:

@@ -25,11 +25,27 @@ from .config import ServerConfig
 from .state import StateDB
 from .store import ModelStore
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf")
-NODE_METRICS = {"round": "train.round", "agreement": "train.agreement", "loss": "train.loss",
-                "budget_bytes": "mem.budget_bytes", "peak_bytes": "mem.peak_bytes",
-                "outbox_updates": "outbox.updates", "outbox_bytes": "outbox.bytes"}
+PALETTE = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+NODE_METRICS = {
+    "round": "train.round",
+    "agreement": "train.agreement",
+    "loss": "train.loss",
+    "budget_bytes": "mem.budget_bytes",
+    "peak_bytes": "mem.peak_bytes",
+    "outbox_updates": "outbox.updates",
+    "outbox_bytes": "outbox.bytes",
+}
 
 
 def collect(db_path: Path, store: ModelStore, telemetry, consumer=None) -> dict[str, Any]:
@@ -49,12 +65,14 @@ def collect(db_path: Path, store: ModelStore, telemetry, consumer=None) -> dict[
         s = summary.get(node, {"accepted": 0, "rejected": {}, "last_update": None})
         metrics = last.get(node, {})
         lu = s["last_update"] or {}
-        row: dict[str, Any] = {"node": node, "accepted": s["accepted"],
-                               "rejected": s["rejected"],
-                               "rejected_total": sum(s["rejected"].values()),
-                               "last_update": lu or None,
-                               "last_metric_ns": max((ts for ts, _ in metrics.values()),
-                                                     default=None)}
+        row: dict[str, Any] = {
+            "node": node,
+            "accepted": s["accepted"],
+            "rejected": s["rejected"],
+            "rejected_total": sum(s["rejected"].values()),
+            "last_update": lu or None,
+            "last_metric_ns": max((ts for ts, _ in metrics.values()), default=None),
+        }
         for key, name in NODE_METRICS.items():
             row[key] = metrics[name][1] if name in metrics else None
         if row["round"] is None and lu:
@@ -70,66 +88,95 @@ def collect(db_path: Path, store: ModelStore, telemetry, consumer=None) -> dict[
     for model in store.models():
         for v in reversed(store.versions(model)):
             m = v.manifest
-            versions.append({"model": model, "version": v.version, "parent": m.get("parent"),
-                             "created_ns": m.get("created_ns"),
-                             "rule": m.get("rule", {}).get("rule"),
-                             "updates": len(m.get("contributors", [])),
-                             "nodes": m.get("nodes", []), "samples": m.get("samples", 0),
-                             "retired": v.retired})
-    out = {"generated_ns": time.time_ns(), "nodes": nodes, "versions": versions,
-           "pending": pending, "recent_rejections": rejections, "counters": counters,
-           "agreement": {n: sorted(set(p)) for n, p in merged.items()}}
+            versions.append(
+                {
+                    "model": model,
+                    "version": v.version,
+                    "parent": m.get("parent"),
+                    "created_ns": m.get("created_ns"),
+                    "rule": m.get("rule", {}).get("rule"),
+                    "updates": len(m.get("contributors", [])),
+                    "nodes": m.get("nodes", []),
+                    "samples": m.get("samples", 0),
+                    "retired": v.retired,
+                }
+            )
+    out = {
+        "generated_ns": time.time_ns(),
+        "nodes": nodes,
+        "versions": versions,
+        "pending": pending,
+        "recent_rejections": rejections,
+        "counters": counters,
+        "agreement": {n: sorted(set(p)) for n, p in merged.items()},
+    }
     if consumer is not None:
-        out["server"] = {"connected": consumer.connected, "handled": consumer.handled,
-                         "dead_lettered": consumer.dead_lettered,
-                         "requeued": consumer.requeued}
+        out["server"] = {
+            "connected": consumer.connected,
+            "handled": consumer.handled,
+            "dead_lettered": consumer.dead_lettered,
+            "requeued": consumer.requeued,
+        }
     return out
 
 
-def agreement_svg(series: dict[str, list[tuple[int, float]]], width: int = 720,
-                  height: int = 260) -> str:
+def agreement_svg(
+    series: dict[str, list[tuple[int, float]]], width: int = 720, height: int = 260
+) -> str:
     """Agreement (0..1) over time, one line and legend entry per node."""
     left, right, top, bottom = 48, 150, 16, 32
     pw, ph = width - left - right, height - top - bottom
     pts = [t for s in series.values() for t, _ in s]
     t0, t1 = (min(pts), max(pts)) if pts else (0, 1)
     span = max(t1 - t0, 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" id="agreement-plot" width="{width}" '
-             f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="teacher agreement over time per node">',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" '
-             f'stroke="#999"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" id="agreement-plot" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="teacher agreement over time per node">',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafafa" stroke="#999"/>',
+    ]
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = top + ph * (1 - frac)
-        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" '
-                     f'stroke="#ddd"/><text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
-                     f'text-anchor="end">{frac:.2f}</text>')
+        parts.append(
+            f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" '
+            f'stroke="#ddd"/><text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
+            f'text-anchor="end">{frac:.2f}</text>'
+        )
     if pts:
         minutes = span / 60e9
-        parts.append(f'<text x="{left}" y="{height - 8}" font-size="11">'
-                     f'{html.escape(time.strftime("%H:%M:%S", time.gmtime(t0 / 1e9)))} UTC</text>'
-                     f'<text x="{left + pw}" y="{height - 8}" font-size="11" text-anchor="end">'
-                     f'+{minutes:.1f} min</text>')
+        parts.append(
+            f'<text x="{left}" y="{height - 8}" font-size="11">'
+            f"{html.escape(time.strftime('%H:%M:%S', time.gmtime(t0 / 1e9)))} UTC</text>"
+            f'<text x="{left + pw}" y="{height - 8}" font-size="11" text-anchor="end">'
+            f"+{minutes:.1f} min</text>"
+        )
     else:
-        parts.append(f'<text x="{left + pw / 2}" y="{top + ph / 2}" font-size="13" '
-                     'text-anchor="middle">no agreement reported yet</text>')
+        parts.append(
+            f'<text x="{left + pw / 2}" y="{top + ph / 2}" font-size="13" '
+            'text-anchor="middle">no agreement reported yet</text>'
+        )
     for i, (node, s) in enumerate(sorted(series.items())):
         color = PALETTE[i % len(PALETTE)]
-        xy = [(left + pw * (t - t0) / span, top + ph * (1 - min(max(v, 0.0), 1.0)))
-              for t, v in s]
+        xy = [(left + pw * (t - t0) / span, top + ph * (1 - min(max(v, 0.0), 1.0))) for t, v in s]
         if len(xy) == 1:
             x, y = xy[0]
-            parts.append(f'<circle class="series" data-node="{html.escape(node)}" cx="{x:.1f}" '
-                         f'cy="{y:.1f}" r="3" fill="{color}"/>')
+            parts.append(
+                f'<circle class="series" data-node="{html.escape(node)}" cx="{x:.1f}" '
+                f'cy="{y:.1f}" r="3" fill="{color}"/>'
+            )
         else:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-            parts.append(f'<polyline class="series" data-node="{html.escape(node)}" '
-                         f'points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+            parts.append(
+                f'<polyline class="series" data-node="{html.escape(node)}" '
+                f'points="{path}" fill="none" stroke="{color}" stroke-width="1.5"/>'
+            )
         ly = top + 12 + 14 * i
         if ly < top + ph:
-            parts.append(f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
-                         f'fill="{color}"/><text x="{left + pw + 24}" y="{ly + 1}" '
-                         f'font-size="11">{html.escape(node)}</text>')
+            parts.append(
+                f'<rect x="{left + pw + 10}" y="{ly - 8}" width="10" height="10" '
+                f'fill="{color}"/><text x="{left + pw + 24}" y="{ly + 1}" '
+                f'font-size="11">{html.escape(node)}</text>'
+            )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -171,23 +218,26 @@ def render_html(data: dict[str, Any]) -> str:
             f'<tr class="node" data-node="{e(n["node"])}"><td>{e(n["node"])}</td>'
             f'<td>{_fmt_time(n["last_metric_ns"])}</td><td class="round">{_num(n["round"])}</td>'
             f'<td class="agreement">{_num(n["agreement"])}</td>'
-            f'<td>{_fmt_bytes(n["budget_bytes"])}</td><td>{_fmt_bytes(n["peak_bytes"])}</td>'
-            f'<td>{_num(n["outbox_updates"])}</td>'
-            f'<td>{_fmt_time(lu.get("received_ns"))} {e(str(lu.get("status", "")))}</td>'
+            f"<td>{_fmt_bytes(n['budget_bytes'])}</td><td>{_fmt_bytes(n['peak_bytes'])}</td>"
+            f"<td>{_num(n['outbox_updates'])}</td>"
+            f"<td>{_fmt_time(lu.get('received_ns'))} {e(str(lu.get('status', '')))}</td>"
             f'<td class="accepted">{n["accepted"]}</td>'
-            f'<td class="rejected" data-total="{n["rejected_total"]}">{rej}</td></tr>')
+            f'<td class="rejected" data-total="{n["rejected_total"]}">{rej}</td></tr>'
+        )
     vrows = []
     for v in data["versions"][:50]:
         vrows.append(
             f'<tr class="version"><td>{e(v["model"])}</td><td>{e(v["version"])}</td>'
-            f'<td>{e(str(v["parent"] or "–"))}</td><td>{_fmt_time(v["created_ns"])}</td>'
+            f"<td>{e(str(v['parent'] or '–'))}</td><td>{_fmt_time(v['created_ns'])}</td>"
             f'<td>{e(str(v["rule"]))}</td><td class="updates">{v["updates"]}</td>'
-            f'<td>{v["samples"]}</td><td>{e(", ".join(v["nodes"])) or "–"}</td>'
-            f'<td>{"retired" if v["retired"] else "kept"}</td></tr>')
+            f"<td>{v['samples']}</td><td>{e(', '.join(v['nodes'])) or '–'}</td>"
+            f"<td>{'retired' if v['retired'] else 'kept'}</td></tr>"
+        )
     rejs = "".join(
         f'<tr class="rejection"><td>{_fmt_time(r["ns"])}</td><td>{e(str(r["node"] or "?"))}</td>'
-        f'<td>{e(r["code"])}</td><td>{e(r["reason"][:200])}</td></tr>'
-        for r in data["recent_rejections"])
+        f"<td>{e(r['code'])}</td><td>{e(r['reason'][:200])}</td></tr>"
+        for r in data["recent_rejections"]
+    )
     pending = ", ".join(f"{e(m)}: {n}" for m, n in sorted(data["pending"].items())) or "–"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
@@ -224,8 +274,9 @@ Generated {_fmt_time(data["generated_ns"])} UTC.</p>
 class StatusServer:
     """The page in a thread of its own (``ThreadingHTTPServer``)."""
 
-    def __init__(self, cfg: ServerConfig, db_path: Path, store: ModelStore, telemetry,
-                 consumer=None):
+    def __init__(
+        self, cfg: ServerConfig, db_path: Path, store: ModelStore, telemetry, consumer=None
+    ):
         page = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -234,11 +285,9 @@ class StatusServer:
                     path = self.path.split("?", 1)[0]
                     data = collect(db_path, store, telemetry, consumer)
                     if path == "/api/status":
-                        self._send(200, "application/json",
-                                   json.dumps(data, indent=1).encode())
+                        self._send(200, "application/json", json.dumps(data, indent=1).encode())
                     elif path == "/agreement.svg":
-                        self._send(200, "image/svg+xml",
-                                   agreement_svg(data["agreement"]).encode())
+                        self._send(200, "image/svg+xml", agreement_svg(data["agreement"]).encode())
                     elif path in ("/", "/index.html"):
                         self._send(200, "text/html; charset=utf-8", render_html(data).encode())
                     else:
@@ -262,8 +311,9 @@ class StatusServer:
         self.httpd = ThreadingHTTPServer((cfg.status.bind, cfg.status.port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="status-page",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, name="status-page", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()

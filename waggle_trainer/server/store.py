@@ -86,8 +86,13 @@ class ModelStore:
         d = self.root / model
         manifest = json.loads((d / f"{_name(seq)}.json").read_text())
         mom = d / f"{_name(seq)}.momentum.safetensors"
-        return VersionInfo(model, seq, manifest, d / f"{_name(seq)}.safetensors",
-                           mom if manifest.get("momentum") else None)
+        return VersionInfo(
+            model,
+            seq,
+            manifest,
+            d / f"{_name(seq)}.safetensors",
+            mom if manifest.get("momentum") else None,
+        )
 
     def get(self, model: str, version: str) -> VersionInfo | None:
         if not version.isdigit() or int(version) < 1:
@@ -129,8 +134,12 @@ class ModelStore:
         if info is None or info.retired:
             return None
         key = (model, info.seq)
-        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                  "BF16": torch.bfloat16}
+        dtypes = {
+            "F64": torch.float64,
+            "F32": torch.float32,
+            "F16": torch.float16,
+            "BF16": torch.bfloat16,
+        }
         if key not in self._spec_cache:
             spec = {}
             with safe_open(str(info.weights), framework="pt") as f:
@@ -143,22 +152,35 @@ class ModelStore:
         return self._spec_cache[key]
 
     # ------------------------------------------------------------------ writing
-    def write(self, model: str, seq: int, weights: dict[str, torch.Tensor],
-              manifest: dict[str, Any], momentum: dict[str, torch.Tensor] | None = None
-              ) -> VersionInfo:
+    def write(
+        self,
+        model: str,
+        seq: int,
+        weights: dict[str, torch.Tensor],
+        manifest: dict[str, Any],
+        momentum: dict[str, torch.Tensor] | None = None,
+    ) -> VersionInfo:
         """Store version ``seq`` atomically (weights, momentum, then the manifest)."""
         d = self.root / model
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         wpath = d / f"{_name(seq)}.safetensors"
-        save_tensors_atomic(wpath, weights, {"format": "waggle-model/1", "model": model,
-                                             "version": str(seq)})
-        manifest = dict(manifest, model=model, version=str(seq),
-                        weights_sha256=file_sha256(wpath), weights_bytes=wpath.stat().st_size,
-                        momentum=momentum is not None)
+        save_tensors_atomic(
+            wpath, weights, {"format": "waggle-model/1", "model": model, "version": str(seq)}
+        )
+        manifest = dict(
+            manifest,
+            model=model,
+            version=str(seq),
+            weights_sha256=file_sha256(wpath),
+            weights_bytes=wpath.stat().st_size,
+            momentum=momentum is not None,
+        )
         if momentum is not None:
             save_tensors_atomic(d / f"{_name(seq)}.momentum.safetensors", momentum)
-        write_atomic(d / f"{_name(seq)}.json",
-                     json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n")
+        write_atomic(
+            d / f"{_name(seq)}.json",
+            json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n",
+        )
         self._apply_retention(model)
         return self._info(model, seq)
 
@@ -175,8 +197,7 @@ class ModelStore:
 
     def _apply_retention(self, model: str) -> None:
         d = self.root / model
-        for seq in self.seqs(model)[:-self.retain]:
+        for seq in self.seqs(model)[: -self.retain]:
             (d / f"{_name(seq)}.safetensors").unlink(missing_ok=True)
             (d / f"{_name(seq)}.momentum.safetensors").unlink(missing_ok=True)
             self._spec_cache.pop((model, seq), None)
-

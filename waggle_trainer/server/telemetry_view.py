@@ -72,12 +72,16 @@ class TelemetryView(AmqpWorker):
             self._last.setdefault(node, {})[name] = (ts, val)
             if name == "train.agreement" and isinstance(val, (int, float)):
                 self._agreement.setdefault(node, deque(maxlen=self.history)).append(
-                    (ts, float(val)))
+                    (ts, float(val))
+                )
         return True
 
-    def snapshot(self) -> tuple[dict[str, dict[str, tuple[int, Any]]],
-                                dict[str, list[tuple[int, float]]]]:
+    def snapshot(
+        self,
+    ) -> tuple[dict[str, dict[str, tuple[int, Any]]], dict[str, list[tuple[int, float]]]]:
         """(last metrics per node, agreement history per node)."""
         with self._lock:
-            return ({n: dict(m) for n, m in self._last.items()},
-                    {n: list(d) for n, d in self._agreement.items()})
+            return (
+                {n: dict(m) for n, m in self._last.items()},
+                {n: list(d) for n, d in self._agreement.items()},
+            )

@@ -49,12 +49,22 @@ def _version_key(v: str) -> tuple[int, str]:
 class ModelSubscriber(AmqpWorker):
     purpose = "models"
 
-    def __init__(self, amqp: AmqpSettings, *, node_id: str, model: str, verify_key,
-                 expected: Mapping[str, TensorSpec] | None = None,
-                 current_version: str | None = None, save_dir: str | os.PathLike | None = None,
-                 exchange: str = MODEL_EXCHANGE, queue: str | None = None,
-                 max_bytes: int = 1 << 30, on_version: Callable[[ModelVersion], Any] | None = None,
-                 partial_timeout_s: float = 600.0):
+    def __init__(
+        self,
+        amqp: AmqpSettings,
+        *,
+        node_id: str,
+        model: str,
+        verify_key,
+        expected: Mapping[str, TensorSpec] | None = None,
+        current_version: str | None = None,
+        save_dir: str | os.PathLike | None = None,
+        exchange: str = MODEL_EXCHANGE,
+        queue: str | None = None,
+        max_bytes: int = 1 << 30,
+        on_version: Callable[[ModelVersion], Any] | None = None,
+        partial_timeout_s: float = 600.0,
+    ):
         super().__init__(amqp)
         self.node_id, self.model = node_id, model
         self.verify_key = verify_key
@@ -127,8 +137,9 @@ class ModelSubscriber(AmqpWorker):
         if done is None:
             return
         try:
-            mv = decode_model(done.blob, self.verify_key, expected=self.expected,
-                              max_bytes=self.max_bytes)
+            mv = decode_model(
+                done.blob, self.verify_key, expected=self.expected, max_bytes=self.max_bytes
+            )
             if mv.envelope.model != self.model:
                 raise UpdateRejected("model", f"broadcast is for model {mv.envelope.model!r}")
         except UpdateRejected as e:
@@ -169,6 +180,10 @@ def drop_unaccepted(outbox, model: str, accepts: list[str]) -> list[str]:
         if e.model == model and e.base_version not in accepts:
             if outbox.remove(e.update_id):
                 dropped.append(e.update_id)
-                log.warning("outbox: update %s (base %s) dropped: the server accepts only "
-                            "bases %s now", e.update_id, e.base_version, ", ".join(accepts))
+                log.warning(
+                    "outbox: update %s (base %s) dropped: the server accepts only bases %s now",
+                    e.update_id,
+                    e.base_version,
+                    ", ".join(accepts),
+                )
     return dropped

@@ -55,8 +55,9 @@ class ModelEnvelope:
     v: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"),
-                          allow_nan=False).encode()
+        return json.dumps(
+            asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> ModelEnvelope:
@@ -66,13 +67,23 @@ class ModelEnvelope:
             raise UpdateRejected("format", f"model envelope is not JSON: {e}") from None
         if not isinstance(obj, dict) or obj.get("v") != FORMAT_VERSION:
             raise UpdateRejected("format", "unsupported model envelope")
-        types = {"broadcast_id": str, "model": str, "version": str, "created_ns": int,
-                 "accepts": list, "compression": str, "payload_sha256": str,
-                 "payload_bytes": int, "raw_bytes": int, "v": int}
+        types = {
+            "broadcast_id": str,
+            "model": str,
+            "version": str,
+            "created_ns": int,
+            "accepts": list,
+            "compression": str,
+            "payload_sha256": str,
+            "payload_bytes": int,
+            "raw_bytes": int,
+            "v": int,
+        }
         for k, t in types.items():
             if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool):
-                raise UpdateRejected("format", f"model envelope field {k!r} missing or not "
-                                               f"{t.__name__}")
+                raise UpdateRejected(
+                    "format", f"model envelope field {k!r} missing or not {t.__name__}"
+                )
         if not (obj.get("parent") is None or isinstance(obj.get("parent"), str)):
             raise UpdateRejected("format", "model envelope field 'parent' is not a string")
         if not all(isinstance(a, str) for a in obj["accepts"]):
@@ -111,13 +122,22 @@ def load_verify_key(path: str | os.PathLike) -> Ed25519PublicKey:
 # ----------------------------------------------------------------- encode/decode
 
 
-def encode_model(state: Mapping[str, torch.Tensor], *, model: str, version: str,
-                 parent: str | None, accepts: list[str], key: Ed25519PrivateKey,
-                 compression: str = "zstd",
-                 created_ns: int | None = None) -> tuple[ModelEnvelope, bytes]:
+def encode_model(
+    state: Mapping[str, torch.Tensor],
+    *,
+    model: str,
+    version: str,
+    parent: str | None,
+    accepts: list[str],
+    key: Ed25519PrivateKey,
+    compression: str = "zstd",
+    created_ns: int | None = None,
+) -> tuple[ModelEnvelope, bytes]:
     """Sign a model version for broadcast: (envelope, blob)."""
-    raw = st_save({k: v.detach().contiguous() for k, v in state.items()},
-                  metadata={"format": "waggle-model/1", "model": model, "version": version})
+    raw = st_save(
+        {k: v.detach().contiguous() for k, v in state.items()},
+        metadata={"format": "waggle-model/1", "model": model, "version": version},
+    )
     if compression == "zstd":
         payload = zstandard.ZstdCompressor(level=3).compress(raw)
     elif compression == "none":
@@ -125,18 +145,25 @@ def encode_model(state: Mapping[str, torch.Tensor], *, model: str, version: str,
     else:
         raise ValueError(f"compression must be zstd or none, not {compression!r}")
     env = ModelEnvelope(
-        broadcast_id=str(uuid.uuid4()), model=model, version=version, parent=parent,
+        broadcast_id=str(uuid.uuid4()),
+        model=model,
+        version=version,
+        parent=parent,
         created_ns=created_ns if created_ns is not None else time.time_ns(),
-        accepts=list(accepts), compression=compression,
-        payload_sha256=hashlib.sha256(payload).hexdigest(), payload_bytes=len(payload),
-        raw_bytes=len(raw))
+        accepts=list(accepts),
+        compression=compression,
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_bytes=len(payload),
+        raw_bytes=len(raw),
+    )
     env_json = env.to_json()
     head = MAGIC + struct.pack(">I", len(env_json)) + env_json
     return env, b"".join((head, key.sign(head + payload), payload))
 
 
-def verify_model(blob: bytes, key: Ed25519PublicKey, *,
-                 max_bytes: int = 1 << 30) -> tuple[ModelEnvelope, bytes]:
+def verify_model(
+    blob: bytes, key: Ed25519PublicKey, *, max_bytes: int = 1 << 30
+) -> tuple[ModelEnvelope, bytes]:
     """Check framing and the server's signature; (envelope, compressed payload)."""
     if len(blob) > max_bytes:
         raise UpdateRejected("size", f"model is {len(blob)} bytes, limit {max_bytes}")
@@ -145,22 +172,29 @@ def verify_model(blob: bytes, key: Ed25519PublicKey, *,
     (n,) = struct.unpack(">I", blob[4:8])
     if n > MAX_ENVELOPE_BYTES or len(blob) < 8 + n + SIG_BYTES:
         raise UpdateRejected("format", "truncated model or oversized envelope")
-    head, sig, payload = blob[:8 + n], blob[8 + n:8 + n + SIG_BYTES], blob[8 + n + SIG_BYTES:]
+    head, sig, payload = blob[: 8 + n], blob[8 + n : 8 + n + SIG_BYTES], blob[8 + n + SIG_BYTES :]
     try:
         key.verify(sig, head + payload)
     except InvalidSignature:
-        raise UpdateRejected("signature", "model signature does not verify with the "
-                                          "server's key") from None
-    env = ModelEnvelope.from_json(blob[8:8 + n])
-    if len(payload) != env.payload_bytes or \
-            hashlib.sha256(payload).hexdigest() != env.payload_sha256:
+        raise UpdateRejected(
+            "signature", "model signature does not verify with the server's key"
+        ) from None
+    env = ModelEnvelope.from_json(blob[8 : 8 + n])
+    if (
+        len(payload) != env.payload_bytes
+        or hashlib.sha256(payload).hexdigest() != env.payload_sha256
+    ):
         raise UpdateRejected("sha256", "model payload differs from its envelope")
     return env, payload
 
 
-def decode_model(blob: bytes, key: Ed25519PublicKey, *,
-                 expected: Mapping[str, TensorSpec] | None = None,
-                 max_bytes: int = 1 << 30) -> ModelVersion:
+def decode_model(
+    blob: bytes,
+    key: Ed25519PublicKey,
+    *,
+    expected: Mapping[str, TensorSpec] | None = None,
+    max_bytes: int = 1 << 30,
+) -> ModelVersion:
     """Verify and decode a broadcast model.  ``expected``: names, shapes and
     dtypes the node's model has (its floating tensors must match exactly)."""
     env, payload = verify_model(blob, key, max_bytes=max_bytes)
@@ -189,11 +223,15 @@ def decode_model(blob: bytes, key: Ed25519PublicKey, *,
         if set(floats) != set(expected):
             missing = sorted(set(expected) - set(floats))[:5]
             extra = sorted(set(floats) - set(expected))[:5]
-            raise UpdateRejected("names", f"model tensors differ: missing {missing}, "
-                                          f"unexpected {extra}")
+            raise UpdateRejected(
+                "names", f"model tensors differ: missing {missing}, unexpected {extra}"
+            )
         for name, spec in expected.items():
             t = floats[name]
             if tuple(t.shape) != tuple(spec.shape) or t.dtype != spec.dtype:
-                raise UpdateRejected("shape", f"{name}: {tuple(t.shape)} {t.dtype}, expected "
-                                              f"{tuple(spec.shape)} {spec.dtype}")
+                raise UpdateRejected(
+                    "shape",
+                    f"{name}: {tuple(t.shape)} {t.dtype}, expected "
+                    f"{tuple(spec.shape)} {spec.dtype}",
+                )
     return ModelVersion(env, state)
