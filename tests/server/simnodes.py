@@ -282,6 +282,13 @@ class Receiver:
         finally:
             db.close()
 
+    def counters(self) -> dict[str, int]:
+        db = self._db()
+        try:
+            return db.counters()
+        finally:
+            db.close()
+
     def delta(self, update_id: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 

@@ -30,6 +30,7 @@ from simnodes import (
 from waggle_trainer.server.app import Server
 from waggle_trainer.server.pipeline import UpdatePipeline
 from waggle_trainer.server.signing import load_signing_key
+from waggle_trainer.server.state import StateDB
 
 pytestmark = pytest.mark.broker
 
@@ -193,7 +194,14 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
             telemetry(sim_user, names.telemetry, "b", {"train.agreement": 0.5, "train.round": 7})
             if wait_for(all_metrics_seen, 10):
                 break
-        pending = lambda: {p.update_id for p in server.pipeline.db.pending(MODEL)}
+
+        def pending() -> set[str]:  # a connection of the test's own (the worker uses its own)
+            db = StateDB(server.pipeline.root / "state.sqlite", readonly=True)
+            try:
+                return {p.update_id for p in db.pending(MODEL)}
+            finally:
+                db.close()
+
         assert wait_for(lambda: pending() == {ok.update_id, later.update_id}, 30), pending()
 
         dl = []
