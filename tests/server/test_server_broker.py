@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -142,6 +143,11 @@ def test_twenty_nodes_give_the_weighted_average_and_nodes_receive_it(tmp_path, n
         assert out.returncode == 0, out.stdout
         v2 = next(r for r in rows if r[:3] == [MODEL, "2", "1"])
         assert v2[-5:] == ["20", "20", str(total), "fedavg", "kept"], out.stdout
+        out = subprocess.run(cli + ["show", MODEL, "2"], capture_output=True, text=True, env=env)
+        manifest = json.loads(out.stdout)
+        assert manifest["parent"] == "1" and manifest["samples"] == total
+        assert sorted(c["node"] for c in manifest["contributors"]) == nodes
+        assert {c["samples"] for c in manifest["contributors"]} == {5 + 3 * i for i in range(20)}
         out = subprocess.run(
             cli + ["export", MODEL, "2", str(tmp_path / "v2.safetensors")],
             capture_output=True,
