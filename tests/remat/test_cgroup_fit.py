@@ -26,17 +26,22 @@ def bench(cache: Path, *extra: str) -> list[str]:
             "--image", "224", "--steps", "1", "--json", "--cache-dir", str(cache), *extra]
 
 
-def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(tmp_path):
+@pytest.fixture(scope="module")
+def plain_need(tmp_path_factory) -> tuple[Path, int]:
+    """The profile cache and what plain training needs (the cgroup's peak, no limit)."""
     reason = cgroup_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    cache = tmp_path / "profiles"
-
+    cache = tmp_path_factory.mktemp("cgroup-fit") / "profiles"
     plain = run_in_memory_cgroup(bench(cache, "--strategy", "none", "--budget", "16GiB"),
                                  None, timeout=900, cwd=ROOT)
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.peak_bytes, "the cgroup reported no peak"
-    need = plain.peak_bytes
+    return cache, plain.peak_bytes
+
+
+def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(plain_need):
+    cache, need = plain_need
     limit = int(0.75 * need)
 
     killed = run_in_memory_cgroup(bench(cache, "--strategy", "none", "--budget", "16GiB"),
@@ -53,4 +58,36 @@ def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(tmp_path):
     # the budget came from the cgroup, not from the machine's 24 GiB
     assert result["budget_breakdown"]["free_bytes"] < limit
     assert result["budget_bytes"] < need
+    assert fits.peak_bytes <= limit
+
+
+FRACTION = 0.55
+
+
+def test_fused_step_and_overhead_model_fit_in_55_percent(plain_need):
+    """What is not activations shrinks: no whole-model gradients (the fused step), no
+    TorchDynamo (``waggle_trainer.lean_import``), and the step's and the first step's
+    overhead, measured once on this machine, planned for before the first step."""
+    cache, need = plain_need
+    limit = int(FRACTION * need)
+    fused = ("--strategy", "optimal", "--fused-step")
+    # once per machine and configuration: measure the overhead (cached with the profile)
+    first = run_in_memory_cgroup(bench(cache, *fused, "--budget", "240MiB"), None,
+                                 timeout=900, cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout)["first_step_residue_bytes"] is not None
+
+    unfused = run_in_memory_cgroup(bench(cache, "--strategy", "optimal", "--budget", "auto"),
+                                   limit, timeout=900, cwd=ROOT)
+    assert unfused.returncode == 1 and not unfused.oom_killed, unfused.stderr[-2000:]
+    assert "below the minimum feasible" in unfused.stderr  # refused in one line, not killed
+
+    fits = run_in_memory_cgroup(bench(cache, *fused, "--budget", "auto"), limit,
+                                timeout=900, cwd=ROOT)
+    assert fits.returncode == 0 and not fits.oom_killed, (
+        f"fused training did not fit {limit >> 20} MiB ({FRACTION:.0%} of {need >> 20} MiB): "
+        f"rc {fits.returncode}\n{fits.stderr[-3000:]}")
+    result = json.loads(fits.stdout)
+    assert result["fused_step"] and result["overhead_source"] == "cache"
+    assert result["budget_breakdown"]["reserve_bytes"] > 0  # the first step's residue
     assert fits.peak_bytes <= limit

@@ -35,6 +35,7 @@ from waggle_trainer.remat.budget import (
 from waggle_trainer.remat.chain import build_resnet, named_stages
 from waggle_trainer.remat.executor import CheckpointedSequential
 from waggle_trainer.remat.fused_step import FusedStep, costs_with_fused_step
+from waggle_trainer.remat.overhead import Overhead, load_overhead, save_overhead
 from waggle_trainer.remat.planner import InfeasibleBudget
 from waggle_trainer.remat.profiler import profile_chain
 from waggle_trainer.remat.schedule import recomputes
@@ -138,7 +139,7 @@ def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
 
 
-def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
+def resolve_budget(model: nn.Module, spec: RunSpec, *, reserve_bytes: int = 0) -> BudgetBreakdown:
     """The activation budget for ``spec``: a given size, or what is free here now."""
     state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum,
                                  fused_step=spec.fused_step)
@@ -153,7 +154,8 @@ def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
     # with the first step and must fit too.
     resident = state.parameter_bytes + state.buffer_bytes
     return activation_budget(
-        state, safety_fraction=spec.safety_margin, state_resident_bytes=resident
+        state, safety_fraction=spec.safety_margin, state_resident_bytes=resident,
+        reserve_bytes=reserve_bytes,
     )
 
 
@@ -172,6 +174,8 @@ class PlannedTraining:
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
     fused: FusedStep | None = None
+    #: The cached overhead this run planned with before its first step (None: none yet).
+    overhead: Overhead | None = None
 
     def calibrate(self, rss: "RssSampler", rounds: int = 3) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
@@ -235,7 +239,52 @@ class PlannedTraining:
         if spec.fused_step:
             training.fuse_step()
         training._configure_allocator()
+        training._plan_with_cached_overhead()
         return training
+
+    def overhead_key(self) -> dict:
+        """The facts a measured overhead (:mod:`~waggle_trainer.remat.overhead`) holds for."""
+        from waggle_trainer.remat.profiler import profile_key
+
+        s = self.spec
+        key = profile_key(self.chain.stages, torch.empty(s.batch, 3, s.image, s.image))
+        return {**key, "optimizer": s.optimizer, "momentum": bool(s.momentum),
+                "fused_step": self.fused is not None, "allocator": allocator.loaded_allocator(),
+                "allocator_mode": self.allocator_mode}
+
+    def _plan_with_cached_overhead(self) -> None:
+        """Before the first step: reserve the cached first-step residue in an automatic
+        budget and plan for the activation budget minus the cached step overhead."""
+        cached = load_overhead(self.spec.cache_dir, self.overhead_key())
+        if cached is None:
+            return
+        self.overhead = cached
+        if self.spec.budget == "auto":
+            self.budget = resolve_budget(self.model, self.spec,
+                                         reserve_bytes=cached.first_step_residue_bytes)
+        self.overshoot_bytes = max(self.overshoot_bytes, cached.step_bytes)
+        self._replan_within(self.budget.activation_budget_bytes)
+        self._configure_allocator()
+        log.info("overhead measured before on this machine: %d MiB per step, %d MiB after the "
+                 "first; planned for %d MiB of tensors", cached.step_bytes >> 20,
+                 cached.first_step_residue_bytes >> 20, self.chain.plan.predicted_peak_bytes >> 20)
+
+    def state_bytes_created_by_first_step(self) -> int:
+        """Optimiser state (and resident gradients, when not fused) the first step creates."""
+        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum,
+                                     fused_step=self.fused is not None)
+        return state.optimizer_state_bytes + state.gradient_bytes
+
+    def record_overhead(self, *, step_growth_bytes: int | None = None,
+                        first_step_residue_bytes: int | None = None) -> Overhead:
+        """Cache what was measured (merged with what is cached): a step's growth over the
+        baseline (its excess over the plan's prediction is the step overhead) and what the
+        first step left resident beyond the state it created."""
+        step = 0 if step_growth_bytes is None else max(
+            0, step_growth_bytes - self.chain.plan.predicted_peak_bytes)
+        measured = Overhead(step, max(0, first_step_residue_bytes or 0))
+        save_overhead(self.spec.cache_dir, self.overhead_key(), measured)
+        return measured
 
     def fuse_step(self) -> None:
         """Fuse the optimiser step into the backward (:mod:`~waggle_trainer.remat.fused_step`)
@@ -315,6 +364,14 @@ class RunResult:
     budget_breakdown: dict
     fused_step: bool = False
     allocator: str = "glibc"  # the malloc this process runs under (/proc/self/maps)
+    # The overhead model: what the plan was made with before the first step ("cache"),
+    # or nothing known yet ("none"); bytes per step and after the first step.
+    overhead_source: str = "none"
+    overhead_step_bytes: int = 0
+    overhead_residue_bytes: int = 0
+    # predicted_peak_bytes + the modelled step overhead: what the growth should be
+    predicted_growth_bytes: int = 0
+    first_step_residue_bytes: int | None = None  # measured in this run (None: not its first)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -326,8 +383,15 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         raise ValueError(f"--steps must be >= 1, got {steps}")
     times, losses = [], []
     with RssSampler() as rss:
+        fresh = not training.optimizer.state  # the first step creates the optimiser state
+        allocator.trim()
+        before = rss.current()
         for _ in range(warmup):
             training.step(*training.batch())
+        allocator.trim()
+        residue = None
+        if fresh and warmup:
+            residue = max(0, rss.current() - before - training.state_bytes_created_by_first_step())
         training.calibrate(rss)
         allocator.trim()
         baseline = rss.reset()
@@ -340,6 +404,8 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
             training.maybe_replan()
         peak = rss.peak
     plan = training.chain.plan
+    training.record_overhead(step_growth_bytes=peak - baseline, first_step_residue_bytes=residue)
+    known = training.overhead
     return RunResult(
         arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
         strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
@@ -351,4 +417,9 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
         budget_breakdown=training.budget.to_dict(), fused_step=training.fused is not None,
         allocator=allocator.loaded_allocator(),
+        overhead_source="cache" if known else "none",
+        overhead_step_bytes=known.step_bytes if known else 0,
+        overhead_residue_bytes=known.first_step_residue_bytes if known else 0,
+        predicted_growth_bytes=plan.predicted_peak_bytes + (known.step_bytes if known else 0),
+        first_step_residue_bytes=residue,
     )

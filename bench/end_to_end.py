@@ -1,0 +1,375 @@
+"""End to end, as a user runs it: plain training vs planned training, one process each.
+
+For each case (default: resnet50 batch 8 224 px and resnet18 batch 8 500 px) and an
+activation budget of half of plain training's predicted activation memory, runs in
+fresh processes, alternating (A B C ... A B C ...) so machine noise hits all alike:
+
+* ``plain``: ``waggle-trainer bench --strategy none`` under glibc's defaults (what a
+  node with memory to spare runs; the reference of every ratio);
+* ``planned/<allocator>``: ``waggle-trainer bench --strategy optimal --budget B``
+  under glibc with the fixed mmap threshold (``glibc``) and under each preloadable
+  allocator that is installed (``jemalloc``, ``tcmalloc``, ``mimalloc``: the command
+  line re-executes itself with ``LD_PRELOAD`` and their retention settings);
+* ``planned+fused/<allocator>``: the same with the optimiser step fused into the
+  backward (``--fused-step``) under the allocator named by ``--fused-allocator``;
+* ``torch-ckpt``: ``torch.utils.checkpoint.checkpoint_sequential`` at its best
+  segment count for the same budget (the fastest segmentation whose predicted peak
+  fits, from this project's ``sequential`` planner), same allocator settings as
+  ``planned/glibc`` (otherwise its savings are not real), in a child of this script.
+
+Every process takes 1 warm-up step (plus calibration where the run does it) and
+``--steps`` measured steps; the table gives medians over rounds of each process's
+median step, the peak RSS and the RSS growth of a step over the process's baseline.
+The header records CPU, threads, commit, command and the load average before and
+after (the machine is shared: read ratios, not absolute times, when it is loaded).
+
+    .venv/bin/python bench/end_to_end.py                       # 2 rounds, 3 steps
+    .venv/bin/python bench/end_to_end.py --rounds 1 --cases resnet50:8:224
+
+Writes bench/results/end_to_end.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+MiB = 2**20
+
+
+# ------------------------------------------------------------------ child: torch's own
+
+
+def torch_child(arch: str, batch: int, image: int, segments: int, steps: int) -> dict:
+    """Train with ``checkpoint_sequential(segments)``; the same measurements as ``bench``."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line does
+    from waggle_trainer.remat import allocator
+
+    allocator.configure_allocator("mmap")
+    import torch
+    from torch.utils.checkpoint import checkpoint_sequential
+
+    from waggle_trainer.learn.planned_training import RssSampler
+    from waggle_trainer.remat.chain import build_resnet, chain_stages
+
+    torch.manual_seed(0)
+    model = build_resnet(arch, 1000).train()
+    seq = torch.nn.Sequential(*chain_stages(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> float:
+        x = torch.randn(batch, 3, image, image)
+        y = torch.randint(0, 1000, (batch,))
+        opt.zero_grad(set_to_none=False)
+        t0 = time.perf_counter()
+        out = checkpoint_sequential(seq, segments, x, use_reentrant=False)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    times = []
+    with RssSampler() as rss:
+        step()  # warm-up: gradients and momentum become resident
+        allocator.trim()
+        baseline = rss.reset()
+        for _ in range(steps):
+            times.append(step())
+        peak = rss.peak
+    return {
+        "median_step_s": statistics.median(times),
+        "peak_rss_bytes": peak,
+        "peak_rss_growth_bytes": peak - baseline,
+        "segments": segments,
+        "allocator": allocator.loaded_allocator(),
+        "allocator_mode": "mmap",
+    }
+
+
+# ------------------------------------------------------------------ parent
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu_model() -> str:
+    from waggle_trainer.remat.profiler import _cpu_model as cpu
+
+    return cpu()
+
+
+def plan_case(arch: str, batch: int, image: int, fraction: float, cache: Path) -> dict:
+    """Budget (fraction of plain's predicted activations) and torch's best segment count."""
+    from waggle_trainer.learn.planned_training import profiled_resnet
+    from waggle_trainer.remat.planner import InfeasibleBudget, Planner
+
+    _, _, costs = profiled_resnet(arch, 1000, batch, image, cache)
+    planner = Planner(costs)
+    plain = planner.plan(10**15, "none").predicted_peak_bytes
+    budget = max(int(fraction * plain), planner.min_feasible_budget("optimal"))
+    try:
+        segments = planner.plan(budget, "sequential").detail["segments"]
+    except InfeasibleBudget:
+        segments = None
+    return {"plain_predicted_bytes": plain, "budget_bytes": budget, "segments": segments}
+
+
+def configs(case: dict, allocators: list[str], fused_allocator: str | None) -> list[tuple]:
+    from waggle_trainer.remat.allocator import find_allocator
+
+    budget = str(case["budget_bytes"])
+    out = [("plain", ["--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"])]
+    for name in allocators:
+        if name != "glibc" and find_allocator(name) is None:
+            print(f"skipping {name}: not installed", file=sys.stderr)
+            continue
+        out.append(
+            (f"planned/{name}", ["--strategy", "optimal", "--budget", budget, "--allocator", name])
+        )
+    if fused_allocator:
+        out.append(
+            (
+                f"planned+fused/{fused_allocator}",
+                [
+                    "--strategy",
+                    "optimal",
+                    "--budget",
+                    budget,
+                    "--allocator",
+                    fused_allocator,
+                    "--fused-step",
+                ],
+            )
+        )
+    if case["segments"]:
+        out.append(("torch-ckpt", None))
+    return out
+
+
+def run_one(
+    name: str,
+    extra: list[str] | None,
+    arch: str,
+    batch: int,
+    image: int,
+    steps: int,
+    segments: int | None,
+    cache: Path,
+) -> dict:
+    if extra is None:
+        argv = [
+            sys.executable,
+            __file__,
+            "--child-torch",
+            arch,
+            str(batch),
+            str(image),
+            str(segments),
+            str(steps),
+        ]
+    else:
+        argv = [
+            sys.executable,
+            "-m",
+            "waggle_trainer",
+            "bench",
+            "--arch",
+            arch,
+            "--batch",
+            str(batch),
+            "--image",
+            str(image),
+            "--steps",
+            str(steps),
+            "--json",
+            "--cache-dir",
+            str(cache),
+            *extra,
+        ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
+    t0 = time.time()
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"{name} failed ({p.returncode}): {p.stderr[-2000:]}")
+    out = json.loads(p.stdout[p.stdout.index("{") :])
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    plain = statistics.median(r["median_step_s"] for r in runs["plain"])
+    rows = {}
+    for name, rs in runs.items():
+        step = statistics.median(r["median_step_s"] for r in rs)
+        rows[name] = {
+            "step_s": step,
+            "steps_s": [r["median_step_s"] for r in rs],
+            "ratio": step / plain,
+            "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in rs),
+            "growth_bytes": statistics.median(r["peak_rss_growth_bytes"] for r in rs),
+            "predicted_bytes": rs[0].get("predicted_peak_bytes"),
+            "allocator": rs[0].get("allocator"),
+            "allocator_mode": rs[0].get("allocator_mode"),
+            "segments": rs[0].get("segments"),
+        }
+    return rows
+
+
+def markdown(header: list[str], cases: list[dict]) -> str:
+    out = ["# End to end: plain vs planned training, one process each", "", *header, ""]
+    for c in cases:
+        out += [
+            f"## {c['arch']} batch {c['batch']}, {c['image']} px: budget "
+            f"{c['budget_bytes'] / MiB:.0f} MiB "
+            f"({c['budget_bytes'] / c['plain_predicted_bytes']:.2f} of plain's predicted "
+            f"{c['plain_predicted_bytes'] / MiB:.0f} MiB)",
+            "",
+            "| run | allocator (mode) | median step s (per round) | x plain | peak RSS MiB "
+            "| step growth MiB (predicted) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in c["rows"].items():
+            pred = f" ({r['predicted_bytes'] / MiB:.0f})" if r["predicted_bytes"] else ""
+            seg = f", {r['segments']} segments" if r.get("segments") else ""
+            mode = f" ({r['allocator_mode']})" if r["allocator"] == "glibc" else ""
+            out.append(
+                f"| {name}{seg} | {r['allocator']}{mode} "
+                f"| {r['step_s']:.2f} ({', '.join(f'{s:.2f}' for s in r['steps_s'])}) "
+                f"| {r['ratio']:.2f} | {r['peak_rss_bytes'] / MiB:.0f} "
+                f"| {r['growth_bytes'] / MiB:.0f}{pred} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(cases: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cases), figsize=(6 * len(cases), 4.5), squeeze=False)
+    for ax, c in zip(axes[0], cases, strict=True):
+        for name, r in c["rows"].items():
+            ax.scatter(r["peak_rss_bytes"] / MiB, r["ratio"], s=40)
+            ax.annotate(
+                name,
+                (r["peak_rss_bytes"] / MiB, r["ratio"]),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+        ax.axhline(1.25, color="grey", lw=0.8, ls="--")
+        ax.set_title(
+            f"{c['arch']} b{c['batch']} {c['image']}px, budget {c['budget_bytes'] / MiB:.0f} MiB"
+        )
+        ax.set_xlabel("peak RSS of the process (MiB)")
+        ax.set_ylabel("median step time / plain")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-torch":
+        arch, batch, image, segments, steps = sys.argv[2:7]
+        print(json.dumps(torch_child(arch, int(batch), int(image), int(segments), int(steps))))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["resnet50:8:224", "resnet18:8:500"],
+        metavar="ARCH:BATCH:IMAGE",
+    )
+    ap.add_argument(
+        "--fraction",
+        type=float,
+        default=0.5,
+        help="activation budget as a fraction of plain's predicted (default 0.5)",
+    )
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument(
+        "--allocators", nargs="+", default=["glibc", "jemalloc", "tcmalloc", "mimalloc"]
+    )
+    ap.add_argument(
+        "--fused-allocator", default="glibc", help="allocator of the fused-step run ('' skips it)"
+    )
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / ".bench-cache")
+    ap.add_argument("--out", default="end_to_end", help="results file stem in bench/results/")
+    args = ap.parse_args()
+    import torch
+
+    load_before = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cases = []
+    for spec in args.cases:
+        arch, batch, image = spec.split(":")
+        batch, image = int(batch), int(image)
+        case = {
+            "arch": arch,
+            "batch": batch,
+            "image": image,
+            **plan_case(arch, batch, image, args.fraction, args.cache_dir),
+        }
+        todo = configs(case, args.allocators, args.fused_allocator or None)
+        runs: dict[str, list[dict]] = {name: [] for name, _ in todo}
+        for rnd in range(args.rounds):
+            for name, extra in todo:
+                r = run_one(
+                    name, extra, arch, batch, image, args.steps, case["segments"], args.cache_dir
+                )
+                runs[name].append(r)
+                print(
+                    f"{spec} round {rnd} {name}: {r['median_step_s']:.2f} s, peak "
+                    f"{r['peak_rss_bytes'] / MiB:.0f} MiB ({r['wall_s']:.0f} s wall)",
+                    flush=True,
+                )
+        case["rows"] = summarise(runs)
+        case["runs"] = runs
+        cases.append(case)
+    load_after = os.getloadavg()
+    commit = _git("rev-parse", "--short", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    header = [
+        f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
+        f"- commit: {commit}{' (uncommitted changes)' if dirty else ''}, run {started}",
+        f"- CPU: {_cpu_model()} ({os.cpu_count()} CPUs, {platform.machine()}), torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads",
+        f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
+        f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
+        f"- {args.rounds} rounds of alternating fresh processes, {args.steps} measured steps each "
+        "after 1 warm-up step; ratios against `plain` of the same case",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = markdown(header, cases)
+    print(text)
+    (RESULTS / f"{args.out}.md").write_text(text)
+    (RESULTS / f"{args.out}.json").write_text(
+        json.dumps({"header": header, "cases": cases}, indent=1)
+    )
+    plot(cases, RESULTS / f"{args.out}.png")
+    print(f"wrote {RESULTS / args.out}.md, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
