@@ -55,16 +55,16 @@ def test_a_second_run_plans_with_the_measured_overhead(tmp_path):
         fused_step=True,
     )
     first = PlannedTraining.build(spec)
-    assert first.overhead is None and first.allocator_mode == "mmap"
+    assert first.overhead_source == "default" and first.allocator_mode == "mmap"
     r1 = measure(first, steps=2)
-    assert r1.overhead_source == "none" and r1.first_step_residue_bytes is not None
+    assert r1.overhead_source == "default" and r1.first_step_residue_bytes is not None
     cached = load_overhead(tmp_path, first.overhead_key())
     assert cached is not None and cached.step_bytes == max(
         0, r1.peak_rss_growth_bytes - r1.predicted_peak_bytes
     )
 
     second = PlannedTraining.build(spec)
-    assert second.overhead == cached  # known before the first step
+    assert second.overhead == cached and second.overhead_source == "cache"  # before step 1
     assert second.overshoot_bytes == cached.step_bytes
     if spec.budget - cached.step_bytes >= lowest:  # the plan is made for the rest
         assert second.chain.plan.budget_bytes == spec.budget - cached.step_bytes

@@ -35,7 +35,7 @@ from waggle_trainer.remat.budget import (
 from waggle_trainer.remat.chain import build_resnet, named_stages
 from waggle_trainer.remat.executor import CheckpointedSequential
 from waggle_trainer.remat.fused_step import FusedStep, costs_with_fused_step
-from waggle_trainer.remat.overhead import Overhead, load_overhead, save_overhead
+from waggle_trainer.remat.overhead import DEFAULT, Overhead, load_overhead, save_overhead
 from waggle_trainer.remat.planner import InfeasibleBudget
 from waggle_trainer.remat.profiler import profile_chain
 from waggle_trainer.remat.schedule import recomputes
@@ -174,8 +174,10 @@ class PlannedTraining:
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
     fused: FusedStep | None = None
-    #: The cached overhead this run planned with before its first step (None: none yet).
-    overhead: Overhead | None = None
+    #: The overhead this run planned with before its first step: measured before on
+    #: this machine ("cache") or :data:`~waggle_trainer.remat.overhead.DEFAULT`.
+    overhead: Overhead = DEFAULT
+    overhead_source: str = "default"
 
     def calibrate(self, rss: "RssSampler", rounds: int = 3) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
@@ -248,8 +250,9 @@ class PlannedTraining:
 
         s = self.spec
         key = profile_key(self.chain.stages, torch.empty(s.batch, 3, s.image, s.image))
-        return {**key, "optimizer": s.optimizer, "momentum": bool(s.momentum),
-                "fused_step": self.fused is not None, "allocator": allocator.loaded_allocator(),
+        # not the optimiser or the fused step: the residue is the runtime's, the state
+        # the first step creates is subtracted from it
+        return {**key, "allocator": allocator.loaded_allocator(),
                 "allocator_mode": self.allocator_mode}
 
     def _plan_with_cached_overhead(self) -> None:
@@ -257,7 +260,9 @@ class PlannedTraining:
         budget and plan for the activation budget minus the cached step overhead."""
         cached = load_overhead(self.spec.cache_dir, self.overhead_key())
         if cached is None:
-            return
+            cached = DEFAULT
+        else:
+            self.overhead_source = "cache"
         self.overhead = cached
         if self.spec.budget == "auto":
             self.budget = resolve_budget(self.model, self.spec,
@@ -265,8 +270,9 @@ class PlannedTraining:
         self.overshoot_bytes = max(self.overshoot_bytes, cached.step_bytes)
         self._replan_within(self.budget.activation_budget_bytes)
         self._configure_allocator()
-        log.info("overhead measured before on this machine: %d MiB per step, %d MiB after the "
-                 "first; planned for %d MiB of tensors", cached.step_bytes >> 20,
+        log.info("overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB "
+                 "of tensors", "measured before on this machine" if self.overhead_source == "cache"
+                 else "default until measured", cached.step_bytes >> 20,
                  cached.first_step_residue_bytes >> 20, self.chain.plan.predicted_peak_bytes >> 20)
 
     def state_bytes_created_by_first_step(self) -> int:
@@ -364,9 +370,10 @@ class RunResult:
     budget_breakdown: dict
     fused_step: bool = False
     allocator: str = "glibc"  # the malloc this process runs under (/proc/self/maps)
-    # The overhead model: what the plan was made with before the first step ("cache"),
-    # or nothing known yet ("none"); bytes per step and after the first step.
-    overhead_source: str = "none"
+    # The overhead model: what the plan was made with before the first step: measured
+    # before ("cache") or the default until measured ("default"); bytes per step and
+    # after the first step.
+    overhead_source: str = "default"
     overhead_step_bytes: int = 0
     overhead_residue_bytes: int = 0
     # predicted_peak_bytes + the modelled step overhead: what the growth should be
@@ -417,9 +424,8 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
         budget_breakdown=training.budget.to_dict(), fused_step=training.fused is not None,
         allocator=allocator.loaded_allocator(),
-        overhead_source="cache" if known else "none",
-        overhead_step_bytes=known.step_bytes if known else 0,
-        overhead_residue_bytes=known.first_step_residue_bytes if known else 0,
-        predicted_growth_bytes=plan.predicted_peak_bytes + (known.step_bytes if known else 0),
+        overhead_source=training.overhead_source, overhead_step_bytes=known.step_bytes,
+        overhead_residue_bytes=known.first_step_residue_bytes,
+        predicted_growth_bytes=plan.predicted_peak_bytes + known.step_bytes,
         first_step_residue_bytes=residue,
     )

@@ -109,6 +109,20 @@ arena_max=None) -> AllocatorSettings``
 
 On a C library other than glibc the functions are no-ops that say so
 (``AllocatorSettings.applied`` is False).
+
+Preloaded allocators
+--------------------
+``waggle-trainer bench --allocator NAME`` and ``[memory] allocator`` choose among
+:data:`ALLOCATORS`: glibc (the settings above) or jemalloc, tcmalloc (minimal) and
+mimalloc from the distribution (Debian ``libjemalloc2``, ``libtcmalloc-minimal4``,
+``libmimalloc2.0``).  A preloaded allocator must be loaded before anything else, so
+the command line re-executes itself (``waggle_trainer.cli.reexec_under_allocator``)
+with ``LD_PRELOAD`` and the retention settings of :data:`RETENTION`, or the systemd
+unit sets them with ``Environment=``.  :func:`plan_preload` decides, without
+side effects; :func:`loaded_allocator` reads ``/proc/self/maps``;
+:func:`configure_allocator` leaves glibc alone under a preloaded allocator and
+:func:`trim` calls that allocator's own release.  Measured side by side, end to end:
+``bench/results/end_to_end.md``.
 """
 
 from __future__ import annotations
