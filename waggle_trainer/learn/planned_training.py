@@ -268,7 +268,9 @@ class PlannedTraining:
             self.budget = resolve_budget(self.model, self.spec,
                                          reserve_bytes=cached.first_step_residue_bytes)
         self.overshoot_bytes = max(self.overshoot_bytes, cached.step_bytes)
-        self._replan_within(self.budget.activation_budget_bytes)
+        # Before the first step nothing runs yet: a budget that the overhead leaves too
+        # small is refused (InfeasibleBudget), not trained into an OOM kill.
+        self.chain.replan(max(0, self.budget.activation_budget_bytes - self.overshoot_bytes))
         self._configure_allocator()
         log.info("overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB "
                  "of tensors", "measured before on this machine" if self.overhead_source == "cache"
