@@ -17,6 +17,7 @@ from waggle_trainer.common import LOG_LEVELS, setup_logging
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "waggle_trainer.config_cli",
+    "waggle_trainer.node.cli",
     "waggle_trainer.learn.cli",
     "waggle_trainer.remat.cli",
 )

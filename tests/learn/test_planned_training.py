@@ -99,18 +99,6 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_uses_the_config_file(tmp_path):
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[student]\narch = "resnet18"\nimage_size = 32\nnum_classes = 5\n'
-                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "12MiB"\n'
-                   f'[state]\ndir = "{tmp_path / "state"}"\n')
-    r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 12 * 2**20)
-    assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
-
-
 def test_run_with_a_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text("[training]\nbatch_size = -1\n")
