@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 import torch
 
-from waggle_trainer.common import format_size, setup_logging
+from waggle_trainer.common import format_size
 from waggle_trainer.config import Config, ConfigError, load_config
 from waggle_trainer.node.sdnotify import Notifier, watchdog_interval_s
 from waggle_trainer.node.state import NodeState, StateError, StateStore
@@ -320,6 +320,7 @@ class Daemon:
             feedback=ErrorFeedback())
         self.loop = self.loop_factory(cfg, self.state_dir)
         self._restore()
+        self._maybe_adopt()  # a newer global model waiting since the last run
         self.source = self.source_factory(cfg)
         if t.enabled:
             self.publisher = UpdatePublisher(
@@ -375,6 +376,8 @@ class Daemon:
                             "spooling and saving): continuing at round %d", later, self.round,
                             later + 1)
                 self.round = later
+                self._unsaved = True
+                self._save_state()
             log.info("resumed at round %d (base %s) from %s", self.round, self.base_version,
                      self.store.path)
         self._saved_round = self.round
@@ -426,12 +429,12 @@ class Daemon:
             if self.duration_s is not None and time.monotonic() - self._t0 >= self.duration_s:
                 self.exit_reason = f"--duration {self.duration_s:g} s reached"
                 break
-            t0 = time.monotonic()
             try:
                 frame = next(frames)
             except StopIteration:
                 self.exit_reason = "the frame source ended"
                 break
+            t0 = time.monotonic()
             result = self.loop.feed(frame)
             self._longest_feed_s = max(self._longest_feed_s, time.monotonic() - t0)
             self.counters.frames_seen += 1
@@ -623,8 +626,10 @@ class Daemon:
     def _watchdog(self) -> None:
         if self._watchdog_s is None or not self._progress_since_ping:
             return
-        # A step longer than a third of the watchdog: ask for more room (systemd >= 236).
-        wanted = 3.0 * self._longest_feed_s + 30.0
+        # A frame's work (teacher call + step) longer than a third of the watchdog: ask
+        # for more room (systemd >= 236).  Waiting for the camera never counts here, so
+        # a hung camera still runs into the watchdog.
+        wanted = 3.0 * self._longest_feed_s
         if wanted > self._watchdog_s:
             self._watchdog_s = wanted
             self.notifier.extend_watchdog(wanted)
@@ -729,7 +734,7 @@ class Daemon:
             applied = applied.model_copy(update={section: sec})
         self.cfg = applied
         if ("node", "log_level") in live:
-            setup_logging(self.cfg.node.log_level)
+            logging.getLogger().setLevel(self.cfg.node.log_level.upper())
         if ("telemetry", "interval_s") in live and self.telemetry_publisher is not None:
             self.telemetry_publisher.interval_s = self.cfg.telemetry.interval_s
         if ("daemon", "global_model_file") in live:
