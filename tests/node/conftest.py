@@ -9,13 +9,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from standin import StandInLoop, StandInSource  # noqa: E402
-
+from tests.node.nodeutil import write_config  # noqa: E402
 from waggle_trainer import config as cfgmod  # noqa: E402
 from waggle_trainer.config import load_config  # noqa: E402
-from waggle_trainer.node.daemon import Daemon, Progress  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -31,23 +27,6 @@ def _isolated(monkeypatch, tmp_path):
         signal.signal(s, h)
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return '"' + str(v) + '"'
-
-
-def write_config(path: Path, sections: dict) -> Path:
-    lines = []
-    for section, keys in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in keys.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def node(tmp_path):
     """``node(**sections) -> (config path, Config)`` with a state dir in tmp_path."""
@@ -61,13 +40,34 @@ def node(tmp_path):
     return make
 
 
-def make_daemon(cfg, path=None, *, reject_every=4, loops=None, **kw) -> Daemon:
-    def loop_factory(c, d):
-        loop = StandInLoop(c, d, reject_every=reject_every)
-        if loops is not None:
-            loops.append(loop)
-        return loop
 
-    return Daemon(cfg, config_path=path, loop_factory=loop_factory,
-                  source_factory=lambda c: StandInSource(), progress=Progress(io.StringIO()),
-                  **kw)
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "transport"))
+
+
+@pytest.fixture
+def names():
+    """Unique exchange/queue names on the real broker; deleted afterwards."""
+    import uuid
+    from types import SimpleNamespace
+
+    import pika
+    from brokerutil import BROKER, ensure_broker_running
+
+    try:
+        ensure_broker_running(60)
+    except RuntimeError as e:
+        pytest.fail(f"this test needs RabbitMQ at 127.0.0.1:5672 ({e})")
+    s = uuid.uuid4().hex[:10]
+    n = SimpleNamespace(exchange=f"test.updates.{s}", queue=f"test.server.{s}",
+                        dlx=f"test.dead.{s}", dlq=f"test.dead.{s}", telemetry=f"test.msg.{s}",
+                        tq=f"test.msgq.{s}")
+    yield n
+    ensure_broker_running()
+    conn = pika.BlockingConnection(BROKER)
+    ch = conn.channel()
+    for q in (n.queue, n.dlq, n.tq):
+        ch.queue_delete(q)
+    for x in (n.exchange, n.dlx, n.telemetry):
+        ch.exchange_delete(x)
+    conn.close()

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_daemon
+from tests.node.nodeutil import make_daemon
 from safetensors.torch import save_file
 
 from waggle_trainer.node import daemon as daemonmod

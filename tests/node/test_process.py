@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from tests.node.nodeutil import write_config
 
 from waggle_trainer.node.state import StateStore
 from waggle_trainer.transport import Outbox
