@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.node.nodeutil import write_config  # noqa: E402
-from waggle_trainer import config as cfgmod  # noqa: E402
-from waggle_trainer.config import load_config  # noqa: E402
+from tests.node.nodeutil import write_config
+from waggle_trainer import config as cfgmod
+from waggle_trainer.config import load_config
 
 
 @pytest.fixture(autouse=True)

@@ -18,15 +18,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-import torch._dynamo  # noqa: E402,F401  (the optimisers import it lazily: seconds)
-from standin import factories_from_env  # noqa: E402
+import torch
+import torch._dynamo
+from standin import factories_from_env
 
-from waggle_trainer.cli import build_parser  # noqa: E402
-from waggle_trainer.common import setup_logging  # noqa: E402
-from waggle_trainer.node import daemon as _daemon  # noqa: E402,F401  (imported before fork)
-from waggle_trainer.node.cli import run_command  # noqa: E402
-
+from waggle_trainer.cli import build_parser
+from waggle_trainer.common import setup_logging
+from waggle_trainer.node import daemon as _daemon  # noqa: F401  (imported before fork)
+from waggle_trainer.node.cli import run_command
 
 
 def child(argv: list[str], log: str, env: dict[str, str]) -> None:

@@ -8,11 +8,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from standin import factories_from_env  # noqa: E402
+from standin import factories_from_env
 
-from waggle_trainer.cli import build_parser  # noqa: E402
-from waggle_trainer.common import setup_logging  # noqa: E402
-from waggle_trainer.node.cli import run_command  # noqa: E402
+from waggle_trainer.cli import build_parser
+from waggle_trainer.common import setup_logging
+from waggle_trainer.node.cli import run_command
 
 if __name__ == "__main__":
     import torch

@@ -8,9 +8,9 @@ import logging
 
 import pytest
 import torch
-from tests.node.nodeutil import make_daemon
 from safetensors.torch import save_file
 
+from tests.node.nodeutil import make_daemon
 from waggle_trainer.node import daemon as daemonmod
 from waggle_trainer.node.state import StateStore
 from waggle_trainer.transport import Outbox, UpdateDecoder, load_key, peek_envelope

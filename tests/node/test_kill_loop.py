@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from tests.node.nodeutil import write_config
 
+from tests.node.nodeutil import write_config
 from waggle_trainer.node.state import StateStore
 from waggle_trainer.transport import AmqpSettings, Outbox, TensorSpec, UpdateConsumer
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.node.nodeutil import write_config
 
+from tests.node.nodeutil import write_config
 from waggle_trainer.node.state import StateStore
 from waggle_trainer.transport import Outbox
 

@@ -66,7 +66,6 @@ from waggle_trainer.transport import (
     UpdateEncoder,
     UpdatePublisher,
     load_key,
-    peek_envelope,
 )
 from waggle_trainer.transport.outbox import OutboxEntry
 
@@ -659,8 +658,9 @@ class Daemon:
             parts.append(f"agreement {c.last_agreement:.3f}")
         r = self._last_result
         if r is not None:
-            parts.append(f"{r.strategy} plan, peak {format_size(max(1, int(r.measured_peak_bytes)))}"
-                         f" of budget {format_size(max(1, int(r.budget_bytes)))}")
+            peak = format_size(max(1, int(r.measured_peak_bytes)))
+            parts.append(f"{r.strategy} plan, peak {peak} of budget "
+                         f"{format_size(max(1, int(r.budget_bytes)))}")
             parts.append(f"teacher {r.teacher_calls / max(1, r.frames_seen):.2f}/frame")
         if hasattr(self, "outbox"):
             parts.append(f"outbox {len(self.outbox)} ({format_size(self.outbox.bytes)})")
@@ -672,8 +672,10 @@ class Daemon:
 
     def _register_gauges(self, t: Telemetry) -> None:
         p = METRIC_PREFIX
-        last = lambda attr: (lambda: None if self._last_result is None  # noqa: E731
-                             else getattr(self._last_result, attr))
+        def last(attr: str):
+            return lambda: None if self._last_result is None else getattr(self._last_result,
+                                                                          attr)
+
         t.gauge(f"{p}.round", lambda: self.round)
         t.gauge(f"{p}.agreement", lambda: self.counters.last_agreement)
         t.gauge(f"{p}.rounds_accepted", lambda: self.counters.accepted)
@@ -730,7 +732,8 @@ class Daemon:
         kept = [c for c in changes if c not in LIVE_KEYS]
         applied = self.cfg
         for section, key in live:
-            sec = getattr(applied, section).model_copy(update={key: getattr(getattr(new, section), key)})
+            value = getattr(getattr(new, section), key)
+            sec = getattr(applied, section).model_copy(update={key: value})
             applied = applied.model_copy(update={section: sec})
         self.cfg = applied
         if ("node", "log_level") in live:

@@ -80,7 +80,7 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not torch.is_tensor(t):
             raise TypeError(f"state entry {name!r} is a {type(t).__name__}, not a tensor")
         t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (0, id(t))
+        key = (t.untyped_storage().data_ptr(), int(t.storage_offset()))
         if t.numel() and key in seen:
             t = t.clone()
         elif t.numel():
