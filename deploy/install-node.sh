@@ -10,8 +10,9 @@
 #   --enable    also `systemctl enable --now waggle-trainer` (default: only daemon-reload)
 #
 # Environment: PYTHON (interpreter for the virtualenv, default python3), TORCH_INDEX
-# (where CPU-only torch wheels come from), VENV_ARGS / PIP_ARGS (extra arguments for
-# `python -m venv` / `pip install`, e.g. PIP_ARGS="--no-deps --no-index" offline).
+# (where CPU-only torch wheels come from), EXTRAS (optional extras, e.g. "demo" for the
+# reference teacher), VENV_ARGS / PIP_ARGS (extra arguments for `python -m venv` /
+# `pip install`, e.g. PIP_ARGS="--no-deps --no-index" offline).
 #
 # The service runs as a transient user (systemd DynamicUser=) with its state in
 # /var/lib/waggle-trainer (StateDirectory=), so no account or state directory is made
@@ -27,6 +28,7 @@ PYTHON="${PYTHON:-python3}"
 TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 read -r -a VENV_EXTRA <<< "${VENV_ARGS:-}"
 read -r -a PIP_EXTRA <<< "${PIP_ARGS:-}"
+PACKAGE="$SRC${EXTRAS:+[$EXTRAS]}"
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
@@ -78,7 +80,7 @@ if [ "$PIP" = 1 ]; then
     run "$PYTHON" -m venv "${VENV_EXTRA[@]}" "$VENV"
   fi
   run "$VENV/bin/python" -m pip install --quiet --extra-index-url "$TORCH_INDEX" \
-    "${PIP_EXTRA[@]}" "$SRC"
+    "${PIP_EXTRA[@]}" "$PACKAGE"
 else
   say "skipped: Python environment (--skip-pip)"
 fi
