@@ -218,3 +218,20 @@ def test_codec_settings_reach_the_envelope(node):
     make_daemon(cfg, path, reject_every=0, max_rounds=1).run()
     env = outbox_envelopes(cfg.state.dir)[0]
     assert env.encoding == {"dtype": "int8", "topk": 0.5, "compression": "deflate"}
+
+
+def test_progress_file_drives_the_health_check(node, capsys):
+    import os
+    import time
+
+    from waggle_trainer.node.cli import progress_check
+
+    path, cfg = node()
+    state_dir = cfg.state.dir
+    assert progress_check(state_dir, 60) == 1  # never ran
+    assert make_daemon(cfg, path, max_rounds=1).run() == 0
+    assert progress_check(state_dir, 60) == 0
+    old = time.time() - 1000
+    os.utime(state_dir / "node" / daemonmod.PROGRESS_FILE, (old, old))
+    assert progress_check(state_dir, 600) == 1
+    assert "unhealthy: last frame or step 1000 s ago" in capsys.readouterr().out

@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="node config file (for [state] dir; default: embedded defaults)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--progress-within", type=_positive_float, default=None, metavar="S",
+                   help="health check: exit 0 if the daemon processed a frame or a step in "
+                        "the last S seconds, else 1 (one line)")
     p.set_defaults(handler=status_command)
 
 
@@ -181,11 +184,29 @@ def read_status(state_dir: Path) -> dict[str, Any]:
     return out
 
 
+def progress_check(state_dir: Path, within_s: float) -> int:
+    from waggle_trainer.node.daemon import PROGRESS_EVERY_S, PROGRESS_FILE
+
+    path = state_dir / "node" / PROGRESS_FILE
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        print(f"unhealthy: no progress recorded in {path}")
+        return 1
+    if age > within_s + PROGRESS_EVERY_S:
+        print(f"unhealthy: last frame or step {age:.0f} s ago (allowed {within_s:g} s)")
+        return 1
+    print(f"healthy: last frame or step within {max(age, 0):.0f} s")
+    return 0
+
+
 def status_command(args) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_USAGE
     state_dir = Path(cfg.state.dir)
+    if args.progress_within is not None:
+        return progress_check(state_dir, args.progress_within)
     st = read_status(state_dir)
     if args.json:
         print(json.dumps(st, indent=2))

@@ -73,6 +73,8 @@ log = logging.getLogger("waggle_trainer.daemon")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2  # a user's mistake: config, files, devices (one line on stderr)
+PROGRESS_FILE = "progress"  # its mtime: the last frame or step (health checks)
+PROGRESS_EVERY_S = 30.0
 HISTORY = 50  # rounds kept in the state's history for `status`
 METRIC_PREFIX = "train"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -295,6 +297,7 @@ class Daemon:
         self._longest_feed_s = 0.0
         self._watchdog_s = watchdog_interval_s()
         self._last_ping = 0.0
+        self._last_touch = -PROGRESS_EVERY_S
         self._progress_since_ping = False
         self._model_file_seen: tuple[int, int] | None = None
         self.loop: Loop | None = None
@@ -443,6 +446,7 @@ class Daemon:
                 rounds_this_run += 1
                 self._between_rounds()
             self._watchdog()
+            self._touch_progress()
             self._note_publishes()
             if self._reload_requested:
                 self._reload_requested = False
@@ -639,6 +643,20 @@ class Daemon:
             self.notifier.watchdog()
             self._last_ping = now
             self._progress_since_ping = False
+
+    def _touch_progress(self, every_s: float = PROGRESS_EVERY_S) -> None:
+        """Mark progress in the state dir (mtime of ``node/progress``) for container
+        health checks: ``waggle-trainer status --progress-within S``."""
+        now = time.monotonic()
+        if now - self._last_touch < every_s:
+            return
+        self._last_touch = now
+        path = self.store.dir / PROGRESS_FILE
+        try:
+            path.touch(mode=0o600)
+            os.utime(path)
+        except OSError:
+            pass  # a full disk: the state writes report it
 
     def _note_publishes(self) -> None:
         if self.publisher is None:
