@@ -36,7 +36,8 @@ def test_install_then_again_is_idempotent(tmp_path):
     files = tree(tmp_path)
     assert files["etc/systemd/system/waggle-trainer.service"] == \
         (ROOT / "systemd" / "waggle-trainer.service").read_bytes()
-    assert files["etc/waggle-trainer/node.toml"] == (ROOT / "deploy" / "node.example.toml").read_bytes()
+    example = (ROOT / "deploy" / "node.example.toml").read_bytes()
+    assert files["etc/waggle-trainer/node.toml"] == example
     assert "warning: /etc/waggle/node-id is missing" in first.stdout
     second = install(tmp_path, "--skip-pip")
     assert second.returncode == 0 and tree(tmp_path) == files

