@@ -658,6 +658,12 @@ class Daemon:
         except OSError:
             pass  # a full disk: the state writes report it
 
+    def _publish_age_s(self) -> float | None:
+        self._note_publishes()
+        if self._last_publish_ns is None:
+            return None
+        return round((time.time_ns() - self._last_publish_ns) / 1e9, 1)
+
     def _note_publishes(self) -> None:
         if self.publisher is None:
             return
@@ -712,8 +718,7 @@ class Daemon:
         t.gauge(f"{p}.outbox.bytes", lambda: self.outbox.bytes)
         t.gauge(f"{p}.outbox.dropped", lambda: sum(
             v for k, v in self.outbox.stats().items() if k.startswith(("dropped", "refused"))))
-        t.gauge(f"{p}.publish.last_confirmed_age_s", lambda: None if self._last_publish_ns is None
-                else round((time.time_ns() - self._last_publish_ns) / 1e9, 1))
+        t.gauge(f"{p}.publish.last_confirmed_age_s", self._publish_age_s)
         t.gauge(f"{p}.update_bytes", lambda: self.counters.update_bytes or None)
         t.gauge(f"{p}.disk_full_events", lambda: self.counters.disk_full_events)
         t.gauge(f"{p}.base_adoptions", lambda: self.counters.adopted)
@@ -776,7 +781,7 @@ class Daemon:
                 self._save_state()
         if self.publisher is not None:
             budget = self.cfg.daemon.stop_flush_s if flush else 0.0
-            if budget > 0 and self.publisher.connected and len(self.outbox):
+            if budget > 0 and len(self.outbox) and self.publisher.fatal_error is None:
                 delivered = self.publisher.wait_idle(budget)
                 if not delivered:
                     log.info("stop: %d update(s) stay in the outbox for the next start",
@@ -784,7 +789,11 @@ class Daemon:
             self.publisher.stop(timeout=5.0)
         if self.telemetry_publisher is not None:
             if self.telemetry is not None and flush:
-                self.telemetry.sample_gauges()
+                self.telemetry.sample_gauges()  # the final values, sent if the broker is up
+                end = time.monotonic() + min(2.0, self.cfg.daemon.stop_flush_s)
+                while (len(self.telemetry) and self.telemetry_publisher.connected
+                       and time.monotonic() < end):
+                    time.sleep(0.05)
             self.telemetry_publisher.stop(timeout=5.0)
         if self.loop is not None:
             self.loop.close()
