@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,14 +195,24 @@ def test_broker_down_at_start_never_blocks_training(node, tmp_path):
     assert [e.round for e in outbox_envelopes(cfg.state.dir)] == [5, 6]
 
 
-def test_missing_tls_files_are_one_fatal_line(node, tmp_path, capsys):
-    path, cfg = node(node={"id": "node1"},
-                     transport={"enabled": True, "tls": True,
-                                "cacert": str(tmp_path / "nope" / "cacert.pem")})
-    assert make_daemon(cfg, path).run() == daemonmod.EXIT_CONFIG
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"waggle-trainer run: transport.cacert: {tmp_path}/nope/cacert.pem: not found "
-                   "(TLS needs the node's certificate files; see docs/deploy.md)"]
+def test_missing_tls_files_are_one_fatal_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.node.nodeutil import write_config
+
+    cfg = write_config(tmp_path / "node.toml", {
+        "node": {"id": "node1"},
+        "transport": {"enabled": True, "tls": True, "cacert": str(tmp_path / "nope.pem")},
+        "state": {"dir": str(tmp_path / "state")}})
+    r = subprocess.run([sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg}: transport.cacert: ")
+    assert "not found" in lines[0] and not (tmp_path / "state").exists()
 
 
 def test_missing_hmac_key_with_transport_is_one_fatal_line(node, tmp_path, capsys):

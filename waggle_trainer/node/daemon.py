@@ -53,10 +53,10 @@ import torch
 
 from waggle_trainer.common import format_size
 from waggle_trainer.config import Config, ConfigError, load_config
+from waggle_trainer.node import brokers
 from waggle_trainer.node.sdnotify import Notifier, watchdog_interval_s
 from waggle_trainer.node.state import NodeState, StateError, StateStore
 from waggle_trainer.transport import (
-    AmqpSettings,
     CodecSettings,
     ErrorFeedback,
     Outbox,
@@ -150,18 +150,6 @@ def file_version(path: Path, meta: dict[str, str] | None) -> str:
     return "sha256-" + h.hexdigest()[:16]
 
 
-def check_tls_files(cfg: Config) -> None:
-    t = cfg.transport
-    if not (t.enabled and t.tls):
-        return
-    for key in ("cacert", "cert", "key"):
-        path: Path = getattr(t, key)
-        if not os.access(path, os.R_OK):
-            why = "not found" if not path.exists() else "not readable by this user"
-            raise StartupError(f"transport.{key}: {path}: {why} (TLS needs the node's "
-                               "certificate files; see docs/deploy.md)")
-
-
 def hmac_key(cfg: Config, state_dir: Path) -> bytes:
     """The node's signing key.  With transport enabled the configured file must be
     valid; without it, a missing file is replaced by a key kept in the state dir
@@ -185,17 +173,6 @@ def hmac_key(cfg: Config, state_dir: Path) -> bytes:
             f.write(secrets.token_bytes(32))
         log.info("transport disabled and %s missing: signing local updates with %s", path, local)
     return load_key(local)
-
-
-def amqp_settings(cfg: Config) -> AmqpSettings:
-    t = cfg.transport
-    return AmqpSettings(
-        host=t.host, port=t.port, vhost=t.vhost,
-        username=None if t.tls else t.username,
-        password=None if t.tls else t.password.get_secret_value(),
-        tls=t.tls, cacert=str(t.cacert), cert=str(t.cert), key=str(t.key),
-        heartbeat_s=t.heartbeat_s, connection_name=f"waggle-trainer {cfg.node.id or ''}".strip(),
-    )
 
 
 # Keys the daemon applies on SIGHUP; every other change waits for a restart.
@@ -311,7 +288,6 @@ class Daemon:
     def start(self) -> None:
         """Everything up to READY=1; raises StartupError for an operator's mistake."""
         cfg = self.cfg
-        check_tls_files(cfg)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = hmac_key(cfg, self.state_dir)
         self.outbox = Outbox(self.state_dir / "outbox", cfg.transport.outbox_max_bytes)
@@ -325,17 +301,14 @@ class Daemon:
         self._maybe_adopt()  # a newer global model waiting since the last run
         self.source = self.source_factory(cfg)
         if t.enabled:
-            self.publisher = UpdatePublisher(
-                amqp_settings(cfg), self.outbox, node_id=self.node_id, exchange=t.exchange,
-                chunk_size=t.chunk_size, releasable=self._releasable)
+            self.publisher = brokers.update_publisher(cfg, self.outbox, self.node_id,
+                                                      releasable=self._releasable)
             self.publisher.start()
         if cfg.telemetry.enabled:
             self.telemetry = Telemetry(self.node_id, self.vsn,
                                        max_buffered=cfg.telemetry.buffer_messages)
             self._register_gauges(self.telemetry)
-            self.telemetry_publisher = TelemetryPublisher(
-                amqp_settings(cfg), self.telemetry, exchange=cfg.telemetry.exchange,
-                interval_s=cfg.telemetry.interval_s)
+            self.telemetry_publisher = brokers.telemetry_publisher(cfg, self.telemetry)
             self.telemetry_publisher.start()
 
     def _restore(self) -> None:
