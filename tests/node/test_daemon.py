@@ -246,3 +246,24 @@ def test_progress_file_drives_the_health_check(node, capsys):
     os.utime(state_dir / "node" / daemonmod.PROGRESS_FILE, (old, old))
     assert progress_check(state_dir, 600) == 1
     assert "unhealthy: last frame or step 1000 s ago" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flush_s", [0.0, 2.0])
+def test_stop_flush_s_bounds_the_wait_for_an_absent_broker(node, tmp_path, flush_s):
+    import time
+
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    path, cfg = node(node={"id": "node1"},
+                     transport={"enabled": True, "port": 1, "hmac_key_file": str(key)},
+                     daemon={"stop_flush_s": flush_s})
+    d = make_daemon(cfg, path, reject_every=0, max_rounds=1)
+    d.start()
+    d._t0 = time.monotonic()
+    d._main_loop()
+    t0 = time.monotonic()
+    d._shutdown(flush=True)
+    waited = time.monotonic() - t0
+    assert len(d.outbox) == 1  # kept for the next start
+    assert flush_s <= waited < flush_s + 1.5
