@@ -82,6 +82,8 @@ class StandInLoop:
         self.frames = 0
         self.steps = 0
         self.adopted: list[str] = []
+        self.teacher_calls = 0
+        self.frames_run = 0
         self.closed = False
         self._snapshot = self._copy()
         self._round_frames = 0
@@ -92,6 +94,7 @@ class StandInLoop:
 
     def feed(self, frame) -> StandInResult | None:
         self.frames += 1
+        self.frames_run += 1
         self._round_frames += 1
         x = torch.from_numpy(frame.image).permute(2, 0, 1)[None].float() / 255
         y = torch.tensor([int(frame.image.mean() > 127)])
@@ -116,10 +119,12 @@ class StandInLoop:
             self.student.load_state_dict(weights)
             self.opt.load_state_dict(opt)
         frames, self._round_frames = self._round_frames, 0
+        # counters are totals since the loop started, as the real loop reports them
+        self.teacher_calls += frames // 2
         return StandInResult(
             index=self.index, accepted=accepted, agreement_before=0.5,
             agreement_after=0.6 if accepted else 0.4, loss=float(loss.detach()), samples=frames,
-            teacher_calls=frames // 2, frames_seen=frames, frames_skipped=0,
+            teacher_calls=self.teacher_calls, frames_seen=self.frames_run, frames_skipped=0,
             step_time_s=time.perf_counter() - t0)
 
     def export_state(self):

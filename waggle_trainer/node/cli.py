@@ -111,16 +111,16 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
              f"{s['base_version']}",
              f"agreement with the teacher: {agreement(s['agreement_first'])} -> "
              f"{agreement(s['agreement_last'])}",
-             f"frames: {s['frames_seen']} seen, teacher called on {s['teacher_calls']} "
-             f"({s['teacher_calls'] / max(1, s['frames_seen']):.2f} per frame)"]
+             f"frames: {s['frames_seen']} fed to the loop, teacher called "
+             f"{s['teacher_calls']} times ({s['teacher_calls_per_frame']:.2f} per frame)"]
     if "strategy" in s:
         lines.append(f"memory: {s['strategy']} plan, budget {format_size(s['budget_bytes'])}, "
                      f"predicted peak {format_size(max(1, s['predicted_peak_bytes']))}, "
                      f"measured {format_size(max(1, s['measured_peak_bytes']))}; "
                      f"step {s['step_time_s']:.2f} s")
-    lines.append(f"updates: {s['updates']} made (last {format_size(max(1, s['last_update_bytes']))}"
-                 f"), {s['published']} delivered to the broker, {s['outbox_updates']} in the "
-                 f"outbox ({format_size(s['outbox_bytes'])})")
+    last = (f" (last {format_size(s['last_update_bytes'])})" if s["last_update_bytes"] else "")
+    lines.append(f"updates: {s['updates']} made{last}, {s['published']} delivered to the broker, "
+                 f"{s['outbox_updates']} in the outbox ({format_size(s['outbox_bytes'])})")
     if s["disk_full_events"]:
         lines.append(f"disk full: {s['disk_full_events']} failed write(s); see the log")
     return lines

@@ -208,8 +208,9 @@ class Counters:
     adopted: int = 0
     first_agreement: float | None = None
     last_agreement: float | None = None
-    teacher_calls: int = 0
-    frames_seen: int = 0
+    teacher_calls: int = 0  # the loop's count since it started (this run)
+    loop_frames: int = 0  # frames the loop counted (fed and skipped by its stride)
+    frames_seen: int = 0  # frames the daemon fed this run
 
 
 @dataclass
@@ -438,7 +439,8 @@ class Daemon:
         self._last_result = r
         c = self.counters
         c.rounds += 1
-        c.teacher_calls += int(r.teacher_calls)
+        c.teacher_calls = int(r.teacher_calls)  # the loop's totals since it started
+        c.loop_frames = int(r.frames_seen)
         agreement = float(r.agreement_after if r.accepted else r.agreement_before)
         if c.first_agreement is None:
             c.first_agreement = float(r.agreement_before)
@@ -783,6 +785,7 @@ class Daemon:
             "rolled_back_total": c.rolled_back,
             "agreement_first": c.first_agreement, "agreement_last": c.last_agreement,
             "frames_seen": c.frames_seen, "teacher_calls": c.teacher_calls,
+            "teacher_calls_per_frame": c.teacher_calls / max(1, c.loop_frames),
             "updates": c.updates, "last_update_bytes": c.update_bytes,
             "outbox_updates": len(self.outbox) if hasattr(self, "outbox") else 0,
             "outbox_bytes": self.outbox.bytes if hasattr(self, "outbox") else 0,
