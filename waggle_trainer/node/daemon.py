@@ -220,6 +220,13 @@ class Progress:
     stream: Any = field(default_factory=lambda: sys.stderr)
     last: float = 0.0
 
+    def __post_init__(self) -> None:
+        self._filter: logging.Filter | None = None
+        if self.live:  # a log line first clears the progress line, then prints
+            self._filter = _ClearBefore(self)
+            for h in logging.getLogger().handlers:
+                h.addFilter(self._filter)
+
     @property
     def live(self) -> bool:
         return bool(getattr(self.stream, "isatty", lambda: False)())
@@ -234,9 +241,25 @@ class Progress:
         self.stream.flush()
 
     def clear(self) -> None:
-        if self.live:
+        if self.live and self.last:
             self.stream.write("\r" + " " * 150 + "\r")
             self.stream.flush()
+
+    def close(self) -> None:
+        self.clear()
+        if self._filter is not None:
+            for h in logging.getLogger().handlers:
+                h.removeFilter(self._filter)
+
+
+class _ClearBefore(logging.Filter):
+    def __init__(self, progress: Progress):
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True
 
 
 # ------------------------------------------------------------------ the daemon
@@ -393,7 +416,7 @@ class Daemon:
         try:
             self._main_loop()
         finally:
-            self.progress.clear()
+            self.progress.close()
             self._shutdown(flush=True)
         return EXIT_OK
 
