@@ -267,3 +267,36 @@ def test_stop_flush_s_bounds_the_wait_for_an_absent_broker(node, tmp_path, flush
     waited = time.monotonic() - t0
     assert len(d.outbox) == 1  # kept for the next start
     assert flush_s <= waited < flush_s + 1.5
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 48 KiB tmpfs: a real ENOSPC (needs root; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_really_full_disk_does_not_crash_and_recovers(node, tiny_disk, caplog):
+    path, cfg = node(state={"dir": str(tiny_disk / "state")},
+                     transport={"codec": "fp32", "compression": "none"})
+    caplog.set_level(logging.INFO, logger="waggle_trainer.daemon")
+    d = make_daemon(cfg, path, reject_every=0, max_rounds=60)
+    assert d.run() == 0  # kept training through ENOSPC
+    assert d.counters.disk_full_events > 0
+    errors = [r.message for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("disk full writing the ")
+    saved = StateStore(tiny_disk / "state" / "node").load()  # the last good state loads
+    assert 0 < saved.meta["round"] < 60
+    for p in (tiny_disk / "state" / "outbox").glob("*.wgu"):  # an operator frees space
+        p.unlink()
+    d = make_daemon(cfg, path, reject_every=0, max_rounds=1)
+    assert d.run() == 0
+    assert StateStore(tiny_disk / "state" / "node").read_meta()["round"] == saved.meta["round"] + 1

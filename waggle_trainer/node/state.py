@@ -19,9 +19,11 @@ and retries later).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -89,6 +91,13 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _as_oserror(exc: Exception, path: Path) -> OSError:
+    """``SafetensorError("... (os error 28)")`` -> ``OSError(ENOSPC, ...)``."""
+    m = re.search(r"os error (\d+)", str(exc))
+    code = int(m.group(1)) if m else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
 class StateStore:
     """Load and atomically save the node state in ``directory``."""
 
@@ -107,7 +116,10 @@ class StateStore:
         text = json.dumps(meta, sort_keys=True, allow_nan=False)
         tmp = self.dir / f".{FILE_NAME}.{os.getpid()}.tmp"
         try:
-            save_file(_storable(state.tensors), str(tmp), metadata={META_KEY: text})
+            try:
+                save_file(_storable(state.tensors), str(tmp), metadata={META_KEY: text})
+            except SafetensorError as exc:  # its I/O errors are not OSError: make them so
+                raise _as_oserror(exc, tmp) from None
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)
