@@ -73,7 +73,7 @@ def test_empty_file_gives_defaults(tmp_path):
     [
         ("[training]\nbatch_size = 0\n", "training.batch_size: 0 is out of range (must be >= 1)"),
         ("[training]\nlearning_rate = 0\n", "training.learning_rate: 0 is out of range (must be > 0.0)"),
-        ("[memory]\nsafety_margin = 1.5\n", "memory.safety_margin: 1.5 is out of range (must be <= 1.0)"),
+        ("[memory]\nsafety_margin = 1.5\n", "memory.safety_margin: 1.5 is out of range (must be < 1.0)"),
         ("[memory]\nsafety_margin = -0.1\n", "memory.safety_margin: -0.1 is out of range (must be >= 0.0)"),
         ("[training]\nbach_size = 3\n", "training.bach_size: unknown key (allowed: batch_size, "),
         ("[trainig]\nbatch_size = 3\n", "trainig: unknown section (allowed: node, camera, "),
@@ -173,10 +173,10 @@ def test_sending_requires_a_node_id(tmp_path):
     assert line.startswith(f"{path}: node.id: required when transport or telemetry is enabled")
 
 
-def test_bad_env_node_id_is_reported(tmp_path, monkeypatch):
+def test_bad_env_node_id_is_reported_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WAGGLE_NODE_ID", "has space")
     [line] = problems(write(tmp_path, ""))
-    assert ": node.id: 'has space' is not an identifier" in line
+    assert "WAGGLE_NODE_ID: 'has space' is not an identifier" in line
 
 
 def test_render_masks_secrets(tmp_path):
@@ -189,3 +189,77 @@ def test_render_masks_secrets(tmp_path):
     again = cfgmod.config_from_dict(tomllib.loads(text))
     assert again.model_dump(exclude={"transport": {"password"}}) == cfg.model_dump(
         exclude={"transport": {"password"}})
+
+
+# ------------------------------------------------ what the program cannot run is refused
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # ResNet's last stage is 1x1 at 32 px: BatchNorm needs more than one value per channel
+        ("[student]\nimage_size = 32\n[training]\nbatch_size = 1\n",
+         "training.batch_size: 1 is too small for student.image_size 32"),
+        ("[memory]\nsafety_margin = 1.0\n", "memory.safety_margin: 1.0 is out of range (must be < 1"),
+        ("[training]\nlearning_rate = inf\n", "training.learning_rate: inf is not a finite number"),
+        ("[training]\nlearning_rate = nan\n", "training.learning_rate: nan is not a finite number"),
+        ("[student]\nnum_classes = 1\n", "student.num_classes: 1 is out of range (must be >= 2)"),
+        ("[student]\nimage_size = 7\n", "student.image_size: 7 is out of range (must be >= 32)"),
+        ("[training]\noptimizer = \"rmsprop\"\n",
+         "training.optimizer: 'rmsprop' is not allowed (one of 'sgd', 'adam' or 'adamw')"),
+    ],
+)
+def test_what_run_cannot_run_is_refused(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    [line] = problems(path)
+    assert line.startswith(f"{path}: {expected}"), line
+
+
+@pytest.mark.parametrize("batch, image", [(2, 32), (1, 33), (1, 64)])
+def test_smallest_runnable_shapes_are_accepted(tmp_path, batch, image):
+    cfg = load_config(write(tmp_path, f"[student]\nimage_size = {image}\n"
+                                      f"[training]\nbatch_size = {batch}\n"))
+    assert (cfg.training.batch_size, cfg.student.image_size) == (batch, image)
+
+
+def test_adamw_is_accepted(tmp_path):
+    assert load_config(write(tmp_path, '[training]\noptimizer = "adamw"\n')).training.optimizer == "adamw"
+
+
+# ------------------------------------------------ messages that name the right thing
+
+
+def test_bad_env_node_id_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAGGLE_NODE_ID", "a b")
+    path = write(tmp_path, "")
+    [line] = problems(path)
+    assert line.startswith("environment variable WAGGLE_NODE_ID: 'a b' is not an identifier"), line
+    assert str(path) not in line
+
+
+def test_bad_node_id_file_names_the_file(tmp_path):
+    etc = tmp_path / "etc-waggle"
+    etc.mkdir()
+    (etc / "node-id").write_text("a b\n")
+    [line] = problems(write(tmp_path, ""))
+    assert line.startswith(f"{etc / 'node-id'}: 'a b' is not an identifier"), line
+
+
+def test_empty_path_is_named():
+    with pytest.raises(ConfigError) as info:
+        load_config("")
+    [line] = info.value.lines()
+    assert "is a directory" not in line and "empty" in line
+
+
+def test_utf8_bom_is_named(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nbatch_size = 4\n")
+    [line] = problems(path)
+    assert line.startswith(f"{path}: file: ") and "BOM" in line
+
+
+@pytest.mark.parametrize("size", ["1PB", "1PiB", "2EB"])
+def test_huge_budgets_are_sizes_larger_than_ram(tmp_path, size):
+    [line] = problems(write(tmp_path, f'[memory]\nbudget = "{size}"\n'))
+    assert "larger than this machine's RAM" in line, line

@@ -42,14 +42,37 @@ IMAGE_SIZE_MAX = 2048
 CLASSES_MIN = 2
 #: Classes when none are given (config and CLI alike).
 DEFAULT_CLASSES = 10
+#: A ResNet halves the image side five times (stem conv, max-pool, layer2..4).
+RESNET_DOWNSAMPLING = 32
+
+
+def resnet_final_side(image: int) -> int:
+    """Side of a ResNet's last feature map for an ``image`` px input (ceil(image / 32))."""
+    return -(-image // RESNET_DOWNSAMPLING)
+
+
+def batch_too_small(batch: int, image: int) -> str | None:
+    """Why a ResNet cannot train on ``batch`` images of ``image`` px, or None if it can.
+
+    In training mode BatchNorm needs more than one value per channel: the last
+    stage's ``batch * side * side`` must be at least 2 (32 px or less: side 1).
+    """
+    side = resnet_final_side(image)
+    if batch * side * side >= 2:
+        return None
+    return (
+        f"BatchNorm needs more than one value per channel: the last feature map is "
+        f"{side}x{side}, so use a batch of at least 2 or images larger than "
+        f"{RESNET_DOWNSAMPLING * side} px"
+    )
 
 # ------------------------------------------------------------------------- sizes
 
 _UNITS = {
     "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50, "eib": 2**60,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 SIZE_HELP = 'a positive size: bytes as an integer, or a string like "1.5GB", "512MiB"'
@@ -82,6 +105,23 @@ def format_size(n: int) -> str:
             q = n / div
             return f"{q:.0f}{unit}" if q == int(q) else f"{q:.2f}{unit}"
     return f"{n}B"
+
+
+def format_sizes_apart(a: int, b: int) -> tuple[str, str]:
+    """``a`` and ``b`` in one unit, with the fewest decimals that tell them apart.
+
+    ``(734003, 734100)`` -> ``("716.80KiB", "716.89KiB")``, never two equal strings
+    for different sizes (bytes when nothing coarser separates them).
+    """
+    big = max(a, b)
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if big >= div:
+            for decimals in range(1, 7):
+                fa, fb = f"{a / div:.{decimals}f}{unit}", f"{b / div:.{decimals}f}{unit}"
+                if fa != fb or a == b:
+                    return fa, fb
+            break
+    return f"{a}B", f"{b}B"
 
 
 def parse_budget(v: Any) -> int | Literal["auto"]:

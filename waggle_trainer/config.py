@@ -15,6 +15,7 @@ Node identity: ``[node] id`` / ``vsn`` default to ``/etc/waggle/node-id`` (or
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
@@ -35,13 +36,17 @@ from pydantic import (
 )
 
 from waggle_trainer.common import (
-    ARCHES,
+    CLASSES_MIN,
+    DEFAULT_CLASSES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
     SIZE_HELP,
-    STRATEGIES,
     WAGGLE_ETC,
     Arch,
     LogLevel,
+    OptimizerName,
     Strategy,
+    batch_too_small,
     format_size,
     parse_budget,
     parse_size,
@@ -66,7 +71,9 @@ Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False
+    )
 
 
 def _read_first(*paths: Path) -> str | None:
@@ -110,22 +117,22 @@ class CameraSection(_Section):
 class TeacherSection(_Section):
     arch: Arch = "resnet50"
     weights: Path | None = None
-    num_classes: int = Field(10, ge=2)
+    num_classes: int = Field(DEFAULT_CLASSES, ge=CLASSES_MIN)
     min_confidence: float = Field(0.5, ge=0, le=1)
 
 
 class StudentSection(_Section):
     arch: Arch = "resnet18"
     weights: Path | None = None
-    num_classes: int = Field(10, ge=2)
-    image_size: int = Field(224, ge=32, le=2048)
+    num_classes: int = Field(DEFAULT_CLASSES, ge=CLASSES_MIN)
+    image_size: int = Field(224, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
 
 
 class TrainingSection(_Section):
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
     buffer_size: int = Field(256, ge=1)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
@@ -133,7 +140,7 @@ class TrainingSection(_Section):
 
 class MemorySection(_Section):
     budget: Budget = "auto"
-    safety_margin: float = Field(0.1, ge=0, le=1)
+    safety_margin: float = Field(0.1, ge=0, lt=1)
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
 
@@ -216,6 +223,16 @@ class Config(_Section):
     state: StateSection = Field(default_factory=StateSection)
 
     @model_validator(mode="after")
+    def _trainable_shape(self) -> "Config":
+        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        if why:
+            raise ValueError(
+                f"training.batch_size: {self.training.batch_size} is too small for "
+                f"student.image_size {self.student.image_size} ({why})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _identity_when_sending(self) -> "Config":
         if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
             raise ValueError(
@@ -229,15 +246,25 @@ class Config(_Section):
 
 
 class ConfigError(Exception):
-    """One or more problems with a config file, each as ``(location, message)``."""
+    """One or more problems with a config file, each as ``(location, message)``.
 
-    def __init__(self, path: str, problems: list[tuple[str, str]]):
+    ``origins`` maps a location whose value did not come from the file (the node
+    identity from ``WAGGLE_NODE_ID`` or ``/etc/waggle/node-id``) to where it came from,
+    so that the message names that place instead of the file.
+    """
+
+    def __init__(self, path: str, problems: list[tuple[str, str]],
+                 origins: dict[str, str] | None = None):
         self.path = path
         self.problems = problems
+        self.origins = origins or {}
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [f"{self.path}: {loc}: {msg}" for loc, msg in self.problems]
+        return [
+            f"{self.origins[loc]}: {msg}" if loc in self.origins else f"{self.path}: {loc}: {msg}"
+            for loc, msg in self.problems
+        ]
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -249,7 +276,10 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(err: dict) -> tuple[str, str]:
+_LOCATED = re.compile(r"^([a-z_]+\.[a-z_]+): ")
+
+
+def _describe(err: Any) -> tuple[str, str]:
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "config"
     kind = err["type"]
@@ -265,10 +295,13 @@ def _describe(err: dict) -> tuple[str, str]:
               "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(err["ctx"].values()))
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
+    if kind == "finite_number":
+        return where, f"{err['input']!r} is not a finite number"
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
-        if msg.startswith("node.id: "):
-            return "node.id", msg.removeprefix("node.id: ")
+        m = _LOCATED.match(msg)
+        if m and not loc:  # a check across sections names the key it is about
+            return m.group(1), msg[m.end():]
         return where, msg
     if kind == "model_type" or kind == "dict_type":
         return where, f"{err['input']!r} is not a table (write it as [{where}])"
@@ -277,35 +310,46 @@ def _describe(err: dict) -> tuple[str, str]:
     return where, err["msg"]
 
 
-def _node_identity(data: dict) -> dict:
+def _node_identity(data: dict) -> tuple[dict, dict[str, str]]:
+    """``data`` with the node identity filled in, and where each value not from the
+    file came from (``{"node.id": "environment variable WAGGLE_NODE_ID"}``)."""
     node = data.get("node")
     if node is not None and not isinstance(node, dict):
-        return data
+        return data, {}
     node = dict(node or {})
+    origins: dict[str, str] = {}
     for key, env, files in (
         ("id", "WAGGLE_NODE_ID", ("node-id", "node_id")),
         ("vsn", "WAGGLE_NODE_VSN", ("vsn",)),
     ):
         if os.environ.get(env):
             node[key] = os.environ[env].strip()
+            origins[f"node.{key}"] = f"environment variable {env}"
         elif key not in node:
-            found = _read_first(*(WAGGLE_ETC / f for f in files))
-            if found:
-                node[key] = found
-    return {**data, "node": node}
+            for path in (WAGGLE_ETC / f for f in files):
+                found = _read_first(path)
+                if found:
+                    node[key] = found
+                    origins[f"node.{key}"] = str(path)
+                    break
+    return {**data, "node": node}, origins
 
 
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    resolved, origins = _node_identity(data)
     try:
-        return Config.model_validate(_node_identity(data))
+        return Config.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError(source, problems, origins) from None
 
 
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a node config file; raises ConfigError on any problem."""
     source = str(path)
+    if not source.strip():
+        raise ConfigError("(empty path)", [("file", "no file named (give the path of a TOML file)")])
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
@@ -314,6 +358,9 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(source, [("file", "is a directory (give the path of a TOML file)")]) from None
     except OSError as exc:
         raise ConfigError(source, [("file", f"cannot be read: {exc.strerror}")]) from None
+    if raw.startswith(codecs.BOM_UTF8):
+        raise ConfigError(source, [("file", "starts with a UTF-8 byte-order mark (BOM), which TOML "
+                                            "does not allow (save it as UTF-8 without BOM)")])
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
