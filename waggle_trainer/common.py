@@ -134,6 +134,34 @@ def parse_budget(v: Any) -> int | Literal["auto"]:
         raise ValueError(f'{v!r} is not "auto" or a size ({SIZE_HELP})') from None
 
 
+# ------------------------------------------------------------------- directories
+
+
+def usable_directory(path: str | os.PathLike, what: str, *, create_parents: bool = False) -> Path:
+    """``path`` as a directory this process can write into, created if missing.
+
+    Without ``create_parents`` only the last component is created: a mistyped
+    ``/nonexistent/x`` is refused rather than silently made.  Raises ValueError naming
+    ``what`` (a flag or a config key) and the path.
+    """
+    p = Path(path)
+    if not str(path).strip():
+        raise ValueError(f"{what}: the path is empty")
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {p}: not a directory")
+    if not p.exists():
+        parent = p.absolute().parent
+        if not create_parents and not parent.is_dir():
+            raise ValueError(f"{what} {p}: {parent} does not exist (create it, or choose another)")
+        try:
+            p.mkdir(parents=create_parents, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"{what} {p}: cannot be created ({exc.strerror})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {p}: not writable by this user")
+    return p
+
+
 # ----------------------------------------------------------------------- logging
 
 
@@ -150,3 +178,34 @@ def setup_logging(level: str | None) -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel((level or "info").upper())
+
+
+# ---------------------------------------------------------------------- progress
+
+
+def progress_wanted(stream: Any = None) -> bool:
+    """Whether to draw progress on ``stream`` (default stderr): only on a terminal,
+    never under systemd (``JOURNAL_STREAM``), where it would fill the journal."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not os.environ.get("JOURNAL_STREAM")
+
+
+class Progress:
+    """``progress(done, total)`` redraws one line ``label: done/total unit`` on a
+    terminal and erases it when ``done == total``; does nothing elsewhere."""
+
+    def __init__(self, label: str, unit: str = "", stream: Any = None) -> None:
+        self.label, self.unit = label, unit
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = progress_wanted(self.stream)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if done >= total:
+            self.stream.write("\r\033[K")
+        else:
+            unit = f" {self.unit}" if self.unit else ""
+            self.stream.write(f"\r{self.label}: {done}/{total}{unit}\033[K")
+        self.stream.flush()

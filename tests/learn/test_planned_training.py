@@ -74,13 +74,15 @@ def test_plan_json_lists_every_strategy(tmp_path):
 
 
 def test_bench_json_keys_and_infeasible_budget(tmp_path):
-    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "12MiB",
+    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "64MiB",
             "--steps", "1", "--cache-dir", str(tmp_path), "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes", "budget_bytes"):
+    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes", "budget_bytes",
+                "budget_kept", "data"):
         assert key in out
-    assert out["budget_bytes"] == 12 * 2**20 and out["predicted_peak_bytes"] <= 12 * 2**20
+    assert out["budget_bytes"] == 64 * 2**20 and out["predicted_peak_bytes"] <= 64 * 2**20
+    assert out["budget_kept"] and out["peak_rss_growth_bytes"] <= out["budget_bytes"]
     r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "100KiB",
             "--steps", "1", "--cache-dir", str(tmp_path))
     assert r.returncode == 1
@@ -102,12 +104,14 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
 def test_run_uses_the_config_file(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text(f'[student]\narch = "resnet18"\nimage_size = 32\nnum_classes = 5\n'
-                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "12MiB"\n'
+                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "200MiB"\n'
                    f'[state]\ndir = "{tmp_path / "state"}"\n')
     r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no stray log line; no progress (stderr is not a terminal)
     out = json.loads(r.stdout)
-    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 12 * 2**20)
+    assert out["data"] == "synthetic"
+    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 200 * 2**20)
     assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
 
 
@@ -142,9 +146,10 @@ def test_calibration_replans_within_the_budget_minus_measured_overhead(tmp_path)
     overhead = (budget - lowest) // 2
     assert t.calibrate(_FakeRss(t, overhead)) == overhead
     assert t.chain.plan.predicted_peak_bytes + overhead <= budget
-    # an overhead that leaves nothing feasible keeps the smallest plan and says so
+    assert t.calibration == "re-planned"
+    # an overhead that leaves nothing feasible runs the smallest plan and says so
     t2 = PlannedTraining.build(RunSpec(**{**spec.__dict__, "budget": budget}))
     t2.allocator_mode = "mmap"
-    before = t2.chain.plan
     t2.calibrate(_FakeRss(t2, budget))
-    assert t2.chain.plan == before
+    assert t2.chain.plan.predicted_peak_bytes == lowest
+    assert t2.calibration == "infeasible"

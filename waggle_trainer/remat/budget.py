@@ -50,6 +50,8 @@ from typing import Callable
 
 from waggle_trainer.common import format_size, parse_size
 
+from .optim import state_multiple
+
 __all__ = [
     "CgroupLocation",
     "CgroupLevel",
@@ -59,7 +61,6 @@ __all__ = [
     "BudgetBreakdown",
     "BudgetChange",
     "BudgetWatcher",
-    "OPTIMIZERS",
     "find_memory_cgroup",
     "read_cgroup_memory",
     "free_memory",
@@ -353,13 +354,6 @@ def free_memory_bytes(location: CgroupLocation | None = None) -> int:
 
 # ------------------------------------------------------------------ training state
 
-# Optimiser state as multiples of the trainable parameters' bytes.
-OPTIMIZERS: dict[str, int] = {
-    "sgd": 0,  # plain SGD keeps nothing
-    "sgd-momentum": 1,  # one momentum buffer
-    "adam": 2,  # exp_avg, exp_avg_sq
-    "adamw": 2,
-}
 
 
 @dataclass(frozen=True)
@@ -382,17 +376,6 @@ class TrainingState:
         )
 
 
-def _optimizer_multiple(optimizer: str, momentum: float | None) -> tuple[str, int]:
-    key = optimizer.lower()
-    if key == "sgd" and momentum:
-        key = "sgd-momentum"
-    if key not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {optimizer!r} (allowed: {', '.join(OPTIMIZERS)})"
-        )
-    return key, OPTIMIZERS[key]
-
-
 def training_state_bytes(
     model, optimizer: str = "sgd-momentum", *, momentum: float | None = None
 ) -> TrainingState:
@@ -404,7 +387,7 @@ def training_state_bytes(
     ``sgd``, ``sgd-momentum``, ``adam``, ``adamw``; ``sgd`` with a non-zero
     ``momentum`` is ``sgd-momentum`` (the config's ``optimizer``/``momentum``).
     """
-    key, mult = _optimizer_multiple(optimizer, momentum)
+    key, mult = state_multiple(optimizer, momentum)
     if isinstance(model, bool) or not (isinstance(model, int) or hasattr(model, "parameters")):
         raise TypeError(f"expected an nn.Module or a byte count, got {type(model).__name__}")
     if isinstance(model, int):

@@ -27,17 +27,21 @@ a custom stage that writes into its input is detected by the executor and reject
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-__all__ = ["OutOfPlace", "named_stages", "chain_stages", "build_resnet", "RESNET_ARCHS"]
+from waggle_trainer.common import ARCHES
 
-RESNET_ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
+__all__ = [
+    "OutOfPlace", "named_stages", "chain_stages", "input_needs_grad", "build_resnet",
+    "RESNET_ARCHS",
+]
+
+#: What :func:`build_resnet` builds: the student/teacher architectures of the config
+#: (:data:`waggle_trainer.common.ARCHES`) and the rest of torchvision's ResNet family.
+RESNET_ARCHS: tuple[str, ...] = ARCHES + (
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
@@ -125,6 +129,15 @@ def named_stages(module: nn.Module) -> list[tuple[str, nn.Module]]:
     if not stages:
         raise ValueError("the module has no stages (empty nn.Sequential)")
     return [(name, OutOfPlace(stage) if _is_inplace(stage) else stage) for name, stage in stages]
+
+
+def input_needs_grad(stages: Sequence[nn.Module], input_requires_grad: bool) -> list[bool]:
+    """For each stage, whether its input needs a gradient: the chain's input does, or
+    an earlier stage has a trainable parameter."""
+    out = [input_requires_grad]
+    for stage in list(stages)[:-1]:
+        out.append(out[-1] or any(p.requires_grad for p in stage.parameters()))
+    return out
 
 
 def chain_stages(module: nn.Module) -> list[nn.Module]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from waggle_trainer.common import STRATEGIES
+from waggle_trainer.common import STRATEGIES, Strategy, format_sizes_apart
 
 from .costs import ChainCosts
 from .optimal import DEFAULT_RESOLUTION, OptimalSolver, min_memory_schedule
@@ -49,9 +49,10 @@ class InfeasibleBudget(ValueError):
     """The budget is below the smallest peak the strategy can reach."""
 
     def __init__(self, strategy: str, budget_bytes: int, min_bytes: int):
+        budget, minimum = format_sizes_apart(budget_bytes, min_bytes)
         super().__init__(
-            f"strategy {strategy!r}: budget {budget_bytes / MiB:.1f} MiB is below the minimum "
-            f"feasible {min_bytes / MiB:.1f} MiB ({min_bytes} bytes)"
+            f"strategy {strategy!r}: budget {budget} is below the minimum feasible "
+            f"{minimum} ({min_bytes} bytes)"
         )
         self.strategy = strategy
         self.budget_bytes = budget_bytes

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .chain import input_needs_grad
 from .costs import ChainCosts, StageCost
 
 __all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
@@ -178,11 +179,13 @@ def _grad_inputs(stage: nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
     return ([inp] if inp.requires_grad else []) + [p for p in stage.parameters() if p.requires_grad]
 
 
-def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
+def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool, tick=None):
     """One pass over the chain; returns per-stage dicts and the loss time."""
     rows = []
     a = x
     for j, stage in enumerate(stages):
+        if tick is not None:
+            tick()
         row: dict = {}
         mode = LiveBytes() if measure_memory else None
         # forward without autograd
@@ -242,19 +245,30 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
     return rows, loss_s
 
 
-def _measure(stages, names, sample_input, loss_fn, repeats) -> ChainCosts:
-    needs_grad = [bool(sample_input.requires_grad)]
-    for stage in stages[:-1]:
-        needs_grad.append(needs_grad[-1] or any(p.requires_grad for p in stage.parameters()))
+def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> ChainCosts:
+    needs_grad = input_needs_grad(stages, bool(sample_input.requires_grad))
+    total = len(stages) * (1 + repeats)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        if progress is not None:
+            progress(done, total)
+        done += 1
+
     buffers = {id(b): b for stage in stages for b in stage.buffers()}
     saved = [(b, b.detach().clone()) for b in buffers.values()]
     devices = [sample_input.device.index or 0] if sample_input.is_cuda else []
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices):
-            memory_rows, _ = _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, measure_memory=True)
-            timed = [_sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False) for _ in range(repeats)]
+            memory_rows, _ = _sweep(stages, _fresh(sample_input), needs_grad, loss_fn,
+                                    measure_memory=True, tick=tick)
+            timed = [_sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False, tick)
+                     for _ in range(repeats)]
     finally:
+        if progress is not None:
+            progress(total, total)
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
@@ -288,6 +302,7 @@ def profile_chain(
     repeats: int = 3,
     cache_dir: str | os.PathLike | None = None,
     names: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ChainCosts:
     """Profile ``stages`` (a chain, see :mod:`.chain`) for inputs like ``sample_input``.
 
@@ -297,6 +312,8 @@ def profile_chain(
     (0 without it).  Stages are profiled in their current ``training`` mode.  The
     model's parameters, gradients, buffers and the global RNG are unchanged after.
     ``meta`` of the result holds the cache key fields and ``stage_names``.
+    ``progress(done, total)`` is called before each stage is measured and once with
+    ``done == total`` at the end (not at all on a cache hit).
     """
     stages = list(stages)
     if not stages:
@@ -320,7 +337,7 @@ def profile_chain(
                 return costs
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 warnings.warn(f"ignoring corrupt profile cache {path} ({exc}); re-profiling", RuntimeWarning)
-    costs = _measure(stages, names, sample_input, loss_fn, repeats)
+    costs = _measure(stages, names, sample_input, loss_fn, repeats, progress)
     costs = ChainCosts(costs.input_bytes, costs.stages, costs.loss_s, {**costs.meta, **key, "stage_names": names})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
