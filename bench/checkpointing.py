@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint_sequential  # noqa: E402
 
+from waggle_trainer.common import STRATEGIES  # noqa: E402
 from waggle_trainer.learn.planned_training import RssSampler, profiled_resnet  # noqa: E402
 from waggle_trainer.remat.executor import run_schedule  # noqa: E402
 from waggle_trainer.remat.planner import InfeasibleBudget, Planner  # noqa: E402
@@ -86,7 +87,7 @@ def build_configs(planner: Planner, n_stages: int, fractions: list[float], segme
             configs.append(Config(f"torch-seq k={k}", "torch", segments=k))
     seen = set()
     for budget in budgets_for(planner, fractions):
-        for strategy in ("sequential", "revolve", "optimal"):
+        for strategy in [s for s in reversed(STRATEGIES) if s != "none"]:
             try:
                 p = planner.plan(budget, strategy)
             except InfeasibleBudget:
