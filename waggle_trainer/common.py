@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 import sys
 from pathlib import Path
@@ -132,6 +133,21 @@ def parse_budget(v: Any) -> int | Literal["auto"]:
         return parse_size(v)
     except ValueError:
         raise ValueError(f'{v!r} is not "auto" or a size ({SIZE_HELP})') from None
+
+
+# ----------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    """This machine's CPU model (``/proc/cpuinfo``), for profile keys and benchmarks."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 # ------------------------------------------------------------------- directories

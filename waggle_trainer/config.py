@@ -223,7 +223,7 @@ class Config(_Section):
     state: StateSection = Field(default_factory=StateSection)
 
     @model_validator(mode="after")
-    def _trainable_shape(self) -> "Config":
+    def _trainable_shape(self) -> Config:
         why = batch_too_small(self.training.batch_size, self.student.image_size)
         if why:
             raise ValueError(
@@ -233,7 +233,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _identity_when_sending(self) -> "Config":
+    def _identity_when_sending(self) -> Config:
         if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
             raise ValueError(
                 "node.id: required when transport or telemetry is enabled "
@@ -349,18 +349,29 @@ def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a node config file; raises ConfigError on any problem."""
     source = str(path)
     if not source.strip():
-        raise ConfigError("(empty path)", [("file", "no file named (give the path of a TOML file)")])
+        problem = ("file", "no file named (give the path of a TOML file)")
+        raise ConfigError("(empty path)", [problem])
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(source, [("file", "not found (give the path of a TOML file)")]) from None
     except IsADirectoryError:
-        raise ConfigError(source, [("file", "is a directory (give the path of a TOML file)")]) from None
+        raise ConfigError(
+            source, [("file", "is a directory (give the path of a TOML file)")]
+        ) from None
     except OSError as exc:
         raise ConfigError(source, [("file", f"cannot be read: {exc.strerror}")]) from None
     if raw.startswith(codecs.BOM_UTF8):
-        raise ConfigError(source, [("file", "starts with a UTF-8 byte-order mark (BOM), which TOML "
-                                            "does not allow (save it as UTF-8 without BOM)")])
+        raise ConfigError(
+            source,
+            [
+                (
+                    "file",
+                    "starts with a UTF-8 byte-order mark (BOM), which TOML "
+                    "does not allow (save it as UTF-8 without BOM)",
+                )
+            ],
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -370,7 +381,9 @@ def load_config(path: str | os.PathLike) -> Config:
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         where = f"line {m.group(1)}, column {m.group(2)}" if m else "syntax"
         detail = msg[: m.start()].strip() if m else msg
-        raise ConfigError(source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]) from None
+        raise ConfigError(
+            source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]
+        ) from None
     return config_from_dict(data, source)
 
 

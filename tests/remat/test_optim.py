@@ -39,7 +39,11 @@ def test_plain_sgd_keeps_no_state():
     opt = make_optimizer(model.parameters(), "sgd", lr=0.1, momentum=0.0)
     model(torch.randn(4, 8)).sum().backward()
     opt.step()
-    assert _state_bytes(opt) == training_state_bytes(model, "sgd", momentum=0.0).optimizer_state_bytes == 0
+    assert (
+        _state_bytes(opt)
+        == training_state_bytes(model, "sgd", momentum=0.0).optimizer_state_bytes
+        == 0
+    )
 
 
 def test_unknown_optimizer_is_refused_by_name():

@@ -79,7 +79,9 @@ def register(sub) -> None:
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser("run", help="the main job: a memory-planned training run of the student")
-    p.add_argument("--config", type=Path, default=None, help="node config file (default: embedded defaults)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="node config file (default: embedded defaults)"
+    )
     p.add_argument("--steps", type=_positive, default=10, help="measured steps (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run)
@@ -92,15 +94,20 @@ def _cache_dir(args) -> Path:
         return usable_directory(args.cache_dir, "--cache-dir")
     from waggle_trainer.config import default_state_dir
 
-    return usable_directory(default_state_dir() / "profiles", "profile cache",
-                            create_parents=True)
+    return usable_directory(default_state_dir() / "profiles", "profile cache", create_parents=True)
 
 
 def _spec(args, **over):
     from waggle_trainer.learn.planned_training import RunSpec
 
-    fields = dict(arch=args.arch, batch=args.batch, image=args.image, classes=args.classes,
-                  budget=args.budget, safety_margin=args.safety_margin)
+    fields = dict(
+        arch=args.arch,
+        batch=args.batch,
+        image=args.image,
+        classes=args.classes,
+        budget=args.budget,
+        safety_margin=args.safety_margin,
+    )
     fields.update(over)
     spec = RunSpec(**fields)  # checks the values before the cache directory is touched
     return RunSpec(**{**spec.__dict__, "cache_dir": _cache_dir(args)})
@@ -125,9 +132,11 @@ def strategy_table(costs, budget_bytes: int) -> dict:
             rows[strategy] = {"feasible": False, "min_feasible_bytes": minimum}
             continue
         rows[strategy] = {
-            "feasible": True, "min_feasible_bytes": minimum,
+            "feasible": True,
+            "min_feasible_bytes": minimum,
             "predicted_peak_bytes": p.predicted_peak_bytes,
-            "predicted_time_s": p.predicted_time_s, "time_ratio": p.time_ratio,
+            "predicted_time_s": p.predicted_time_s,
+            "time_ratio": p.time_ratio,
             "detail": p.detail,
         }
     return rows
@@ -136,19 +145,29 @@ def strategy_table(costs, budget_bytes: int) -> dict:
 def _print_table(rows: dict, mark: str | None = None, out=None) -> None:
     """The strategy table; the row of ``mark`` (the plan that runs) starts with ``*``."""
     out = sys.stdout if out is None else out
-    print(f"  {'strategy':<12}{'fits':<6}{'predicted peak':>16}{'time ratio':>12}"
-          f"{'min feasible':>15}  detail", file=out)
+    print(
+        f"  {'strategy':<12}{'fits':<6}{'predicted peak':>16}{'time ratio':>12}"
+        f"{'min feasible':>15}  detail",
+        file=out,
+    )
     for name, r in rows.items():
         star = "* " if name == mark else "  "
         if r["feasible"]:
-            detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in (r["detail"] or {}).items())
-            print(f"{star}{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
-                  f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
-                  file=out)
+            detail = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in (r["detail"] or {}).items()
+            )
+            print(
+                f"{star}{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
+                f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
+                file=out,
+            )
         else:
-            print(f"{star}{name:<12}{'no':<6}{'-':>16}{'-':>12}"
-                  f"{format_size(r['min_feasible_bytes']):>15}", file=out)
+            print(
+                f"{star}{name:<12}{'no':<6}{'-':>16}{'-':>12}"
+                f"{format_size(r['min_feasible_bytes']):>15}",
+                file=out,
+            )
 
 
 def _plan(args) -> int:
@@ -159,16 +178,33 @@ def _plan(args) -> int:
         return EXIT_USAGE
     from waggle_trainer.learn.planned_training import profiled_resnet, resolve_budget
 
-    model, _, costs = profiled_resnet(spec.arch, spec.classes, spec.batch, spec.image,
-                                      spec.cache_dir, progress=_profiling_progress(spec))
+    model, _, costs = profiled_resnet(
+        spec.arch,
+        spec.classes,
+        spec.batch,
+        spec.image,
+        spec.cache_dir,
+        progress=_profiling_progress(spec),
+    )
     budget = resolve_budget(model, spec)
     rows = strategy_table(costs, budget.activation_budget_bytes)
     chosen = "optimal" if rows["optimal"]["feasible"] else None
     if args.json:
-        print(json.dumps({"arch": spec.arch, "batch": spec.batch, "image": spec.image,
-                          "budget_bytes": budget.activation_budget_bytes,
-                          "budget": budget.to_dict(), "strategies": rows, "chosen": chosen,
-                          "min_feasible_bytes": rows["optimal"]["min_feasible_bytes"]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "arch": spec.arch,
+                    "batch": spec.batch,
+                    "image": spec.image,
+                    "budget_bytes": budget.activation_budget_bytes,
+                    "budget": budget.to_dict(),
+                    "strategies": rows,
+                    "chosen": chosen,
+                    "min_feasible_bytes": rows["optimal"]["min_feasible_bytes"],
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{spec.arch}, batch {spec.batch}, {spec.image} px, {len(costs)} stages")
         if spec.budget == "auto":
@@ -178,11 +214,14 @@ def _plan(args) -> int:
         print()
         if chosen:
             r = rows[chosen]
-            print(f"would use: {chosen} (predicted peak {format_size(r['predicted_peak_bytes'])}, "
-                  f"{r['time_ratio']:.2f}x the time of plain training)")
+            print(
+                f"would use: {chosen} (predicted peak {format_size(r['predicted_peak_bytes'])}, "
+                f"{r['time_ratio']:.2f}x the time of plain training)"
+            )
         else:
-            budget_s, min_s = format_sizes_apart(budget.activation_budget_bytes,
-                                                 rows["optimal"]["min_feasible_bytes"])
+            budget_s, min_s = format_sizes_apart(
+                budget.activation_budget_bytes, rows["optimal"]["min_feasible_bytes"]
+            )
             print(f"nothing fits: the budget {budget_s} is below the minimum feasible {min_s}")
     return 0 if chosen else EXIT_DOES_NOT_FIT
 
@@ -212,46 +251,66 @@ def _failures(r) -> list[str]:
     out = []
     if not r.budget_kept:
         growth, budget = format_sizes_apart(r.peak_rss_growth_bytes, r.budget_bytes)
-        out.append(f"the budget was not kept: a step's memory grew by {growth}, more than the "
-                   f"activation budget {budget}")
+        out.append(
+            f"the budget was not kept: a step's memory grew by {growth}, more than the "
+            f"activation budget {budget}"
+        )
     if r.diverged_at is not None:
-        out.append(f"training diverged: the loss is {r.losses[r.diverged_at - 1]} at measured "
-                   f"step {r.diverged_at} (lower the learning rate)")
+        out.append(
+            f"training diverged: the loss is {r.losses[r.diverged_at - 1]} at measured "
+            f"step {r.diverged_at} (lower the learning rate)"
+        )
     return out
 
 
 def _report(r, training, spec) -> None:
-    print(f"{r.arch}, batch {r.batch}, {r.image} px: strategy {r.strategy}, "
-          f"activation budget {format_size(r.budget_bytes)}")
+    print(
+        f"{r.arch}, batch {r.batch}, {r.image} px: strategy {r.strategy}, "
+        f"activation budget {format_size(r.budget_bytes)}"
+    )
     print(DATA_NOTE)
     if spec.budget == "auto":
         print("\n".join(training.budget.lines()))
     print()
     if r.plan_budget_bytes != r.budget_bytes:
-        print(f"strategies at {format_size(r.plan_budget_bytes)}, the budget the plan that ran "
-              f"was made for (* marks it):")
+        print(
+            f"strategies at {format_size(r.plan_budget_bytes)}, the budget the plan that ran "
+            f"was made for (* marks it):"
+        )
     else:
         print("strategies at this budget (* marks the plan that ran):")
     _print_table(strategy_table(training.chain.costs, r.plan_budget_bytes), mark=r.strategy)
     print()
-    print(f"plan that ran: {r.strategy}, predicted peak {format_size(r.predicted_peak_bytes)}, "
-          f"{r.predicted_time_ratio:.2f}x the time of plain training "
-          f"(minimum feasible {format_size(r.min_feasible_bytes)})")
-    print(f"measured over {r.steps} steps: median step {r.median_step_s:.3f} s, "
-          f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
-          f"{format_size(r.peak_rss_growth_bytes)} "
-          f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted, "
-          f"{'within' if r.budget_kept else 'OVER'} the budget)")
+    print(
+        f"plan that ran: {r.strategy}, predicted peak {format_size(r.predicted_peak_bytes)}, "
+        f"{r.predicted_time_ratio:.2f}x the time of plain training "
+        f"(minimum feasible {format_size(r.min_feasible_bytes)})"
+    )
+    print(
+        f"measured over {r.steps} steps: median step {r.median_step_s:.3f} s, "
+        f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
+        f"{format_size(r.peak_rss_growth_bytes)} "
+        f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted, "
+        f"{'within' if r.budget_kept else 'OVER'} the budget)"
+    )
     if r.calibration_bytes:
-        need = (f"calibration: a measured step needed {format_size(r.calibration_bytes)} beyond "
-                f"the prediction; ")
-        print(need + {
-            "re-planned": f"re-planned for the budget minus that ({format_size(r.plan_budget_bytes)})",
-            "no smaller plan": "no smaller plan exists, the plan was kept",
-            "infeasible": "no plan fits the budget minus that, so the smallest plan ran",
-        }.get(r.calibration, r.calibration))
-    print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f} (synthetic data); re-plans {r.replans}; "
-          f"allocator {r.allocator_mode}")
+        need = (
+            f"calibration: a measured step needed {format_size(r.calibration_bytes)} beyond "
+            f"the prediction; "
+        )
+        print(
+            need
+            + {
+                "re-planned": "re-planned for the budget minus that "
+                f"({format_size(r.plan_budget_bytes)})",
+                "no smaller plan": "no smaller plan exists, the plan was kept",
+                "infeasible": "no plan fits the budget minus that, so the smallest plan ran",
+            }.get(r.calibration, r.calibration)
+        )
+    print(
+        f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f} (synthetic data); re-plans {r.replans}; "
+        f"allocator {r.allocator_mode}"
+    )
 
 
 def _bench(args) -> int:
@@ -276,17 +335,25 @@ def _run(args) -> int:
     if args.log_level is None:
         setup_logging(cfg.node.log_level)
     try:
-        profiles = usable_directory(usable_directory(cfg.state.dir, "state.dir") / "profiles",
-                                    "state.dir")
+        profiles = usable_directory(
+            usable_directory(cfg.state.dir, "state.dir") / "profiles", "state.dir"
+        )
     except ValueError as exc:
         where = args.config or "<defaults>"
         print(f"{where}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     spec = RunSpec(
-        arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.image_size,
-        classes=cfg.student.num_classes, strategy=cfg.memory.strategy, budget=cfg.memory.budget,
-        safety_margin=cfg.memory.safety_margin, optimizer=cfg.training.optimizer,
-        learning_rate=cfg.training.learning_rate, momentum=cfg.training.momentum,
-        replan_threshold=cfg.memory.replan_threshold, cache_dir=profiles,
+        arch=cfg.student.arch,
+        batch=cfg.training.batch_size,
+        image=cfg.student.image_size,
+        classes=cfg.student.num_classes,
+        strategy=cfg.memory.strategy,
+        budget=cfg.memory.budget,
+        safety_margin=cfg.memory.safety_margin,
+        optimizer=cfg.training.optimizer,
+        learning_rate=cfg.training.learning_rate,
+        momentum=cfg.training.momentum,
+        replan_threshold=cfg.memory.replan_threshold,
+        cache_dir=profiles,
     )
     return _train(spec, args.steps, args.json, "run")

@@ -102,7 +102,10 @@ def allocator_mode_for(plan) -> str:
     glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted peak), there is
     nothing to make real and glibc's defaults are kept: ``"default"``.
     """
-    if not recomputes(plan.schedule) and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes:
+    if (
+        not recomputes(plan.schedule)
+        and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes
+    ):
         return "default"
     return "mmap"
 
@@ -133,7 +136,7 @@ class RssSampler:
             self.peak = self.current()
             return self.peak
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -145,15 +148,26 @@ class RssSampler:
 Progress = Callable[[int, int], None]
 
 
-def profiled_resnet(arch: str, classes: int, batch: int, image: int, cache_dir: Path | None,
-                    progress: Progress | None = None):
+def profiled_resnet(
+    arch: str,
+    classes: int,
+    batch: int,
+    image: int,
+    cache_dir: Path | None,
+    progress: Progress | None = None,
+):
     """A fresh ResNet in training mode, its stages and their profile (cached in
     ``cache_dir``) for ``batch`` images of ``image`` px: ``(model, stages, costs)``."""
     model = build_resnet(arch, classes).train()
     named = named_stages(model)
     stages = [m for _, m in named]
-    costs = profile_chain(stages, torch.empty(batch, 3, image, image), cache_dir=cache_dir,
-                          names=[n for n, _ in named], progress=progress)
+    costs = profile_chain(
+        stages,
+        torch.empty(batch, 3, image, image),
+        cache_dir=cache_dir,
+        names=[n for n, _ in named],
+        progress=progress,
+    )
     return model, stages, costs
 
 
@@ -162,10 +176,13 @@ def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
     state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum)
     if spec.budget != "auto":
         return BudgetBreakdown(
-            free_bytes=int(spec.budget), safety_margin_bytes=0,
+            free_bytes=int(spec.budget),
+            safety_margin_bytes=0,
             training_state_bytes=state.total_bytes,
-            training_state_resident_bytes=state.total_bytes, reserve_bytes=0,
-            activation_budget_bytes=int(spec.budget), limited_by="given",
+            training_state_resident_bytes=state.total_bytes,
+            reserve_bytes=0,
+            activation_budget_bytes=int(spec.budget),
+            limited_by="given",
         )
     # Parameters and buffers exist already; gradients and optimiser state arrive
     # with the first step and must fit too.
@@ -194,14 +211,16 @@ class PlannedTraining:
     #: "infeasible" (nothing fits the budget minus the overhead: the smallest plan runs).
     calibration: str = ""
 
-    def calibrate(self, rss: "RssSampler", rounds: int = 3) -> int:
+    def calibrate(self, rss: RssSampler, rounds: int = 3) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
         budget and re-plan, so that the real peak stays within the budget.
 
         The profile sees tensors, not the allocator's heap for small blocks or the
         scratch buffers of oneDNN kernels.  Repeats (up to ``rounds`` steps) while the
-        measured peak exceeds the budget and a smaller plan exists.  Only when memory is tight (allocator mode ``mmap``; under glibc's
-        defaults the budget has room by construction).  Returns the overshoot in bytes.
+        measured peak exceeds the budget and a smaller plan exists.  Only when memory is
+        tight (allocator mode ``mmap``; under glibc's defaults the budget has room by
+        construction).  Records what it did in :attr:`calibration`; returns the
+        overshoot in bytes.
         """
         if self.allocator_mode != "mmap":
             return 0
@@ -237,8 +256,12 @@ class PlannedTraining:
             self.chain.replan(max(0, budget_bytes - self.overshoot_bytes))
             return True
         except InfeasibleBudget as exc:
-            log.warning("measured overhead %s leaves too little for any plan (%s); "
-                        "running the smallest plan", _mib(self.overshoot_bytes), exc)
+            log.warning(
+                "measured overhead %s leaves too little for any plan (%s); "
+                "running the smallest plan",
+                _mib(self.overshoot_bytes),
+                exc,
+            )
             self.chain.replan(exc.min_bytes)
             return False
 
@@ -249,9 +272,13 @@ class PlannedTraining:
         if wanted != self.allocator_mode and self.allocator_mode != "mmap":
             allocator.configure_allocator(wanted)
             self.allocator_mode = wanted
-            log.debug("allocator mode %s chosen: the plan %s", wanted,
-                      "recomputes activations or leaves glibc no room" if wanted == "mmap"
-                      else "recomputes nothing and the budget has room")
+            log.debug(
+                "allocator mode %s chosen: the plan %s",
+                wanted,
+                "recomputes activations or leaves glibc no room"
+                if wanted == "mmap"
+                else "recomputes nothing and the budget has room",
+            )
         allocator.trim()
 
     @classmethod
@@ -262,13 +289,16 @@ class PlannedTraining:
         model = build_resnet(spec.arch, spec.classes).train()
         budget = resolve_budget(model, spec)
         chain = CheckpointedSequential(
-            model, budget_bytes=budget.activation_budget_bytes, strategy=spec.strategy,
+            model,
+            budget_bytes=budget.activation_budget_bytes,
+            strategy=spec.strategy,
             cache_dir=spec.cache_dir,
         )
         chain.profile(torch.empty(spec.batch, 3, spec.image, spec.image), progress=progress)
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
-        optimizer = make_optimizer(model.parameters(), spec.optimizer, lr=spec.learning_rate,
-                                   momentum=spec.momentum)
+        optimizer = make_optimizer(
+            model.parameters(), spec.optimizer, lr=spec.learning_rate, momentum=spec.momentum
+        )
         training = cls(spec, model, chain, optimizer, budget, watcher=watcher)
         training._configure_allocator()
         return training
@@ -283,7 +313,9 @@ class PlannedTraining:
             return False
         state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum)
         self.budget = activation_budget(
-            state, free=change.current_bytes, safety_fraction=self.spec.safety_margin,
+            state,
+            free=change.current_bytes,
+            safety_fraction=self.spec.safety_margin,
             state_resident_bytes=state.total_bytes,
         )
         old = self._plan
@@ -291,16 +323,20 @@ class PlannedTraining:
         plan = self._plan
         self.replans += 1
         self._configure_allocator()
-        log.info("free memory moved %+.0f%%: re-planned %s for %s (peak %s -> %s)%s",
-                 100 * change.fraction, plan.strategy, _mib(self.budget.activation_budget_bytes),
-                 _mib(old.predicted_peak_bytes), _mib(plan.predicted_peak_bytes),
-                 "" if fits else "; nothing fits the new budget, the smallest plan runs")
+        log.info(
+            "free memory moved %+.0f%%: re-planned %s for %s (peak %s -> %s)%s",
+            100 * change.fraction,
+            plan.strategy,
+            _mib(self.budget.activation_budget_bytes),
+            _mib(old.predicted_peak_bytes),
+            _mib(plan.predicted_peak_bytes),
+            "" if fits else "; nothing fits the new budget, the smallest plan runs",
+        )
         return True
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        return (torch.randn(s.batch, 3, s.image, s.image),
-                torch.randint(0, s.classes, (s.batch,)))
+        return (torch.randn(s.batch, 3, s.image, s.image), torch.randint(0, s.classes, (s.batch,)))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=False)
@@ -376,13 +412,25 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         peak = rss.peak
     plan = training._plan
     return RunResult(
-        arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
-        strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
-        plan_budget_bytes=plan.budget_bytes, predicted_peak_bytes=plan.predicted_peak_bytes, predicted_time_ratio=plan.time_ratio,
-        min_feasible_bytes=plan.min_feasible_bytes, steps=steps,
-        median_step_s=statistics.median(times), step_times_s=times,
-        baseline_rss_bytes=baseline, peak_rss_bytes=peak,
-        peak_rss_growth_bytes=peak - baseline, losses=losses, replans=training.replans,
-        allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
-        calibration=training.calibration, budget_breakdown=training.budget.to_dict(),
+        arch=training.spec.arch,
+        batch=training.spec.batch,
+        image=training.spec.image,
+        strategy=plan.strategy,
+        budget_bytes=training.budget.activation_budget_bytes,
+        plan_budget_bytes=plan.budget_bytes,
+        predicted_peak_bytes=plan.predicted_peak_bytes,
+        predicted_time_ratio=plan.time_ratio,
+        min_feasible_bytes=plan.min_feasible_bytes,
+        steps=steps,
+        median_step_s=statistics.median(times),
+        step_times_s=times,
+        baseline_rss_bytes=baseline,
+        peak_rss_bytes=peak,
+        peak_rss_growth_bytes=peak - baseline,
+        losses=losses,
+        replans=training.replans,
+        allocator_mode=training.allocator_mode,
+        calibration_bytes=training.overshoot_bytes,
+        calibration=training.calibration,
+        budget_breakdown=training.budget.to_dict(),
     )

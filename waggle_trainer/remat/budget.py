@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from waggle_trainer.common import format_size, parse_size
 
@@ -174,7 +174,7 @@ def find_memory_cgroup(
     except OSError:
         return None
 
-    for hid, ctrls, path in groups:
+    for _, ctrls, path in groups:
         if "memory" not in ctrls:
             continue
         for m in mounts:
@@ -431,10 +431,11 @@ class BudgetBreakdown:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        to_come = self.training_state_bytes - self.training_state_resident_bytes
         return [
             f"free memory        {format_size(self.free_bytes):>12}  ({self.limited_by})",
             f"- safety margin    {format_size(self.safety_margin_bytes):>12}",
-            f"- training state   {format_size(self.training_state_bytes - self.training_state_resident_bytes):>12}"
+            f"- training state   {format_size(to_come):>12}"
             f"  (of {format_size(self.training_state_bytes)}; the rest already resident)",
             f"- other reserve    {format_size(self.reserve_bytes):>12}",
             f"= activations      {format_size(self.activation_budget_bytes):>12}",
@@ -462,8 +463,11 @@ def activation_budget(
     """
     if not 0 <= safety_fraction < 1:
         raise ValueError(f"safety_fraction must be in [0, 1), got {safety_fraction}")
-    for name, v in (("min_safety_bytes", min_safety_bytes), ("reserve_bytes", reserve_bytes),
-                    ("state_resident_bytes", state_resident_bytes)):
+    for name, v in (
+        ("min_safety_bytes", min_safety_bytes),
+        ("reserve_bytes", reserve_bytes),
+        ("state_resident_bytes", state_resident_bytes),
+    ):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if free is None:
@@ -545,4 +549,3 @@ class BudgetWatcher:
         """Take ``free_bytes`` (or a fresh read) as the reference."""
         self.reference_bytes = int(self.reader()) if free_bytes is None else int(free_bytes)
         self._last_read = self.clock()
-

@@ -101,7 +101,11 @@ def _raw_stages(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             for i, block in enumerate(getattr(module, layer)):
                 out.append((join(f"{layer}.{i}"), block))
-        out += [(join("avgpool"), module.avgpool), (join("flatten"), nn.Flatten(1)), (join("fc"), module.fc)]
+        out += [
+            (join("avgpool"), module.avgpool),
+            (join("flatten"), nn.Flatten(1)),
+            (join("fc"), module.fc),
+        ]
         return out
     if _is_plain_sequential(module):
         out = []
@@ -151,7 +155,9 @@ def build_resnet(arch: str, num_classes: int = 1000) -> nn.Module:
     ``arch`` is one of :data:`RESNET_ARCHS`, e.g. ``"resnet18"``.
     """
     if arch not in RESNET_ARCHS:
-        raise ValueError(f"unknown ResNet architecture {arch!r}; choose one of {', '.join(RESNET_ARCHS)}")
+        raise ValueError(
+            f"unknown ResNet architecture {arch!r}; choose one of {', '.join(RESNET_ARCHS)}"
+        )
     import torchvision.models as models
 
     return getattr(models, arch)(weights=None, num_classes=num_classes)

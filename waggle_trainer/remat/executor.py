@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from contextlib import ExitStack, contextmanager
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Literal
 
 import torch
@@ -141,7 +141,8 @@ class _Run:
                     self.acts[j + 1] = stage(a)
         if a._version != version:
             raise RuntimeError(
-                f"stage {j} ({type(stage).__name__}) modified its input in place; checkpointing needs "
+                f"stage {j} ({type(stage).__name__}) modified its input in place; "
+                "checkpointing needs "
                 "stages that leave their input intact (use inplace=False inside it)"
             )
         if op == FN and j != 0 and j not in self.stored:
@@ -178,7 +179,9 @@ class _Run:
 
     def backward(self, delta: torch.Tensor) -> torch.Tensor | None:
         if self.done:
-            raise RuntimeError("CheckpointedSequential: backward through the same forward twice is not supported")
+            raise RuntimeError(
+                "CheckpointedSequential: backward through the same forward twice is not supported"
+            )
         self.done = True
         self.deltas[self.n] = delta
         try:
@@ -202,7 +205,9 @@ class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: torch.Tensor):
         if torch.is_grad_enabled():
-            raise RuntimeError("CheckpointedSequential does not support double backward (create_graph=True)")
+            raise RuntimeError(
+                "CheckpointedSequential does not support double backward (create_graph=True)"
+            )
         dx = ctx.run.backward(delta.contiguous())
         return (None, dx) + (None,) * ctx.n_params
 
@@ -293,7 +298,9 @@ class CheckpointedSequential(nn.Module):
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
         self.module = module
         named = named_stages(module)
         # A plain list: the stages are the module's own submodules, not registered twice.
@@ -319,16 +326,21 @@ class CheckpointedSequential(nn.Module):
     def stages(self) -> list[nn.Module]:
         return list(self._stages)
 
-    def profile(self, sample_input: torch.Tensor,
-                progress: Callable[[int, int], None] | None = None) -> None:
+    def profile(
+        self, sample_input: torch.Tensor, progress: Callable[[int, int], None] | None = None
+    ) -> None:
         """(Re-)profile the chain for inputs shaped like ``sample_input``, then plan.
 
         ``progress(done, total)`` is called while stages are measured (see
         :func:`.profiler.profile_chain`).
         """
         self.costs = profile_chain(
-            self._stages, sample_input, loss_fn=self.loss_fn, cache_dir=self.cache_dir,
-            names=self._stage_names, progress=progress,
+            self._stages,
+            sample_input,
+            loss_fn=self.loss_fn,
+            cache_dir=self.cache_dir,
+            names=self._stage_names,
+            progress=progress,
         )
         self.replan(self.budget_bytes)
 
@@ -358,12 +370,15 @@ class CheckpointedSequential(nn.Module):
         return run_schedule(self._stages, self.plan.schedule, x)
 
     def extra_repr(self) -> str:
-        return (f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, "
-                f"stages={len(self._stages)}")
+        return (
+            f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, "
+            f"stages={len(self._stages)}"
+        )
 
 
 def _auto_budget(module: nn.Module) -> BudgetBreakdown:
     """Free memory now minus a 10% margin and the training state still to come."""
     state = training_state_bytes(module, "sgd", momentum=0.9)
-    return activation_budget(state, safety_fraction=0.1,
-                             state_resident_bytes=state.parameter_bytes + state.buffer_bytes)
+    return activation_budget(
+        state, safety_fraction=0.1, state_resident_bytes=state.parameter_bytes + state.buffer_bytes
+    )

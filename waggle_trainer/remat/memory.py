@@ -406,7 +406,8 @@ def format_rows(rows: list[dict]) -> list[str]:
     """Markdown table lines for :func:`reference_rows`."""
     out = [
         "| arch | batch | image | reference MB | predicted MB | pred/ref | activations MB "
-        "| predicted step growth MB | measured RSS growth MB | measured tensor peak MB | meas/pred |",
+        "| predicted step growth MB | measured RSS growth MB | measured tensor peak MB "
+        "| meas/pred |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -422,7 +423,8 @@ def format_rows(rows: list[dict]) -> list[str]:
             meas = "- | - | -"
         out.append(
             f"| {r['arch']} | {r['batch']} | {r['image']} | {r['reference_mb']:.2f} | {tot:.0f} "
-            f"| {tot / r['reference_mb']:.2f} | {p['activation_bytes'] / MB:.0f} | {grow:.0f} | {meas} |"
+            f"| {tot / r['reference_mb']:.2f} | {p['activation_bytes'] / MB:.0f} | {grow:.0f} "
+            f"| {meas} |"
         )
     return out
 
@@ -439,18 +441,24 @@ def describe(pred: StepMemory, measured: MeasuredStep | None = None) -> list[str
         f"  input batch       {format_size(pred.input_bytes):>12}",
         f"  activations       {format_size(pred.activation_bytes):>12}  ({pred.source})",
         f"  workspace         {format_size(pred.workspace_bytes):>12}  "
-        + ("(profiled transients + gradients)" if pred.source.startswith("profiled")
-           else "(estimate: 2x the largest saved tensor)"),
+        + (
+            "(profiled transients + gradients)"
+            if pred.source.startswith("profiled")
+            else "(estimate: 2x the largest saved tensor)"
+        ),
         f"  total             {format_size(pred.total_bytes):>12}",
-        f"  step growth       {format_size(pred.step_growth_bytes):>12}  (total - parameters - buffers)",
+        f"  step growth       {format_size(pred.step_growth_bytes):>12}"
+        "  (total - parameters - buffers)",
     ]
     if measured is not None:
         g = measured.rss_growth_bytes
         lines += [
             f"measured (fresh process, allocator {measured.allocator!r}, 2 steps):",
-            f"  baseline RSS      {format_size(measured.baseline_rss_bytes):>12}  (after import + model)",
+            f"  baseline RSS      {format_size(measured.baseline_rss_bytes):>12}"
+            "  (after import + model)",
             f"  peak RSS          {format_size(measured.peak_rss_bytes):>12}",
-            f"  RSS growth        {format_size(g):>12}  ({g / max(1, pred.step_growth_bytes):.2f}x predicted step growth)",
+            f"  RSS growth        {format_size(g):>12}"
+            f"  ({g / max(1, pred.step_growth_bytes):.2f}x predicted step growth)",
             f"  tensor peak       {format_size(measured.tensor_peak_bytes):>12}"
             f"  ({measured.tensor_peak_bytes / max(1, pred.step_growth_bytes):.2f}x)",
             f"  step time         {measured.step_s:>10.3f} s",

@@ -73,7 +73,7 @@ def _memory(args) -> int:
         print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
         return 2
 
-    from waggle_trainer.remat.memory import (  # noqa: I001 - torch is imported here, lazily
+    from waggle_trainer.remat.memory import (
         REFERENCE_CELLS,
         describe,
         format_rows,

@@ -56,7 +56,7 @@ class _Chain:
 
     def __init__(self, costs: ChainCosts):
         st = costs.stages
-        self.n = n = len(st)
+        self.n = len(st)
         self.x = [costs.input_bytes] + [s.output_bytes for s in st] + [0]  # x[n+1] = 0
         self.T = [s.saved_bytes for s in st]
         self.fp = [s.forward_peak_bytes for s in st]
@@ -182,7 +182,8 @@ class OptimalSolver:
                     if l1 > hi:
                         continue
                     sp = s + 1 + i
-                    v = list(map(add, window(sp, t, l1 - X[sp], hi - X[sp]), window(s, sp - 1, l1, hi)))
+                    right = window(sp, t, l1 - X[sp], hi - X[sp])
+                    v = list(map(add, right, window(s, sp - 1, l1, hi)))
                     cands.append([INF] * (l1 - L) + v if l1 > L else v)
                 lo[s][t] = L
                 best = list(map(min, *cands)) if len(cands) > 1 else cands[0]
@@ -293,15 +294,19 @@ def min_memory_schedule(costs: ChainCosts) -> tuple[Schedule, int]:
     for length in range(1, n + 1):
         for s in range(0, n - length + 1):
             t = s + length
-            best = (max(c.req_fa(s, t), T[s] + mem[s + 1][t], c.req_bw(s)),
-                    c.fa[s] + c.b[s] + tim[s + 1][t])
+            best = (
+                max(c.req_fa(s, t), T[s] + mem[s + 1][t], c.req_bw(s)),
+                c.fa[s] + c.b[s] + tim[s + 1][t],
+            )
             choice = 0
             fr = x[t + 1] + x[s + 1] + c.fp[s]
             for sp in range(s + 1, t + 1):
                 if sp > s + 1:
                     fr = max(fr, c.req_fwd_step(s, sp - 1, t))
-                cand = (max(fr, x[sp] + mem[sp][t], mem[s][sp - 1]),
-                        P[sp] - P[s] + tim[sp][t] + tim[s][sp - 1])
+                cand = (
+                    max(fr, x[sp] + mem[sp][t], mem[s][sp - 1]),
+                    P[sp] - P[s] + tim[sp][t] + tim[s][sp - 1],
+                )
                 if cand < best:
                     best, choice = cand, sp
             mem[s][t], tim[s][t] = best

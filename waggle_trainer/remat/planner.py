@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from waggle_trainer.common import STRATEGIES, Strategy, format_sizes_apart
+from waggle_trainer.common import STRATEGIES, format_sizes_apart
 
 from .costs import ChainCosts
 from .optimal import DEFAULT_RESOLUTION, OptimalSolver, min_memory_schedule
@@ -209,17 +209,29 @@ class Planner:
             levels = [m0] + solver.breakpoints(m0, m0 + self.n + 2)[:_PROBES]
             for m in levels:
                 sched = solver.schedule_units(m)
-                cands.append(_Cand(sched, simulate(sched, self.costs), {"source": "dp", "dp_units": m, **extra}))
+                detail = {"source": "dp", "dp_units": m, **extra}
+                cands.append(_Cand(sched, simulate(sched, self.costs), detail))
         cands.append(self._min_memory())
         cands.append(_Cand(self._none.schedule, self._none.sim, {"source": "none"}))
-        cands.extend(_Cand(c.schedule, c.sim, {"source": "revolve", **c.detail}) for c in self.revolve_candidates())
-        cands.extend(_Cand(c.schedule, c.sim, {"source": "sequential", **c.detail}) for c in self.sequential_candidates())
+        cands.extend(
+            _Cand(c.schedule, c.sim, {"source": "revolve", **c.detail})
+            for c in self.revolve_candidates()
+        )
+        cands.extend(
+            _Cand(c.schedule, c.sim, {"source": "sequential", **c.detail})
+            for c in self.sequential_candidates()
+        )
         best = _fastest(cands, budget)
         return _Cand(best.schedule, best.sim, {**extra, **best.detail})
 
 
-def plan(costs: ChainCosts, budget_bytes: int, strategy: str = "optimal", *,
-         resolution: int = DEFAULT_RESOLUTION) -> Plan:
+def plan(
+    costs: ChainCosts,
+    budget_bytes: int,
+    strategy: str = "optimal",
+    *,
+    resolution: int = DEFAULT_RESOLUTION,
+) -> Plan:
     """One-off :meth:`Planner.plan`; keep a :class:`Planner` to re-plan cheaply."""
     return Planner(costs, resolution=resolution).plan(budget_bytes, strategy)
 

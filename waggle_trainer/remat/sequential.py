@@ -26,7 +26,9 @@ def segment_starts(n: int, segments: int) -> tuple[int, ...]:
 
 def no_checkpoint_schedule(n: int) -> Schedule:
     """Plain training: ``FA 0..n-1, LOSS, BW n-1..0``."""
-    return tuple([(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)])
+    return tuple(
+        [(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)]
+    )
 
 
 def sequential_schedule(n: int, segments: int) -> Schedule:
