@@ -106,3 +106,24 @@ def test_check_config_empty_path(capsys):
     assert main(["check-config", ""]) == 2
     out = capsys.readouterr().out
     assert "is a directory" not in out and "empty" in out
+
+
+@pytest.mark.parametrize("text", [
+    "[student]\nimage_size = 32\n[training]\nbatch_size = 1\n",
+    "[memory]\nsafety_margin = 1.0\n",
+    "[training]\nlearning_rate = inf\n",
+])
+def test_check_config_and_run_refuse_the_same_files(tmp_path, capsys, text):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(text)
+    assert main(["check-config", str(cfg)]) == 2
+    checked = capsys.readouterr().out.strip()
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert capsys.readouterr().err.strip() == checked
+
+
+def test_make_test_runs_lint_and_types():
+    make = (ROOT / "Makefile").read_text()
+    assert "\ntest: check\n" in make
+    check = make.split("\ncheck:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check waggle_trainer tests bench" in check and "mypy" in check

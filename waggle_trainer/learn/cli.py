@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from waggle_trainer.common import (
     ARCHES,
@@ -123,7 +124,7 @@ def strategy_table(costs, budget_bytes: int) -> dict:
     from waggle_trainer.remat.planner import InfeasibleBudget, Planner
 
     planner = Planner(costs)
-    rows = {}
+    rows: dict[str, dict[str, Any]] = {}
     for strategy in reversed(STRATEGIES):
         minimum = planner.min_feasible_budget(strategy)
         try:

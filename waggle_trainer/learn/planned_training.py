@@ -97,10 +97,10 @@ def allocator_mode_for(plan) -> str:
     """The allocator mode a plan needs (see :mod:`waggle_trainer.remat.allocator`).
 
     ``"mmap"`` (a fixed mmap threshold) makes what a checkpointing plan frees really
-    go back to the kernel, at the price of page faults (resnet50 b8 steps about 1.6x
-    slower here).  When the plan recomputes nothing and the budget has room for
-    glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted peak), there is
-    nothing to make real and glibc's defaults are kept: ``"default"``.
+    go back to the kernel, at the price of page faults (slower steps; measured in
+    ``bench/results/allocator.md``).  When the plan recomputes nothing and the budget
+    has room for glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted
+    peak), there is nothing to make real and glibc's defaults are kept: ``"default"``.
     """
     if (
         not recomputes(plan.schedule)

@@ -270,8 +270,8 @@ class CgroupMemory:
 def _read_level(version: int, d: Path) -> CgroupLevel:
     stat = _read_stat(d / "memory.stat")
     if version == 2:
-        limits = [_read_int_file(d / "memory.max"), _read_int_file(d / "memory.high")]
-        limits = [x for x in limits if x is not None]
+        read = [_read_int_file(d / "memory.max"), _read_int_file(d / "memory.high")]
+        limits = [x for x in read if x is not None]
         limit = min(limits) if limits else None
         usage = _read_int_file(d / "memory.current")
         inactive = stat.get("inactive_file", 0)
@@ -540,6 +540,7 @@ class BudgetWatcher:
         self._last_read = now
         current = int(self.reader())
         ref = self.reference_bytes
+        assert ref is not None  # set in __post_init__
         if abs(current - ref) > self.threshold * max(ref, 1):
             self.reference_bytes = current
             return BudgetChange(ref, current)

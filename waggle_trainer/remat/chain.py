@@ -28,6 +28,7 @@ a custom stage that writes into its input is detected by the executor and reject
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,7 +65,7 @@ class OutOfPlace(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = self.inner
+        inner: Any = self.inner
         previous = inner.inplace
         inner.inplace = False
         try:

@@ -32,9 +32,10 @@ smallest peak (ties broken by time), which gives the exact minimum feasible budg
 from __future__ import annotations
 
 from operator import add
+from typing import Any
 
 from .costs import ChainCosts
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["OptimalSolver", "min_memory_schedule", "DEFAULT_RESOLUTION"]
 
@@ -116,8 +117,9 @@ class OptimalSolver:
         n, x, T, P = c.n, c.x, c.T, c.P
         X = [_ceil(v, u) for v in x]
         TT = [_ceil(v, u) for v in T]
-        lo = [[None] * (n + 1) for _ in range(n + 1)]
-        V = [[None] * (n + 1) for _ in range(n + 1)]  # C(s, t, m) + P[s] for m in lo..
+        lo: list[list[Any]] = [[None] * (n + 1) for _ in range(n + 1)]
+        # C(s, t, m) + P[s] for m in lo..
+        V: list[list[Any]] = [[None] * (n + 1) for _ in range(n + 1)]
         hifa = [[0] * (n + 1) for _ in range(n + 1)]
         lo2 = [[INF] * (n + 1) for _ in range(n + 1)]
         lo1: list[list[list[int] | None]] = [[None] * (n + 1) for _ in range(n + 1)]
@@ -220,6 +222,8 @@ class OptimalSolver:
 
     def cost_ns(self, m: int) -> int | None:
         """The DP's time in nanoseconds with ``m`` units, or None if infeasible."""
+        if self.max_units is None:  # no schedule fits any budget
+            return None
         v = self._get(0, self.chain.n, min(m, self.max_units))
         return None if v >= INF else v
 
@@ -235,7 +239,7 @@ class OptimalSolver:
         if self._get(0, n, m) >= INF:
             return None
         X, TT, get = self._X, self._TT, self._get
-        out: list[tuple[str, int]] = []
+        out: list[Action] = []
         stack: list[tuple] = [(0, n, m)]
         while stack:
             item = stack.pop()
@@ -268,6 +272,8 @@ class OptimalSolver:
     def breakpoints(self, lo_units: int, hi_units: int) -> list[int]:
         """Units in ``(lo_units, hi_units]`` where the DP's time drops (ascending)."""
         n = self.chain.n
+        if self.max_units is None:
+            return []
         hi_units = min(hi_units, self.max_units)
         res = []
         prev = self._get(0, n, lo_units)
@@ -311,7 +317,7 @@ def min_memory_schedule(costs: ChainCosts) -> tuple[Schedule, int]:
                     best, choice = cand, sp
             mem[s][t], tim[s][t] = best
             ch[s][t] = choice
-    out: list[tuple[str, int]] = []
+    out: list[Action] = []
     stack: list[tuple] = [(0, n)]
     while stack:
         item = stack.pop()

@@ -179,6 +179,7 @@ class Planner:
         lowest = self.min_feasible_budget(strategy)
         if budget < lowest:
             raise InfeasibleBudget(strategy, budget, lowest)
+        chosen: _Cand | None
         if strategy == "none":
             chosen = self._none
         elif strategy == "revolve":
@@ -209,6 +210,8 @@ class Planner:
             levels = [m0] + solver.breakpoints(m0, m0 + self.n + 2)[:_PROBES]
             for m in levels:
                 sched = solver.schedule_units(m)
+                if sched is None:  # pragma: no cover - m >= min_units always has one
+                    continue
                 detail = {"source": "dp", "dp_units": m, **extra}
                 cands.append(_Cand(sched, simulate(sched, self.costs), detail))
         cands.append(self._min_memory())
@@ -222,6 +225,7 @@ class Planner:
             for c in self.sequential_candidates()
         )
         best = _fastest(cands, budget)
+        assert best is not None  # the minimum-memory schedule fits (checked by plan())
         return _Cand(best.schedule, best.sim, {**extra, **best.detail})
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["RevolveTable", "revolve_cost", "revolve_schedule", "forward_steps"]
 
@@ -96,7 +96,7 @@ class RevolveTable:
         slot included); the chain's last action is ``BW 0`` and ``LOSS`` is ``(LOSS, l)``."""
         l, c = self._lc(l, c)
         n = l
-        out: list[tuple[str, int]] = []
+        out: list[Action] = []
         # explicit stack: ("rev", s, l, c) or ("act", op, j); processed LIFO
         stack: list[tuple] = [("rev", 0, l, c)]
 

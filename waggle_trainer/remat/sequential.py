@@ -9,7 +9,7 @@ un-checkpointed.  ``segments == 1`` is plain training (strategy ``none``).
 
 from __future__ import annotations
 
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["segment_starts", "sequential_schedule", "no_checkpoint_schedule"]
 
@@ -35,7 +35,7 @@ def sequential_schedule(n: int, segments: int) -> Schedule:
     """The action sequence ``checkpoint_sequential`` performs with ``segments`` segments."""
     starts = segment_starts(n, segments)
     bounds = list(starts) + [n]
-    out: list[tuple[str, int]] = []
+    out: list[Action] = []
     for k in range(len(starts) - 1):  # checkpointed segments, no autograd
         a, b = bounds[k], bounds[k + 1]
         out.append((FC, a))
