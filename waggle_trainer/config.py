@@ -51,6 +51,12 @@ from waggle_trainer.common import (
     parse_budget,
     parse_size,
 )
+from waggle_trainer.transport.wire import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    UPDATE_EXCHANGE,
+)
 
 # --------------------------------------------------------------------------- sizes
 
@@ -170,21 +176,22 @@ class TransportSection(_Section):
     cacert: Path = WAGGLE_ETC / "cacert.pem"
     cert: Path = WAGGLE_ETC / "cert.pem"
     key: Path = WAGGLE_ETC / "key.pem"
-    exchange: str = "waggle.train.updates"
+    exchange: str = UPDATE_EXCHANGE
     hmac_key_file: Path = WAGGLE_ETC / "train-hmac.key"
     codec: Literal["fp32", "fp16", "int8"] = "fp16"
     compression: Literal["zstd", "deflate", "none"] = "zstd"
     topk: float = Field(0.0, ge=0, le=1, description="fraction kept by top-k; 0 = dense")
-    chunk_size: Size = 8 * 2**20
+    chunk_size: Size = DEFAULT_CHUNK_SIZE
     outbox_max_bytes: Size = 512 * 2**20
     heartbeat_s: int = Field(15, ge=10, le=20)
 
     @field_validator("chunk_size")
     @classmethod
     def _below_broker_limit(cls, v: int) -> int:
-        if not 64 * 2**10 <= v <= 15 * 2**20:
-            raise ValueError(f"{format_size(v)} is out of range (64KiB..15MiB: "
-                             "RabbitMQ refuses messages over 16MiB)")
+        if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
+            raise ValueError(f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+                             f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
+                             "16MiB)")
         return v
 
 

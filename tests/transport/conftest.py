@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import pika
 import pytest
-
 from brokerutil import BROKER, ensure_broker_running
 
 

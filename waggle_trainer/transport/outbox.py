@@ -14,7 +14,7 @@ Every drop is logged at WARNING and counted.  Thread-safe.
 
 from __future__ import annotations
 
-import builtins
+import builtins  # the property Outbox.bytes hides the type inside the class
 import logging
 import os
 import threading
