@@ -99,9 +99,12 @@ def parse_size(value: Any) -> int:
     raise ValueError(f"{value!r} is not a size")
 
 
+_BINARY_UNITS = (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
 def format_size(n: int) -> str:
     """``1610612736`` -> ``"1.5GiB"``; exact integers stay exact (``"512MiB"``)."""
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, div in _BINARY_UNITS:
         if n >= div:
             q = n / div
             return f"{q:.0f}{unit}" if q == int(q) else f"{q:.2f}{unit}"
@@ -115,7 +118,7 @@ def format_sizes_apart(a: int, b: int) -> tuple[str, str]:
     for different sizes (bytes when nothing coarser separates them).
     """
     big = max(a, b)
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    for unit, div in _BINARY_UNITS:
         if big >= div:
             for decimals in range(1, 7):
                 fa, fb = f"{a / div:.{decimals}f}{unit}", f"{b / div:.{decimals}f}{unit}"
