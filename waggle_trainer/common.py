@@ -47,25 +47,30 @@ DEFAULT_CLASSES = 10
 RESNET_DOWNSAMPLING = 32
 
 
-def resnet_final_side(image: int) -> int:
-    """Side of a ResNet's last feature map for an ``image`` px input (ceil(image / 32))."""
-    return -(-image // RESNET_DOWNSAMPLING)
+def resnet_final_side(image: int, stride: int = RESNET_DOWNSAMPLING) -> int:
+    """Side of a ResNet trunk's last feature map for an ``image`` px input: the side is
+    halved (rounding up) down to ``stride`` (32 for the whole ResNet)."""
+    return -(-image // stride)
 
 
-def batch_too_small(batch: int, image: int) -> str | None:
-    """Why a ResNet cannot train on ``batch`` images of ``image`` px, or None if it can.
+def batch_too_small(batch: int, image: int, width: int | None = None, *,
+                    stride: int = RESNET_DOWNSAMPLING) -> str | None:
+    """Why a ResNet cannot train on ``batch`` images of ``image`` px (or ``image`` x
+    ``width``), or None if it can.
 
     In training mode BatchNorm needs more than one value per channel: the last
-    stage's ``batch * side * side`` must be at least 2 (32 px or less: side 1).
+    feature map's ``batch * height * width`` must be at least 2 (for the whole ResNet,
+    images of 32 px or less give a 1x1 map).
     """
-    side = resnet_final_side(image)
-    if batch * side * side >= 2:
+    h = resnet_final_side(image, stride)
+    w = resnet_final_side(image if width is None else width, stride)
+    if batch * h * w >= 2:
         return None
     return (
         f"BatchNorm needs more than one value per channel: the last feature map is "
-        f"{side}x{side}, so use a batch of at least 2 or images larger than "
-        f"{RESNET_DOWNSAMPLING * side} px"
+        f"{h}x{w}, so use a batch of at least 2 or images larger than {stride * h} px"
     )
+
 
 # ------------------------------------------------------------------------- sizes
 
