@@ -21,15 +21,15 @@ WAGGLE_ETC = Path("/etc/waggle")
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 #: Student/teacher architectures the config and the command line accept.
-ARCHES: tuple[str, ...] = get_args(Arch)
+ARCHES: tuple[Arch, ...] = get_args(Arch)
 
 Strategy = Literal["optimal", "revolve", "sequential", "none"]
 #: Checkpointing strategies, best first.
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
 OptimizerName = Literal["sgd", "adam", "adamw"]
 #: Optimisers the config and the command line accept.
-OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+OPTIMIZER_NAMES: tuple[OptimizerName, ...] = get_args(OptimizerName)
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)

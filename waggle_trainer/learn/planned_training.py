@@ -357,7 +357,7 @@ class RunResult:
     arch: str
     batch: int
     image: int
-    strategy: str
+    strategy: Strategy
     budget_bytes: int
     plan_budget_bytes: int  # what the final plan was made for (budget minus calibration)
     predicted_peak_bytes: int

@@ -28,7 +28,7 @@ def register(sub) -> None:
 
 
 #: The largest Revolve table (and one-slot schedule) the command computes: about a
-#: second here.  Opt[l, c] is O(l^2 c); l = 10 000, c = 10 takes half a minute.
+#: second on a small machine; the table grows as l^2 c.
 MAX_TABLE_WORK = 5_000_000
 
 

@@ -359,7 +359,7 @@ def measure_step_memory(
 
 
 def _reference_cells() -> list[tuple[str, int, int, float]]:
-    cells = []
+    cells: list[tuple[str, int, int, float]] = []
     for batch, vals in REFERENCE_MB.items():
         for arch, ref in zip(ARCHES, vals, strict=True):
             cells.append((arch, batch, 224, ref))

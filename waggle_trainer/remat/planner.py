@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from waggle_trainer.common import STRATEGIES, format_sizes_apart
+from waggle_trainer.common import STRATEGIES, Strategy, format_sizes_apart
 
 from .costs import ChainCosts
 from .optimal import DEFAULT_RESOLUTION, OptimalSolver, min_memory_schedule
@@ -63,7 +63,7 @@ class InfeasibleBudget(ValueError):
 class Plan:
     """A schedule with its predictions; peaks include the input, times in seconds."""
 
-    strategy: str
+    strategy: Strategy
     schedule: Schedule
     budget_bytes: int
     predicted_peak_bytes: int
@@ -159,7 +159,7 @@ class Planner:
         return self._sequential
 
     # -------------------------------------------------------------- queries
-    def min_feasible_budget(self, strategy: str = "optimal") -> int:
+    def min_feasible_budget(self, strategy: Strategy = "optimal") -> int:
         """Smallest budget (bytes, input included) at which ``strategy`` has a plan."""
         _check_strategy(strategy)
         if strategy == "none":
@@ -169,7 +169,7 @@ class Planner:
         cands = self.revolve_candidates() if strategy == "revolve" else self.sequential_candidates()
         return min(c.sim.peak_bytes for c in cands)
 
-    def plan(self, budget_bytes: int, strategy: str = "optimal") -> Plan:
+    def plan(self, budget_bytes: int, strategy: Strategy = "optimal") -> Plan:
         """The fastest plan of ``strategy`` whose predicted peak fits ``budget_bytes``.
 
         Raises :class:`InfeasibleBudget` below :meth:`min_feasible_budget`.
@@ -232,7 +232,7 @@ class Planner:
 def plan(
     costs: ChainCosts,
     budget_bytes: int,
-    strategy: str = "optimal",
+    strategy: Strategy = "optimal",
     *,
     resolution: int = DEFAULT_RESOLUTION,
 ) -> Plan:
@@ -240,6 +240,6 @@ def plan(
     return Planner(costs, resolution=resolution).plan(budget_bytes, strategy)
 
 
-def min_feasible_budget(costs: ChainCosts, strategy: str = "optimal") -> int:
+def min_feasible_budget(costs: ChainCosts, strategy: Strategy = "optimal") -> int:
     """One-off :meth:`Planner.min_feasible_budget`."""
     return Planner(costs).min_feasible_budget(strategy)
