@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -111,7 +112,7 @@ def _spec(args, **over):
     )
     fields.update(over)
     spec = RunSpec(**fields)  # checks the values before the cache directory is touched
-    return RunSpec(**{**spec.__dict__, "cache_dir": _cache_dir(args)})
+    return dataclasses.replace(spec, cache_dir=_cache_dir(args))
 
 
 def _profiling_progress(spec) -> Progress:
