@@ -355,8 +355,8 @@ def end_to_end_markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument(
         "--quick", action="store_true", help="only resnet18 and resnet50 at batch 8, 224 px"
     )
@@ -371,7 +371,11 @@ def main() -> int:
         default=2,
         help="rounds of the plain-vs-planned process comparison (0 skips it)",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     torch.set_num_threads(args.threads)
     fractions = [0.3, 0.5, 0.7, 1.0]
     segments = [2, 3, 4, 6, 8]

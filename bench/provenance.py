@@ -28,12 +28,8 @@ def provenance(threads: int, extra: str = "") -> list[str]:
     sys.path.insert(0, str(ROOT))
     from waggle_trainer.common import cpu_model
 
-    try:
-        import torch
-
-        versions = f"torch {torch.__version__}, "
-    except ImportError:
-        versions = ""
+    torch = sys.modules.get("torch")  # a benchmark has imported it; never import it here
+    versions = f"torch {torch.__version__}, " if torch is not None else ""
     command = " ".join([".venv/bin/python", *sys.argv])
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [
