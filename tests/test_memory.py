@@ -95,7 +95,8 @@ def test_prediction_from_profiled_costs():
     [
         (("resnet19", 1, 224), "unknown architecture 'resnet19'.*resnet18"),
         (("resnet18", 0, 224), "batch must be an integer >= 1, got 0"),
-        (("resnet18", 1, 32), "image must be an integer from 64 to 4096 pixels, got 32"),
+        (("resnet18", 1, 16), "image must be an integer from 32 to 2048 pixels, got 16"),
+        (("resnet18", 1, 32), "batch 1 is too small for image 32 .*BatchNorm"),
         (("resnet18", 1, 224, "lbfgs"), "unknown optimizer 'lbfgs'"),
     ],
 )

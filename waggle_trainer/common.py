@@ -119,18 +119,18 @@ def format_size(n: int) -> str:
 def format_sizes_apart(a: int, b: int) -> tuple[str, str]:
     """``a`` and ``b`` in one unit, with the fewest decimals that tell them apart.
 
-    ``(734003, 734100)`` -> ``("716.80KiB", "716.89KiB")``, never two equal strings
-    for different sizes (bytes when nothing coarser separates them).
+    ``(734003, 734100)`` -> ``("716.80KiB", "716.89KiB")``; never two equal strings
+    for different sizes (``"734003 bytes"`` when three decimals do not separate them).
     """
     big = max(a, b)
     for unit, div in _BINARY_UNITS:
         if big >= div:
-            for decimals in range(1, 7):
+            for decimals in range(1, 4):
                 fa, fb = f"{a / div:.{decimals}f}{unit}", f"{b / div:.{decimals}f}{unit}"
                 if fa != fb or a == b:
                     return fa, fb
             break
-    return f"{a}B", f"{b}B"
+    return f"{a} bytes", f"{b} bytes"
 
 
 def parse_budget(v: Any) -> int | Literal["auto"]:

@@ -50,9 +50,9 @@ class InfeasibleBudget(ValueError):
 
     def __init__(self, strategy: str, budget_bytes: int, min_bytes: int):
         budget, minimum = format_sizes_apart(budget_bytes, min_bytes)
+        exact = "" if minimum.endswith(" bytes") else f" ({min_bytes} bytes)"
         super().__init__(
-            f"strategy {strategy!r}: budget {budget} is below the minimum feasible "
-            f"{minimum} ({min_bytes} bytes)"
+            f"strategy {strategy!r}: budget {budget} is below the minimum feasible {minimum}{exact}"
         )
         self.strategy = strategy
         self.budget_bytes = budget_bytes
