@@ -31,6 +31,7 @@ from pydantic import (
     SecretStr,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -56,6 +57,8 @@ from waggle_trainer.transport.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    NODE_EXCHANGE,
+    TELEMETRY_EXCHANGE,
     UPDATE_EXCHANGE,
 )
 from waggle_trainer.vision.coco import COCO_IDS, COCO_NAMES, coco_id
@@ -358,6 +361,7 @@ class TransportSection(_Section):
     cert: Path = WAGGLE_ETC / "cert.pem"
     key: Path = WAGGLE_ETC / "key.pem"
     exchange: str = UPDATE_EXCHANGE
+    declare_exchanges: StrictBool = True
     hmac_key_file: Path = WAGGLE_ETC / "train-hmac.key"
     codec: Literal["fp32", "fp16", "int8"] = "fp16"
     compression: Literal["zstd", "deflate", "none"] = "zstd"
@@ -376,11 +380,35 @@ class TransportSection(_Section):
         return v
 
 
+# [telemetry] keys that pywaggle's environment variables fill when the file leaves
+# them unset (a Waggle plugin's pod gets these from the scheduler).
+PLUGIN_ENVIRONMENT = {
+    "host": "WAGGLE_PLUGIN_HOST", "port": "WAGGLE_PLUGIN_PORT",
+    "username": "WAGGLE_PLUGIN_USERNAME", "password": "WAGGLE_PLUGIN_PASSWORD",
+    "app_id": "WAGGLE_APP_ID",
+}
+
+
 class TelemetrySection(_Section):
     enabled: StrictBool = False
-    exchange: str = "waggle.msg"
+    route: Literal["beehive", "node"] = "beehive"
+    exchange: str = TELEMETRY_EXCHANGE
+    scope: Literal["all", "node", "beehive"] = "all"
+    app_id: str | None = None
+    host: str = "rabbitmq"
+    port: int = Field(5672, ge=1, le=65535)
+    username: str = "plugin"
+    password: SecretStr = SecretStr("plugin")
     interval_s: float = Field(60.0, gt=0, le=120)
     buffer_messages: int = Field(1000, ge=1)
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_of_route(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("route") == "node" and v != TELEMETRY_EXCHANGE:
+            raise ValueError(f'{v!r}: only for route "beehive" (route "node" always '
+                             f'publishes to the node broker\'s "{NODE_EXCHANGE}")')
+        return v
 
 
 def default_state_dir() -> Path:
@@ -534,14 +562,56 @@ def _node_identity(data: dict) -> tuple[dict, dict[str, str]]:
     return {**data, "node": node}, origins
 
 
+def _plugin_environment(data: dict, source: str) -> dict:
+    """``data`` with unset ``[telemetry]`` connection keys taken from pywaggle's
+    environment variables (:data:`PLUGIN_ENVIRONMENT`)."""
+    tel = data.get("telemetry")
+    if tel is not None and not isinstance(tel, dict):
+        return data
+    tel = dict(tel or {})
+    for key, env in PLUGIN_ENVIRONMENT.items():
+        value = os.environ.get(env, "").strip()
+        if key in tel or not value:
+            continue
+        if key == "port":
+            if not value.isdigit() or not 1 <= int(value) <= 65535:
+                raise ConfigError(source, [("telemetry.port", f"{value!r} from environment "
+                                            f"variable {env} is not a port (1..65535)")])
+            tel[key] = int(value)
+        else:
+            tel[key] = value
+    return {**data, "telemetry": tel}
+
+
+def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
+    """With TLS in use, the CA, certificate and key must be usable now: a missing
+    or mismatched file is a configuration error, not something to retry."""
+    t = cfg.transport
+    telemetry_via_transport = cfg.telemetry.enabled and cfg.telemetry.route == "beehive"
+    if not (t.tls and (t.enabled or telemetry_via_transport)):
+        return []
+    from waggle_trainer.transport.amqp import TlsFileError, tls_context
+
+    try:
+        tls_context(str(t.cacert), str(t.cert), str(t.key))
+    except TlsFileError as e:
+        return [(f"transport.{e.field}", f"{e.path}: {e.detail} (TLS needs the node's "
+                 "CA, certificate and key; see docs/deploy.md)")]
+    return []
+
+
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     resolved, origins = _node_identity(data)
     try:
-        return Config.model_validate(resolved)
+        cfg = Config.model_validate(_plugin_environment(resolved, source))
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise ConfigError(source, problems, origins) from None
+    problems = _tls_file_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
 
 
 def load_config(path: str | os.PathLike) -> Config:

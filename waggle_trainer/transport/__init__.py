@@ -34,6 +34,7 @@ __all__ = [
     "SeenUpdates",
     "Telemetry",
     "TelemetryPublisher",
+    "TelemetryRoute",
     "TensorSpec",
     "UpdateConsumer",
     "UpdateDecoder",
@@ -89,4 +90,10 @@ if TYPE_CHECKING:
     from .consumer import SeenUpdates, UpdateConsumer
     from .outbox import Outbox, OutboxEntry, OutboxFull
     from .publisher import UpdatePublisher
-    from .telemetry import Telemetry, TelemetryPublisher, make_message, validate_name
+    from .telemetry import (
+        Telemetry,
+        TelemetryPublisher,
+        TelemetryRoute,
+        make_message,
+        validate_name,
+    )

@@ -20,6 +20,11 @@ def update_routing_key(node_id: str) -> str:
     return f"update.{node_id}"
 
 
+# -- telemetry (wagglemsg) ---------------------------------------------------------
+TELEMETRY_EXCHANGE = "waggle.msg"  # route "beehive": topic; routing key = metric name
+NODE_EXCHANGE = "to-validator"  # route "node": the node broker's, as pywaggle publishes
+
+
 # -- chunk messages -------------------------------------------------------------
 CONTENT_TYPE = "application/vnd.waggle.update"
 MESSAGE_TYPE = "waggle.update.chunk"
