@@ -50,6 +50,8 @@ from .costs import ChainCosts, StageCost
 
 __all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
 
+_cpu_model = cpu_model  # the former name here; bench/adaptation.py (learning) imports it
+
 FORMAT_VERSION = 2  # 2: backward peaks include the largest weight-gradient transient
 
 
