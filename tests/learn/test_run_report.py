@@ -122,7 +122,7 @@ def test_divergence_and_a_broken_budget_are_failures():
     )
     assert not r.budget_kept and r.diverged_at == 2
     budget_line, loss_line = _failures(r)
-    assert "150B" in budget_line and "100B" in budget_line
+    assert "150 bytes" in budget_line and "100 bytes" in budget_line
     assert "diverged" in loss_line and "step 2" in loss_line
     d = r.to_dict()
     assert d["budget_kept"] is False and d["diverged_at"] == 2 and d["data"] == "synthetic"
