@@ -21,7 +21,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -495,23 +495,30 @@ class ConfigError(Exception):
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) is dict and parts:  # a table of named sections
+            annotation = get_args(annotation)[1]
+            parts.pop(0)
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 
 _LOCATED_RE = re.compile(r"^([a-z_]+\.[a-z_]+(?:\.[A-Za-z0-9_ .-]+?)?): (.*)$", re.DOTALL)
 
 
-def _describe(err: Any) -> tuple[str, str]:
+def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, str]:
+    """(``section.key``, what is wrong and what is allowed) for one pydantic error
+    of a config model (``root``: the top model, default the node's ``Config``)."""
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "config"
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(Config, loc))
+        allowed = ", ".join(_allowed_keys(root or Config, loc))
         what = "section" if len(loc) == 1 else "key"
         return where, f"unknown {what} (allowed: {allowed})"
     if kind == "literal_error":
@@ -606,7 +613,7 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
     try:
         cfg = Config.model_validate(_plugin_environment(resolved, source))
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = [describe_error(e) for e in exc.errors()]
         raise ConfigError(source, problems, origins) from None
     problems = _tls_file_problems(cfg)
     if problems:
@@ -614,8 +621,8 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a node config file; raises ConfigError on any problem."""
+def read_toml(path: str | os.PathLike) -> dict:
+    """Parse a TOML config file; raises ConfigError (``file`` or ``line L, column C``)."""
     source = str(path)
     if not source.strip():
         problem = ("file", "no file named (give the path of a TOML file)")
@@ -650,10 +657,14 @@ def load_config(path: str | os.PathLike) -> Config:
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         where = f"line {m.group(1)}, column {m.group(2)}" if m else "syntax"
         detail = msg[: m.start()].strip() if m else msg
-        raise ConfigError(
-            source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]
-        ) from None
-    return config_from_dict(data, source)
+        problem = (where, f"invalid TOML: {detail} (see https://toml.io)")
+        raise ConfigError(source, [problem]) from None
+    return data
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a node config file; raises ConfigError on any problem."""
+    return config_from_dict(read_toml(path), str(path))
 
 
 def default_config() -> Config:
