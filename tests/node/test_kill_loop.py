@@ -129,7 +129,7 @@ def test_fifty_sigkills_lose_and_duplicate_nothing(tmp_path, fast_dir, names):
             logs.append(log)
             pid = fs.start(argv, log)
             if i % 3:  # two kills in three while training, one anywhere from the start
-                wait_until(lambda: "ready:" in log.read_text(), 20, step=0.01)
+                wait_until(lambda log=log: "ready:" in log.read_text(), 20, step=0.01)
             time.sleep(rng.uniform(0.02, 0.5))
             os.kill(pid, signal.SIGKILL)
             status = fs.wait(pid)

@@ -125,7 +125,8 @@ def default_source(cfg: Config) -> FrameSource:
     from waggle_trainer.vision.frames import SourceError, open_source
 
     try:
-        return open_source(cfg.camera)
+        # The frozen config section has read-only attributes; the protocol names plain ones.
+        return open_source(cfg.camera)  # type: ignore[arg-type]
     except SourceError as exc:
         raise StartupError(str(exc)) from None
 

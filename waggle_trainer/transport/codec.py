@@ -453,7 +453,8 @@ class UpdateEncoder:
         raw = st_save(tensors, metadata=meta)
         payload = _compress(raw, s)
         env = Envelope(
-            update_id=update_id or str(uuid.uuid4()), node_id=self.node_id, vsn=self.vsn, model=self.model,
+            update_id=update_id or str(uuid.uuid4()), node_id=self.node_id, vsn=self.vsn,
+            model=self.model,
             base_version=base_version, round=round, samples=samples, metrics=metrics,
             created_ns=time.time_ns(),
             encoding={"dtype": s.dtype, "topk": s.topk, "compression": s.compression},

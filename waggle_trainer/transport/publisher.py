@@ -22,7 +22,7 @@ round the node will train again).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pika
 import pika.exceptions as px
