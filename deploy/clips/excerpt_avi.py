@@ -18,11 +18,11 @@ def excerpt(data: bytes, frames: int) -> bytes:
     if data[:4] != b"RIFF" or data[8:12] != b"AVI ":
         raise ValueError("not an AVI file")
     movi = data.find(b"movi") - 8  # start of "LIST" <size> "movi"
-    if data[movi:movi + 4] != b"LIST":
+    if data[movi : movi + 4] != b"LIST":
         raise ValueError("no movi list")
     pos, kept = movi + 12, 0
     while kept < frames:
-        ckid, size = data[pos:pos + 4], struct.unpack("<I", data[pos + 4:pos + 8])[0]
+        ckid, size = data[pos : pos + 4], struct.unpack("<I", data[pos + 4 : pos + 8])[0]
         if ckid[2:] not in (b"dc", b"db"):
             raise ValueError(f"unexpected chunk {ckid!r} in movi")
         pos += 8 + size + (size & 1)
@@ -30,7 +30,7 @@ def excerpt(data: bytes, frames: int) -> bytes:
     body = bytearray(data[:pos])
     idx = data.find(b"idx1", pos)
     if idx >= 0:
-        entries = data[idx + 8: idx + 8 + 16 * frames]
+        entries = data[idx + 8 : idx + 8 + 16 * frames]
         body += b"idx1" + struct.pack("<I", len(entries)) + entries
     struct.pack_into("<I", body, 4, len(body) - 8)  # RIFF size
     struct.pack_into("<I", body, movi + 4, pos - movi - 8)  # movi LIST size

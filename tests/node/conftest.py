@@ -17,8 +17,14 @@ from waggle_trainer.config import load_config
 def _isolated(monkeypatch, tmp_path):
     """No host identity, no systemd sockets; signal handlers restored afterwards."""
     monkeypatch.setattr(cfgmod, "WAGGLE_ETC", tmp_path / "etc-waggle")
-    for var in ("WAGGLE_NODE_ID", "WAGGLE_NODE_VSN", "NOTIFY_SOCKET", "WATCHDOG_USEC",
-                "WATCHDOG_PID", "STATE_DIRECTORY"):
+    for var in (
+        "WAGGLE_NODE_ID",
+        "WAGGLE_NODE_VSN",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "STATE_DIRECTORY",
+    ):
         monkeypatch.delenv(var, raising=False)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
@@ -39,8 +45,6 @@ def node(tmp_path):
     return make
 
 
-
-
 sys.path.insert(0, str(Path(__file__).parents[1] / "transport"))
 
 
@@ -58,9 +62,14 @@ def names():
     except RuntimeError as e:
         pytest.fail(f"this test needs RabbitMQ at 127.0.0.1:5672 ({e})")
     s = uuid.uuid4().hex[:10]
-    n = SimpleNamespace(exchange=f"test.updates.{s}", queue=f"test.server.{s}",
-                        dlx=f"test.dead.{s}", dlq=f"test.dead.{s}", telemetry=f"test.msg.{s}",
-                        tq=f"test.msgq.{s}")
+    n = SimpleNamespace(
+        exchange=f"test.updates.{s}",
+        queue=f"test.server.{s}",
+        dlx=f"test.dead.{s}",
+        dlq=f"test.dead.{s}",
+        telemetry=f"test.msg.{s}",
+        tq=f"test.msgq.{s}",
+    )
     yield n
     ensure_broker_running()
     conn = pika.BlockingConnection(BROKER)

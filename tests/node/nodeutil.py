@@ -33,6 +33,11 @@ def make_daemon(cfg, path=None, *, reject_every=4, loops=None, **kw) -> Daemon:
             loops.append(loop)
         return loop
 
-    return Daemon(cfg, config_path=path, loop_factory=loop_factory,
-                  source_factory=lambda c: StandInSource(), progress=Progress(io.StringIO()),
-                  **kw)
+    return Daemon(
+        cfg,
+        config_path=path,
+        loop_factory=loop_factory,
+        source_factory=lambda c: StandInSource(),
+        progress=Progress(io.StringIO()),
+        **kw,
+    )

@@ -39,8 +39,11 @@ class StandInResult:
     measured_peak_bytes: int = 3 * 2**20
 
     def metrics(self) -> dict[str, float]:
-        return {"agreement": self.agreement_after, "loss": self.loss,
-                "samples": float(self.samples)}
+        return {
+            "agreement": self.agreement_after,
+            "loss": self.loss,
+            "samples": float(self.samples),
+        }
 
 
 class StandInSource:
@@ -72,8 +75,14 @@ class StandInLoop:
 
     def __init__(self, cfg, state_dir, *, reject_every: int = 4, step_sleep: float = 0.0):
         torch.manual_seed(0)
-        self.student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+        self.student = nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 2),
+        )
         self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9)
         self.steps_per_round = cfg.training.steps_per_round
         self.reject_every = reject_every
@@ -89,8 +98,10 @@ class StandInLoop:
         self._round_frames = 0
 
     def _copy(self):
-        return ({k: v.clone() for k, v in self.student.state_dict().items()},
-                {k: v for k, v in self.opt.state_dict().items()})
+        return (
+            {k: v.clone() for k, v in self.student.state_dict().items()},
+            {k: v for k, v in self.opt.state_dict().items()},
+        )
 
     def feed(self, frame) -> StandInResult | None:
         self.frames += 1
@@ -101,8 +112,9 @@ class StandInLoop:
         t0 = time.perf_counter()
         self.student.train()
         self.opt.zero_grad()
-        loss = nn.functional.cross_entropy(self.student(torch.cat([x, x.flip(3)])),
-                                           torch.cat([y, y]))
+        loss = nn.functional.cross_entropy(
+            self.student(torch.cat([x, x.flip(3)])), torch.cat([y, y])
+        )
         loss.backward()
         self.opt.step()
         if self.step_sleep:
@@ -122,10 +134,17 @@ class StandInLoop:
         # counters are totals since the loop started, as the real loop reports them
         self.teacher_calls += frames // 2
         return StandInResult(
-            index=self.index, accepted=accepted, agreement_before=0.5,
-            agreement_after=0.6 if accepted else 0.4, loss=float(loss.detach()), samples=frames,
-            teacher_calls=self.teacher_calls, frames_seen=self.frames_run, frames_skipped=0,
-            step_time_s=time.perf_counter() - t0)
+            index=self.index,
+            accepted=accepted,
+            agreement_before=0.5,
+            agreement_after=0.6 if accepted else 0.4,
+            loss=float(loss.detach()),
+            samples=frames,
+            teacher_calls=self.teacher_calls,
+            frames_seen=self.frames_run,
+            frames_skipped=0,
+            step_time_s=time.perf_counter() - t0,
+        )
 
     def export_state(self):
         tensors = {f"student/{k}": v for k, v in self.student.state_dict().items()}
@@ -134,8 +153,9 @@ class StandInLoop:
         return tensors, {"index": self.index, "frames": self.frames, "steps": self.steps}
 
     def load_state(self, tensors, meta):
-        self.student.load_state_dict({k[8:]: v for k, v in tensors.items()
-                                      if k.startswith("student/")})
+        self.student.load_state_dict(
+            {k[8:]: v for k, v in tensors.items() if k.startswith("student/")}
+        )
         sd = self.opt.state_dict()
         for k, v in tensors.items():
             if k.startswith("opt/"):
@@ -159,7 +179,8 @@ def factories_from_env() -> dict:
     step_sleep = float(os.environ.get("STANDIN_STEP_SLEEP", "0"))
     reject = int(os.environ.get("STANDIN_REJECT", "4"))
     return {
-        "loop_factory": lambda cfg, d: StandInLoop(cfg, d, reject_every=reject,
-                                                   step_sleep=step_sleep),
+        "loop_factory": lambda cfg, d: StandInLoop(
+            cfg, d, reject_every=reject, step_sleep=step_sleep
+        ),
         "source_factory": lambda cfg: StandInSource(frame_sleep, seed=time.time_ns() % 1000),
     }

@@ -18,8 +18,9 @@ from waggle_trainer.transport import Outbox, UpdateDecoder, load_key, peek_envel
 
 
 def outbox_envelopes(state_dir):
-    return [peek_envelope(e.path.read_bytes())
-            for e in Outbox(state_dir / "outbox", 2**30).pending()]
+    return [
+        peek_envelope(e.path.read_bytes()) for e in Outbox(state_dir / "outbox", 2**30).pending()
+    ]
 
 
 def test_each_accepted_round_is_spooled_once_under_a_deterministic_id(node, tmp_path):
@@ -143,8 +144,10 @@ def test_adopts_a_new_global_model_between_rounds(node, tmp_path, caplog):
     loops = []
     d = make_daemon(cfg, path, max_rounds=2, loops=loops)
     assert d.run() == 0
-    weights = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
-               for k, v in loops[0].student.state_dict().items()}
+    weights = {
+        k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+        for k, v in loops[0].student.state_dict().items()
+    }
     save_file(weights, str(global_file), metadata={"version": "v7"})
     d = make_daemon(cfg, path, max_rounds=2, loops=loops)
     assert d.run() == 0
@@ -165,8 +168,12 @@ def test_sighup_applies_live_keys_and_keeps_the_rest(node, caplog):
     path, cfg = node(node={"log_level": "info"}, student={"arch": "resnet18"})
     d = make_daemon(cfg, path, max_rounds=1)
     d.start()
-    path.write_text(path.read_text().replace('"info"', '"debug"').replace("resnet18", "resnet34")
-                    .replace("steps_per_round = 2", "steps_per_round = 2\n"))
+    path.write_text(
+        path.read_text()
+        .replace('"info"', '"debug"')
+        .replace("resnet18", "resnet34")
+        .replace("steps_per_round = 2", "steps_per_round = 2\n")
+    )
     caplog.set_level(logging.INFO, logger="waggle_trainer.daemon")
     d._reload()
     assert d.cfg.node.log_level == "debug" and d.cfg.student.arch == "resnet18"
@@ -175,8 +182,10 @@ def test_sighup_applies_live_keys_and_keeps_the_rest(node, caplog):
     assert any("student.arch cannot change while running; kept" in m for m in msgs)
     path.write_text("[training]\nbatch_size = 0\n")
     d._reload()
-    assert any("keeping the running config" in r.message and "training.batch_size" in r.message
-               for r in caplog.records)
+    assert any(
+        "keeping the running config" in r.message and "training.batch_size" in r.message
+        for r in caplog.records
+    )
     d._shutdown(flush=False)
 
 
@@ -184,9 +193,10 @@ def test_broker_down_at_start_never_blocks_training(node, tmp_path):
     key = tmp_path / "hmac.key"
     key.write_bytes(b"k" * 32)
     key.chmod(0o600)
-    path, cfg = node(node={"id": "node1"},
-                     transport={"enabled": True, "port": 1, "hmac_key_file": str(key),
-                                "outbox_max_bytes": 2500})
+    path, cfg = node(
+        node={"id": "node1"},
+        transport={"enabled": True, "port": 1, "hmac_key_file": str(key), "outbox_max_bytes": 2500},
+    )
     d = make_daemon(cfg, path, reject_every=0, max_rounds=6)
     assert d.run() == 0
     assert d.counters.rounds == 6 and d.publisher.published_updates == 0
@@ -202,13 +212,21 @@ def test_missing_tls_files_are_one_fatal_line(tmp_path):
 
     from tests.node.nodeutil import write_config
 
-    cfg = write_config(tmp_path / "node.toml", {
-        "node": {"id": "node1"},
-        "transport": {"enabled": True, "tls": True, "cacert": str(tmp_path / "nope.pem")},
-        "state": {"dir": str(tmp_path / "state")}})
-    r = subprocess.run([sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg)],
-                       capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    cfg = write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": "node1"},
+            "transport": {"enabled": True, "tls": True, "cacert": str(tmp_path / "nope.pem")},
+            "state": {"dir": str(tmp_path / "state")},
+        },
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{cfg}: transport.cacert: ")
@@ -216,12 +234,14 @@ def test_missing_tls_files_are_one_fatal_line(tmp_path):
 
 
 def test_missing_hmac_key_with_transport_is_one_fatal_line(node, tmp_path, capsys):
-    path, cfg = node(node={"id": "node1"},
-                     transport={"enabled": True, "hmac_key_file": str(tmp_path / "k")})
+    path, cfg = node(
+        node={"id": "node1"}, transport={"enabled": True, "hmac_key_file": str(tmp_path / "k")}
+    )
     assert make_daemon(cfg, path).run() == daemonmod.EXIT_CONFIG
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"waggle-trainer run: transport.hmac_key_file: "
-                                               f"{tmp_path}/k: not found")
+    assert len(err) == 1 and err[0].startswith(
+        f"waggle-trainer run: transport.hmac_key_file: {tmp_path}/k: not found"
+    )
 
 
 def test_codec_settings_reach_the_envelope(node):
@@ -255,9 +275,11 @@ def test_stop_flush_s_bounds_the_wait_for_an_absent_broker(node, tmp_path, flush
     key = tmp_path / "hmac.key"
     key.write_bytes(b"k" * 32)
     key.chmod(0o600)
-    path, cfg = node(node={"id": "node1"},
-                     transport={"enabled": True, "port": 1, "hmac_key_file": str(key)},
-                     daemon={"stop_flush_s": flush_s})
+    path, cfg = node(
+        node={"id": "node1"},
+        transport={"enabled": True, "port": 1, "hmac_key_file": str(key)},
+        daemon={"stop_flush_s": flush_s},
+    )
     d = make_daemon(cfg, path, reject_every=0, max_rounds=1)
     d.start()
     d._t0 = time.monotonic()
@@ -276,8 +298,11 @@ def tiny_disk(tmp_path):
 
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     yield mnt
@@ -285,8 +310,9 @@ def tiny_disk(tmp_path):
 
 
 def test_a_really_full_disk_does_not_crash_and_recovers(node, tiny_disk, caplog):
-    path, cfg = node(state={"dir": str(tiny_disk / "state")},
-                     transport={"codec": "fp32", "compression": "none"})
+    path, cfg = node(
+        state={"dir": str(tiny_disk / "state")}, transport={"codec": "fp32", "compression": "none"}
+    )
     caplog.set_level(logging.INFO, logger="waggle_trainer.daemon")
     d = make_daemon(cfg, path, reject_every=0, max_rounds=60)
     assert d.run() == 0  # kept training through ENOSPC

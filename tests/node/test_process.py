@@ -54,12 +54,19 @@ def start(tmp_path: Path, env_extra: dict, *args: str, sections=None) -> tuple:
     sections.setdefault("state", {"dir": str(tmp_path / "state")})
     cfg = write_config(tmp_path / "node.toml", sections)
     notify = NotifySocket(tmp_path / "notify")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WAGGLE_NODE_ID", "WATCHDOG_PID", "WATCHDOG_USEC")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WAGGLE_NODE_ID", "WATCHDOG_PID", "WATCHDOG_USEC")
+    }
     env.update(PYTHONPATH=str(ROOT), NOTIFY_SOCKET=str(notify.path), **env_extra)
-    proc = subprocess.Popen([sys.executable, str(HERE / "standin_main.py"), "run", "--config",
-                             str(cfg), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "standin_main.py"), "run", "--config", str(cfg), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return proc, notify, cfg
 
 
@@ -101,29 +108,44 @@ def test_watchdog_pings_only_after_progress_and_grows_with_slow_steps(tmp_path):
     # camera delivers a frame every 0.8 s; each frame's step takes 0.3 s; systemd's
     # watchdog is 0.5 s: pings follow frames (a timer would send about 25), and the
     # daemon asks for 3 x 0.3 s.
-    proc, notify, _ = start(tmp_path, {"STANDIN_FRAME_SLEEP": "0.8", "STANDIN_STEP_SLEEP": "0.3",
-                                       "WATCHDOG_USEC": "500000"}, "--max-rounds", "1",
-                            sections={"training": {"steps_per_round": 3}})
+    proc, notify, _ = start(
+        tmp_path,
+        {"STANDIN_FRAME_SLEEP": "0.8", "STANDIN_STEP_SLEEP": "0.3", "WATCHDOG_USEC": "500000"},
+        "--max-rounds",
+        "1",
+        sections={"training": {"steps_per_round": 3}},
+    )
     assert notify.pump(lambda n: n.has("STOPPING=1"), 60), proc.communicate()
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     pings = notify.count("WATCHDOG=1")
     assert 1 <= pings <= 3, notify.messages  # 3 frames, never more pings than frames
-    extended = [int(line.split("=")[1]) for _, m in notify.messages for line in m.split("\n")
-                if line.startswith("WATCHDOG_USEC=")]
+    extended = [
+        int(line.split("=")[1])
+        for _, m in notify.messages
+        for line in m.split("\n")
+        if line.startswith("WATCHDOG_USEC=")
+    ]
     assert extended and 900_000 <= extended[0] <= 1_500_000
 
 
-@pytest.mark.parametrize("text, line", [
-    ("[training]\nbatch_size = 0\n", "training.batch_size: 0 is out of range (must be >= 1)"),
-    ("[camera\n", "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("[training]\nbatch_size = 0\n", "training.batch_size: 0 is out of range (must be >= 1)"),
+        ("[camera\n", "invalid TOML"),
+    ],
+)
 def test_bad_config_is_one_line_and_exit_2(tmp_path, text, line):
     cfg = tmp_path / "bad.toml"
     cfg.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg)],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=60,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(str(cfg)) and line in lines[0]

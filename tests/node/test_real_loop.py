@@ -19,26 +19,44 @@ from waggle_trainer.node.state import StateStore
 from waggle_trainer.transport import Outbox
 
 ROOT = Path(__file__).resolve().parents[2]
-pytest.importorskip("waggle_trainer.learn.adaptation",
-                    reason="the adaptation loop (issue 8) is not on this branch yet")
+pytest.importorskip(
+    "waggle_trainer.learn.adaptation",
+    reason="the adaptation loop (issue 8) is not on this branch yet",
+)
 
 
 def config(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "node.toml", {
-        "camera": {"source": str(ROOT / "deploy" / "clips" / "vtest-excerpt.avi"), "fps": 0,
-                   "loop": True},
-        "student": {"input_width": 128, "input_height": 96},
-        "training": {"batch_size": 2, "steps_per_round": 1},
-        "adaptation": {"buffer_size": 16, "holdout_fraction": 0.25,
-                       "new_samples_per_round": 2, "teacher_stride_min": 1},
-        "state": {"dir": str(tmp_path / "state")},
-    })
+    return write_config(
+        tmp_path / "node.toml",
+        {
+            "camera": {
+                "source": str(ROOT / "deploy" / "clips" / "vtest-excerpt.avi"),
+                "fps": 0,
+                "loop": True,
+            },
+            "student": {"input_width": 128, "input_height": 96},
+            "training": {"batch_size": 2, "steps_per_round": 1},
+            "adaptation": {
+                "buffer_size": 16,
+                "holdout_fraction": 0.25,
+                "new_samples_per_round": 2,
+                "teacher_stride_min": 1,
+            },
+            "state": {"dir": str(tmp_path / "state")},
+        },
+    )
 
 
 def run(cfg: Path, *args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg),
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        **kw,
+    )
 
 
 @pytest.mark.slow

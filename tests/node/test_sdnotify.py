@@ -24,8 +24,13 @@ def test_messages_reach_a_path_socket(tmp_path, monkeypatch):
     assert n.ready("round 0") and n.watchdog() and n.status("round 1, agreement 0.5")
     assert n.extend_watchdog(90) and n.stopping()
     got = [server.recv(4096).decode() for _ in range(5)]
-    assert got == ["READY=1\nSTATUS=round 0", "WATCHDOG=1", "STATUS=round 1, agreement 0.5",
-                   "WATCHDOG_USEC=90000000", "STOPPING=1"]
+    assert got == [
+        "READY=1\nSTATUS=round 0",
+        "WATCHDOG=1",
+        "STATUS=round 1, agreement 0.5",
+        "WATCHDOG_USEC=90000000",
+        "STOPPING=1",
+    ]
     server.close()
 
 

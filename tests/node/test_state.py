@@ -56,11 +56,14 @@ def test_interrupted_write_leftovers_are_removed_on_load(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "truncated"),
-    (b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}       ", "not a waggle-trainer state file"),
-    (b"\xff" * 8, "not plausible"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "truncated"),
+        (b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}       ', "not a waggle-trainer state file"),
+        (b"\xff" * 8, "not plausible"),
+    ],
+)
 def test_unusable_file_is_one_clear_error(tmp_path, content, message):
     (tmp_path / statemod.FILE_NAME).write_bytes(content)
     with pytest.raises(StateError, match=message):
@@ -70,8 +73,11 @@ def test_unusable_file_is_one_clear_error(tmp_path, content, message):
 def test_unknown_format_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"x": torch.zeros(1)}, str(tmp_path / statemod.FILE_NAME),
-              metadata={statemod.META_KEY: json.dumps({"format": "other/9"})})
+    save_file(
+        {"x": torch.zeros(1)},
+        str(tmp_path / statemod.FILE_NAME),
+        metadata={statemod.META_KEY: json.dumps({"format": "other/9"})},
+    )
     with pytest.raises(StateError, match="unknown state format 'other/9'"):
         StateStore(tmp_path).read_meta()
 

@@ -16,8 +16,10 @@ UNIT = ROOT / "systemd" / "waggle-trainer.service"
 MAX_EXPOSURE = 2.5
 
 analyze = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(analyze is None, reason="systemd-analyze not installed "
-                                   "(.ci/run installs it: apt-get install systemd)")
+needs_analyze = pytest.mark.skipif(
+    analyze is None,
+    reason="systemd-analyze not installed (.ci/run installs it: apt-get install systemd)",
+)
 
 
 def settings() -> dict[str, list[str]]:
@@ -45,17 +47,26 @@ def runnable_copy(tmp_path: Path) -> Path:
 
 @needs_analyze
 def test_systemd_analyze_verify_is_clean(tmp_path):
-    r = subprocess.run([analyze, "verify", str(runnable_copy(tmp_path))], capture_output=True,
-                       text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [analyze, "verify", str(runnable_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     problems = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
     assert r.returncode == 0 and not problems, problems
 
 
 @needs_analyze
 def test_security_exposure_is_at_most_2_5(tmp_path):
-    r = subprocess.run([analyze, "security", "--offline=yes", "--no-pager",
-                        str(runnable_copy(tmp_path))], capture_output=True, text=True, timeout=60,
-                       cwd=tmp_path)
+    r = subprocess.run(
+        [analyze, "security", "--offline=yes", "--no-pager", str(runnable_copy(tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
     assert m, r.stdout[-500:] + r.stderr
     exposure = float(m.group(1))

@@ -136,8 +136,11 @@ def default_source(cfg: Config) -> FrameSource:
 
 def floating(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A detached copy of the floating-point tensors of a state dict."""
-    return {k: v.detach().to("cpu").clone() for k, v in state.items()
-            if torch.is_tensor(v) and v.is_floating_point()}
+    return {
+        k: v.detach().to("cpu").clone()
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point()
+    }
 
 
 def file_version(path: Path, meta: dict[str, str] | None) -> str:
@@ -160,8 +163,10 @@ def hmac_key(cfg: Config, state_dir: Path) -> bytes:
         return load_key(path)
     except FileNotFoundError:
         if cfg.transport.enabled:
-            raise StartupError(f"transport.hmac_key_file: {path}: not found (a file of at least "
-                               "16 random bytes, mode 600, shared with the server)") from None
+            raise StartupError(
+                f"transport.hmac_key_file: {path}: not found (a file of at least "
+                "16 random bytes, mode 600, shared with the server)"
+            ) from None
     except PermissionError:
         raise StartupError(f"transport.hmac_key_file: {path}: not readable by this user") from None
     except ValueError as exc:
@@ -178,7 +183,9 @@ def hmac_key(cfg: Config, state_dir: Path) -> bytes:
 
 # Keys the daemon applies on SIGHUP; every other change waits for a restart.
 LIVE_KEYS = {
-    ("node", "log_level"), ("telemetry", "interval_s"), ("daemon", "global_model_file"),
+    ("node", "log_level"),
+    ("telemetry", "interval_s"),
+    ("daemon", "global_model_file"),
     ("daemon", "stop_flush_s"),
 }
 
@@ -269,11 +276,18 @@ class _ClearBefore(logging.Filter):
 class Daemon:
     """Composition of the node: build with a config, call :meth:`run`."""
 
-    def __init__(self, cfg: Config, *, config_path: Path | None = None,
-                 loop_factory: LoopFactory = default_loop,
-                 source_factory: SourceFactory = default_source,
-                 max_rounds: int | None = None, duration_s: float | None = None,
-                 notifier: Notifier | None = None, progress: Progress | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        config_path: Path | None = None,
+        loop_factory: LoopFactory = default_loop,
+        source_factory: SourceFactory = default_source,
+        max_rounds: int | None = None,
+        duration_s: float | None = None,
+        notifier: Notifier | None = None,
+        progress: Progress | None = None,
+    ):
         self.cfg = cfg
         self.config_path = config_path
         self.loop_factory = loop_factory
@@ -318,20 +332,26 @@ class Daemon:
         self.outbox = Outbox(self.state_dir / "outbox", cfg.transport.outbox_max_bytes)
         t = cfg.transport
         self.encoder = UpdateEncoder(
-            node_id=self.node_id, vsn=self.vsn, model=cfg.student.arch, key=key,
+            node_id=self.node_id,
+            vsn=self.vsn,
+            model=cfg.student.arch,
+            key=key,
             settings=CodecSettings(dtype=t.codec, compression=t.compression, topk=t.topk),
-            feedback=ErrorFeedback())
+            feedback=ErrorFeedback(),
+        )
         self.loop = self.loop_factory(cfg, self.state_dir)
         self._restore()
         self._maybe_adopt()  # a newer global model waiting since the last run
         self.source = self.source_factory(cfg)
         if t.enabled:
-            self.publisher = brokers.update_publisher(cfg, self.outbox, self.node_id,
-                                                      releasable=self._releasable)
+            self.publisher = brokers.update_publisher(
+                cfg, self.outbox, self.node_id, releasable=self._releasable
+            )
             self.publisher.start()
         if cfg.telemetry.enabled:
-            self.telemetry = Telemetry(self.node_id, self.vsn,
-                                       max_buffered=cfg.telemetry.buffer_messages)
+            self.telemetry = Telemetry(
+                self.node_id, self.vsn, max_buffered=cfg.telemetry.buffer_messages
+            )
             self._register_gauges(self.telemetry)
             self.telemetry_publisher = brokers.telemetry_publisher(cfg, self.telemetry)
             self.telemetry_publisher.start()
@@ -353,8 +373,9 @@ class Daemon:
             self.history: list[dict[str, Any]] = []
             self._unsaved = True
             self._save_state()
-            log.info("new state in %s: epoch %s, base %s", self.store.dir, self.epoch,
-                     self.base_version)
+            log.info(
+                "new state in %s: epoch %s, base %s", self.store.dir, self.epoch, self.base_version
+            )
         else:
             m = state.meta
             self.loop.load_state(state.section("loop"), m.get("loop", {}))
@@ -368,18 +389,25 @@ class Daemon:
                 setattr(self.counters, name, int(c.get(name, 0)))
             self._last_publish_ns = m.get("last_publish_ns")
             if self.encoder.feedback is not None:
-                self.encoder.feedback.load_state_dict(state.section("ef"),
-                                                      m.get("ef_pending_base"))
+                self.encoder.feedback.load_state_dict(state.section("ef"), m.get("ef_pending_base"))
             later = max(outbox_rounds, default=0)
             if later > self.round:
-                log.warning("outbox holds round %d, state is at round %d (stopped between "
-                            "spooling and saving): continuing at round %d", later, self.round,
-                            later + 1)
+                log.warning(
+                    "outbox holds round %d, state is at round %d (stopped between "
+                    "spooling and saving): continuing at round %d",
+                    later,
+                    self.round,
+                    later + 1,
+                )
                 self.round = later
                 self._unsaved = True
                 self._save_state()
-            log.info("resumed at round %d (base %s) from %s", self.round, self.base_version,
-                     self.store.path)
+            log.info(
+                "resumed at round %d (base %s) from %s",
+                self.round,
+                self.base_version,
+                self.store.path,
+            )
         self._saved_round = self.round
         model_file = self.cfg.daemon.global_model_file
         if model_file is not None and state is not None:
@@ -411,9 +439,13 @@ class Daemon:
             return EXIT_CONFIG
         self._t0 = time.monotonic()
         self.notifier.ready(self.status_line())
-        log.info("ready: node %s, state %s, transport %s, telemetry %s", self.node_id,
-                 self.state_dir, "on" if self.publisher else "off",
-                 "on" if self.telemetry else "off")
+        log.info(
+            "ready: node %s, state %s, transport %s, telemetry %s",
+            self.node_id,
+            self.state_dir,
+            "on" if self.publisher else "off",
+            "on" if self.telemetry else "off",
+        )
         try:
             self._main_loop()
         finally:
@@ -469,24 +501,37 @@ class Daemon:
         if c.first_agreement is None:
             c.first_agreement = float(r.agreement_before)
         c.last_agreement = agreement
-        entry = {"round": self.round, "accepted": bool(r.accepted),
-                 "agreement_before": float(r.agreement_before),
-                 "agreement_after": float(r.agreement_after), "loss": float(r.loss),
-                 "samples": int(r.samples), "teacher_calls": int(r.teacher_calls),
-                 "frames_seen": int(r.frames_seen), "frames_skipped": int(r.frames_skipped),
-                 "step_time_s": float(r.step_time_s), "strategy": str(r.strategy),
-                 "budget_bytes": int(r.budget_bytes),
-                 "predicted_peak_bytes": int(r.predicted_peak_bytes),
-                 "measured_peak_bytes": int(r.measured_peak_bytes), "ts_ns": time.time_ns()}
+        entry = {
+            "round": self.round,
+            "accepted": bool(r.accepted),
+            "agreement_before": float(r.agreement_before),
+            "agreement_after": float(r.agreement_after),
+            "loss": float(r.loss),
+            "samples": int(r.samples),
+            "teacher_calls": int(r.teacher_calls),
+            "frames_seen": int(r.frames_seen),
+            "frames_skipped": int(r.frames_skipped),
+            "step_time_s": float(r.step_time_s),
+            "strategy": str(r.strategy),
+            "budget_bytes": int(r.budget_bytes),
+            "predicted_peak_bytes": int(r.predicted_peak_bytes),
+            "measured_peak_bytes": int(r.measured_peak_bytes),
+            "ts_ns": time.time_ns(),
+        }
         self.history = (self.history + [_finite(entry)])[-HISTORY:]
         what = "accepted" if r.accepted else "rolled back"
         if r.accepted:
             c.accepted += 1
             c.accepted_run += 1
             update = self.encoder.encode(
-                self.loop.student.state_dict(), self.base, base_version=self.base_version,
-                round=self.round, samples=int(r.samples), metrics=_finite(dict(r.metrics())),
-                update_id=f"{self.node_id}-{self.epoch}-r{self.round}")
+                self.loop.student.state_dict(),
+                self.base,
+                base_version=self.base_version,
+                round=self.round,
+                samples=int(r.samples),
+                metrics=_finite(dict(r.metrics())),
+                update_id=f"{self.node_id}-{self.epoch}-r{self.round}",
+            )
             c.updates += 1
             c.update_bytes = len(update.blob)
             self._pending.append(update)
@@ -498,13 +543,24 @@ class Daemon:
         saved = spooled and self._save_state()
         if r.accepted:
             what += f", update {format_size(c.update_bytes)}" + (
-                " spooled" if spooled else " waiting (disk full)")
-        log.info("round %d %s: agreement %.3f -> %.3f, loss %.4f, %d samples, teacher %.2f "
-                 "calls/frame, step %.2f s, %s plan, peak %s of %s%s", self.round, what,
-                 r.agreement_before, r.agreement_after, r.loss, r.samples,
-                 r.teacher_calls / max(1, r.frames_seen), r.step_time_s, r.strategy,
-                 format_size(max(1, int(r.measured_peak_bytes))),
-                 format_size(max(1, int(r.budget_bytes))), "" if saved else "; state not saved")
+                " spooled" if spooled else " waiting (disk full)"
+            )
+        log.info(
+            "round %d %s: agreement %.3f -> %.3f, loss %.4f, %d samples, teacher %.2f "
+            "calls/frame, step %.2f s, %s plan, peak %s of %s%s",
+            self.round,
+            what,
+            r.agreement_before,
+            r.agreement_after,
+            r.loss,
+            r.samples,
+            r.teacher_calls / max(1, r.frames_seen),
+            r.step_time_s,
+            r.strategy,
+            format_size(max(1, int(r.measured_peak_bytes))),
+            format_size(max(1, int(r.budget_bytes))),
+            "" if saved else "; state not saved",
+        )
         self.notifier.status(self.status_line())
 
     def _spool(self) -> bool:
@@ -514,9 +570,12 @@ class Daemon:
             try:
                 self.outbox.put(update.blob)
             except OutboxFull:
-                log.error("update %s (%s) is larger than transport.outbox_max_bytes (%s): "
-                          "not kept", update.update_id, format_size(len(update.blob)),
-                          format_size(self.outbox.max_bytes))
+                log.error(
+                    "update %s (%s) is larger than transport.outbox_max_bytes (%s): not kept",
+                    update.update_id,
+                    format_size(len(update.blob)),
+                    format_size(self.outbox.max_bytes),
+                )
             except OSError as exc:
                 self._disk_trouble("outbox", exc)
                 # A newer update of the same base supersedes older ones (cumulative).
@@ -533,17 +592,25 @@ class Daemon:
             return True
         assert self.loop is not None
         tensors, loop_meta = self.loop.export_state()
-        state = NodeState(meta={
-            "node_id": self.node_id, "epoch": self.epoch, "round": self.round,
-            "base_version": self.base_version, "loop": loop_meta, "history": self.history,
-            "counters": {"accepted": self.counters.accepted,
-                         "rolled_back": self.counters.rolled_back,
-                         "updates": self.counters.updates,
-                         "update_bytes": self.counters.update_bytes,
-                         "adopted": self.counters.adopted},
-            "last_publish_ns": self._last_publish_ns,
-            "model_file_seen": list(self._model_file_seen) if self._model_file_seen else None,
-        })
+        state = NodeState(
+            meta={
+                "node_id": self.node_id,
+                "epoch": self.epoch,
+                "round": self.round,
+                "base_version": self.base_version,
+                "loop": loop_meta,
+                "history": self.history,
+                "counters": {
+                    "accepted": self.counters.accepted,
+                    "rolled_back": self.counters.rolled_back,
+                    "updates": self.counters.updates,
+                    "update_bytes": self.counters.update_bytes,
+                    "adopted": self.counters.adopted,
+                },
+                "last_publish_ns": self._last_publish_ns,
+                "model_file_seen": list(self._model_file_seen) if self._model_file_seen else None,
+            }
+        )
         state.put_section("loop", tensors)
         state.put_section("base", self.base)
         if self.encoder.feedback is not None:
@@ -565,14 +632,22 @@ class Daemon:
     def _disk_trouble(self, what: str, exc: OSError) -> None:
         self.counters.disk_full_events += 1
         if exc.errno not in _DISK_FULL:
-            log.error("writing the %s failed: %s; keeping the last saved state, retrying after "
-                      "the next round", what, exc)
+            log.error(
+                "writing the %s failed: %s; keeping the last saved state, retrying after "
+                "the next round",
+                what,
+                exc,
+            )
             return
         if not self._disk_full_logged:  # once per episode: no flood of the journal
             self._disk_full_logged = True
-            log.error("disk full writing the %s in %s: keeping the last saved state (round %d), "
-                      "training on, retrying after every round", what, self.state_dir,
-                      self._saved_round)
+            log.error(
+                "disk full writing the %s in %s: keeping the last saved state (round %d), "
+                "training on, retrying after every round",
+                what,
+                self.state_dir,
+                self._saved_round,
+            )
 
     def _releasable(self, entry: OutboxEntry) -> bool:
         """Publisher thread: an update may leave once the state of its round is saved."""
@@ -605,13 +680,21 @@ class Daemon:
                 meta = f.metadata()
             weights = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            log.error("daemon.global_model_file: %s: not a safetensors model (%s); keeping "
-                      "base %s", path, exc, self.base_version)
+            log.error(
+                "daemon.global_model_file: %s: not a safetensors model (%s); keeping base %s",
+                path,
+                exc,
+                self.base_version,
+            )
             return
         problem = _mismatch(weights, self.loop.student.state_dict())
         if problem:
-            log.error("daemon.global_model_file: %s: does not fit the student (%s); keeping "
-                      "base %s", path, problem, self.base_version)
+            log.error(
+                "daemon.global_model_file: %s: does not fit the student (%s); keeping base %s",
+                path,
+                problem,
+                self.base_version,
+            )
             return
         version = file_version(path, meta)
         if version == self.base_version:
@@ -635,8 +718,11 @@ class Daemon:
         if wanted > self._watchdog_s:
             self._watchdog_s = wanted
             self.notifier.extend_watchdog(wanted)
-            log.info("watchdog extended to %.0f s (longest frame+step %.1f s)", wanted,
-                     self._longest_feed_s)
+            log.info(
+                "watchdog extended to %.0f s (longest frame+step %.1f s)",
+                wanted,
+                self._longest_feed_s,
+            )
         now = time.monotonic()
         if now - self._last_ping >= self._watchdog_s / 4:
             self.notifier.watchdog()
@@ -682,8 +768,10 @@ class Daemon:
         r = self._last_result
         if r is not None:
             peak = format_size(max(1, int(r.measured_peak_bytes)))
-            parts.append(f"{r.strategy} plan, peak {peak} of budget "
-                         f"{format_size(max(1, int(r.budget_bytes)))}")
+            parts.append(
+                f"{r.strategy} plan, peak {peak} of budget "
+                f"{format_size(max(1, int(r.budget_bytes)))}"
+            )
             parts.append(f"teacher {r.teacher_calls / max(1, r.frames_seen):.2f}/frame")
         if hasattr(self, "outbox"):
             parts.append(f"outbox {len(self.outbox)} ({format_size(self.outbox.bytes)})")
@@ -695,16 +783,22 @@ class Daemon:
 
     def _register_gauges(self, t: Telemetry) -> None:
         p = METRIC_PREFIX
+
         def last(attr: str):
-            return lambda: None if self._last_result is None else getattr(self._last_result,
-                                                                          attr)
+            return lambda: None if self._last_result is None else getattr(self._last_result, attr)
 
         t.gauge(f"{p}.round", lambda: self.round)
         t.gauge(f"{p}.agreement", lambda: self.counters.last_agreement)
         t.gauge(f"{p}.rounds_accepted", lambda: self.counters.accepted)
         t.gauge(f"{p}.rollbacks", lambda: self.counters.rolled_back)
-        t.gauge(f"{p}.teacher_calls_per_frame", lambda: None if self._last_result is None else
-                self._last_result.teacher_calls / max(1, self._last_result.frames_seen))
+        t.gauge(
+            f"{p}.teacher_calls_per_frame",
+            lambda: (
+                None
+                if self._last_result is None
+                else self._last_result.teacher_calls / max(1, self._last_result.frames_seen)
+            ),
+        )
         t.gauge(f"{p}.frames_seen", last("frames_seen"))
         t.gauge(f"{p}.frames_skipped", last("frames_skipped"))
         t.gauge(f"{p}.samples", last("samples"))
@@ -715,8 +809,12 @@ class Daemon:
         t.gauge(f"{p}.step_time_s", last("step_time_s"))
         t.gauge(f"{p}.outbox.updates", lambda: len(self.outbox))
         t.gauge(f"{p}.outbox.bytes", lambda: self.outbox.bytes)
-        t.gauge(f"{p}.outbox.dropped", lambda: sum(
-            v for k, v in self.outbox.stats().items() if k.startswith(("dropped", "refused"))))
+        t.gauge(
+            f"{p}.outbox.dropped",
+            lambda: sum(
+                v for k, v in self.outbox.stats().items() if k.startswith(("dropped", "refused"))
+            ),
+        )
         t.gauge(f"{p}.publish.last_confirmed_age_s", self._publish_age_s)
         t.gauge(f"{p}.update_bytes", lambda: self.counters.update_bytes or None)
         t.gauge(f"{p}.disk_full_events", lambda: self.counters.disk_full_events)
@@ -767,8 +865,10 @@ class Daemon:
         if live:
             log.info("SIGHUP: applied %s", ", ".join(f"{s}.{k}" for s, k in live))
         if kept:
-            log.warning("SIGHUP: %s cannot change while running; kept (restart to apply)",
-                        ", ".join(f"{s}.{k}" for s, k in kept))
+            log.warning(
+                "SIGHUP: %s cannot change while running; kept (restart to apply)",
+                ", ".join(f"{s}.{k}" for s, k in kept),
+            )
 
     # -------------------------------------------------------------- shutdown
     def _shutdown(self, flush: bool) -> None:
@@ -783,15 +883,19 @@ class Daemon:
             if budget > 0 and len(self.outbox) and self.publisher.fatal_error is None:
                 delivered = self.publisher.wait_idle(budget)
                 if not delivered:
-                    log.info("stop: %d update(s) stay in the outbox for the next start",
-                             len(self.outbox))
+                    log.info(
+                        "stop: %d update(s) stay in the outbox for the next start", len(self.outbox)
+                    )
             self.publisher.stop(timeout=5.0)
         if self.telemetry_publisher is not None:
             if self.telemetry is not None and flush:
                 self.telemetry.sample_gauges()  # the final values, sent if the broker is up
                 end = time.monotonic() + min(2.0, self.cfg.daemon.stop_flush_s)
-                while (len(self.telemetry) and self.telemetry_publisher.connected
-                       and time.monotonic() < end):
+                while (
+                    len(self.telemetry)
+                    and self.telemetry_publisher.connected
+                    and time.monotonic() < end
+                ):
                     time.sleep(0.05)
             self.telemetry_publisher.stop(timeout=5.0)
         if self.loop is not None:
@@ -803,26 +907,36 @@ class Daemon:
         c = self.counters
         r = self._last_result
         out: dict[str, Any] = {
-            "node": self.node_id, "round": getattr(self, "round", 0),
-            "rounds_this_run": c.rounds, "accepted": c.accepted_run,
-            "rolled_back": c.rolled_back_run, "accepted_total": c.accepted,
+            "node": self.node_id,
+            "round": getattr(self, "round", 0),
+            "rounds_this_run": c.rounds,
+            "accepted": c.accepted_run,
+            "rolled_back": c.rolled_back_run,
+            "accepted_total": c.accepted,
             "rolled_back_total": c.rolled_back,
-            "agreement_first": c.first_agreement, "agreement_last": c.last_agreement,
-            "frames_seen": c.frames_seen, "teacher_calls": c.teacher_calls,
+            "agreement_first": c.first_agreement,
+            "agreement_last": c.last_agreement,
+            "frames_seen": c.frames_seen,
+            "teacher_calls": c.teacher_calls,
             "teacher_calls_per_frame": c.teacher_calls / max(1, c.loop_frames),
-            "updates": c.updates, "last_update_bytes": c.update_bytes,
+            "updates": c.updates,
+            "last_update_bytes": c.update_bytes,
             "outbox_updates": len(self.outbox) if hasattr(self, "outbox") else 0,
             "outbox_bytes": self.outbox.bytes if hasattr(self, "outbox") else 0,
             "published": self.publisher.published_updates if self.publisher else 0,
             "base_version": getattr(self, "base_version", None),
-            "disk_full_events": c.disk_full_events, "exit_reason": self.exit_reason,
+            "disk_full_events": c.disk_full_events,
+            "exit_reason": self.exit_reason,
             "wall_s": round(time.monotonic() - self._t0, 1) if hasattr(self, "_t0") else 0.0,
         }
         if r is not None:
-            out.update(strategy=r.strategy, budget_bytes=int(r.budget_bytes),
-                       predicted_peak_bytes=int(r.predicted_peak_bytes),
-                       measured_peak_bytes=int(r.measured_peak_bytes),
-                       step_time_s=float(r.step_time_s))
+            out.update(
+                strategy=r.strategy,
+                budget_bytes=int(r.budget_bytes),
+                predicted_peak_bytes=int(r.predicted_peak_bytes),
+                measured_peak_bytes=int(r.measured_peak_bytes),
+                step_time_s=float(r.step_time_s),
+            )
         return out
 
 

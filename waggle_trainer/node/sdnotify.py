@@ -36,8 +36,9 @@ class Notifier:
         if addr.startswith("@"):
             addr = "\0" + addr[1:]  # abstract namespace
         elif not addr.startswith("/"):
-            log.warning("NOTIFY_SOCKET=%r is neither a path nor an abstract name; not notifying",
-                        addr)
+            log.warning(
+                "NOTIFY_SOCKET=%r is neither a path nor an abstract name; not notifying", addr
+            )
             return
         self.address = addr
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

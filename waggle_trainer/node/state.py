@@ -56,7 +56,7 @@ class NodeState:
     def section(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors under ``prefix/``, with the prefix removed."""
         p = prefix + "/"
-        return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
+        return {k[len(p) :]: v for k, v in self.tensors.items() if k.startswith(p)}
 
     def put_section(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         p = prefix + "/"
@@ -165,8 +165,11 @@ class StateStore:
         except (ValueError, KeyError, TypeError):
             raise StateError(f"{self.path}: not a waggle-trainer state file") from None
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-            raise StateError(f"{self.path}: unknown state format {meta.get('format')!r}"
-                             if isinstance(meta, dict) else f"{self.path}: bad metadata")
+            raise StateError(
+                f"{self.path}: unknown state format {meta.get('format')!r}"
+                if isinstance(meta, dict)
+                else f"{self.path}: bad metadata"
+            )
         return meta
 
     def set_aside(self) -> Path | None:
