@@ -346,6 +346,11 @@ def main() -> int:
         case["rows"] = summarise(runs)
         case["runs"] = runs
         cases.append(case)
+        write(args, cases, load_before, started, torch)  # after each case: partial results
+    return 0
+
+
+def write(args, cases: list[dict], load_before, started: str, torch) -> None:
     load_after = os.getloadavg()
     commit = _git("rev-parse", "--short", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
@@ -367,8 +372,7 @@ def main() -> int:
         json.dumps({"header": header, "cases": cases}, indent=1)
     )
     plot(cases, RESULTS / f"{args.out}.png")
-    print(f"wrote {RESULTS / args.out}.md, .json, .png")
-    return 0
+    print(f"wrote {RESULTS / args.out}.md, .json, .png", flush=True)
 
 
 if __name__ == "__main__":

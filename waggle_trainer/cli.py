@@ -9,49 +9,23 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
 from waggle_trainer import __version__
 from waggle_trainer.common import LOG_LEVELS, setup_logging
 
+#: Exit status when stdout's reader has gone (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
+
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "waggle_trainer.config_cli",
+    "waggle_trainer.node.cli",
     "waggle_trainer.learn.cli",
     "waggle_trainer.remat.cli",
     "waggle_trainer.server.cli",
 )
-
-
-#: The arguments to re-execute this command line with, or None when it was called
-#: in-process (``main(argv)``); see :func:`reexec_under_allocator`.
-REEXEC_ARGV: list[str] | None = None
-
-
-def reexec_under_allocator(name: str) -> str:
-    """Run the rest of this command under allocator ``name`` (see
-    :func:`waggle_trainer.remat.allocator.plan_preload`): re-executes the command line
-    with ``LD_PRELOAD`` when the library is installed and not yet loaded (does not
-    return then); otherwise returns the allocator this process runs under, after one
-    log line if the wish cannot be met.  Call it before torch is imported."""
-    from waggle_trainer.remat import allocator
-
-    plan = allocator.plan_preload(name)
-    if plan.note:
-        logging.getLogger("waggle_trainer.cli").warning("%s", plan.note)
-    if plan.env is None:
-        return allocator.loaded_allocator()
-    if REEXEC_ARGV is None:
-        logging.getLogger("waggle_trainer.cli").warning(
-            "allocator %s: called in-process, cannot re-execute; using %s",
-            name, allocator.loaded_allocator())
-        return allocator.loaded_allocator()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "waggle_trainer", *REEXEC_ARGV], plan.env)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.log_level)
-    # Only a real command line may re-execute itself (under a preloaded allocator):
-    # an in-process call (tests) passes argv and carries on as it is.
-    global REEXEC_ARGV
-    REEXEC_ARGV = list(sys.argv[1:]) if argv is None else None
+    # Only a real command line may re-execute itself (under a preloaded allocator,
+    # ``allocator.reexec_under``): an in-process call (tests) passes argv and carries on.
+    args.reexec_argv = list(sys.argv[1:]) if argv is None else None
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``... | head -1``): stop quietly, as other tools do.
+        # stdout is pointed at /dev/null so that the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

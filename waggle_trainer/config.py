@@ -15,6 +15,7 @@ Node identity: ``[node] id`` / ``vsn`` default to ``/etc/waggle/node-id`` (or
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
@@ -37,11 +38,16 @@ from pydantic import (
 
 from waggle_trainer.common import (
     CLASSES_MIN,
+    DEFAULT_CLASSES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
     SIZE_HELP,
     WAGGLE_ETC,
     Arch,
     LogLevel,
+    OptimizerName,
     Strategy,
+    batch_too_small,
     format_size,
     parse_budget,
     parse_size,
@@ -78,7 +84,9 @@ Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False
+    )
 
 
 def _read_first(*paths: Path) -> str | None:
@@ -307,15 +315,15 @@ class TaskSection(_Section):
 class StudentSection(_Section):
     arch: Arch = "resnet18"
     weights: Path | None = None
-    num_classes: int = Field(10, ge=2)
-    image_size: int = Field(224, ge=32, le=2048)
+    num_classes: int = Field(DEFAULT_CLASSES, ge=CLASSES_MIN)
+    image_size: int = Field(224, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
 
 
 class TrainingSection(_Section):
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
     buffer_size: int = Field(256, ge=1)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
@@ -323,7 +331,7 @@ class TrainingSection(_Section):
 
 class MemorySection(_Section):
     budget: Budget = "auto"
-    safety_margin: float = Field(0.1, ge=0, le=1)
+    safety_margin: float = Field(0.1, ge=0, lt=1)
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
     fused_step: StrictBool = False
@@ -406,6 +414,12 @@ class TelemetrySection(_Section):
         return v
 
 
+class DaemonSection(_Section):
+    global_model_file: Path | None = Field(
+        None, description="safetensors file with a new global model, adopted between rounds")
+    stop_flush_s: float = Field(10.0, ge=0, le=60)
+
+
 def default_state_dir() -> Path:
     """systemd's ``$STATE_DIRECTORY``; else /var/lib/waggle-trainer when it is ours to
     write (root); else ``$XDG_STATE_HOME/waggle-trainer`` for a developer's run."""
@@ -432,7 +446,18 @@ class Config(_Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
     state: StateSection = Field(default_factory=StateSection)
+
+    @model_validator(mode="after")
+    def _trainable_shape(self) -> Config:
+        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        if why:
+            raise ValueError(
+                f"training.batch_size: {self.training.batch_size} is too small for "
+                f"student.image_size {self.student.image_size} ({why})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _teacher_fits_task(self) -> Config:
@@ -445,7 +470,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _identity_when_sending(self) -> "Config":
+    def _identity_when_sending(self) -> Config:
         if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
             raise ValueError(
                 "node.id: required when transport or telemetry is enabled "
@@ -458,15 +483,25 @@ class Config(_Section):
 
 
 class ConfigError(Exception):
-    """One or more problems with a config file, each as ``(location, message)``."""
+    """One or more problems with a config file, each as ``(location, message)``.
 
-    def __init__(self, path: str, problems: list[tuple[str, str]]):
+    ``origins`` maps a location whose value did not come from the file (the node
+    identity from ``WAGGLE_NODE_ID`` or ``/etc/waggle/node-id``) to where it came from,
+    so that the message names that place instead of the file.
+    """
+
+    def __init__(self, path: str, problems: list[tuple[str, str]],
+                 origins: dict[str, str] | None = None):
         self.path = path
         self.problems = problems
+        self.origins = origins or {}
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [f"{self.path}: {loc}: {msg}" for loc, msg in self.problems]
+        return [
+            f"{self.origins[loc]}: {msg}" if loc in self.origins else f"{self.path}: {loc}: {msg}"
+            for loc, msg in self.problems
+        ]
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -504,6 +539,8 @@ def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, 
               "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(err["ctx"].values()))
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
+    if kind == "finite_number":
+        return where, f"{err['input']!r} is not a finite number"
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
         m = _LOCATED_RE.match(msg)
@@ -517,22 +554,29 @@ def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, 
     return where, err["msg"]
 
 
-def _node_identity(data: dict) -> dict:
+def _node_identity(data: dict) -> tuple[dict, dict[str, str]]:
+    """``data`` with the node identity filled in, and where each value not from the
+    file came from (``{"node.id": "environment variable WAGGLE_NODE_ID"}``)."""
     node = data.get("node")
     if node is not None and not isinstance(node, dict):
-        return data
+        return data, {}
     node = dict(node or {})
+    origins: dict[str, str] = {}
     for key, env, files in (
         ("id", "WAGGLE_NODE_ID", ("node-id", "node_id")),
         ("vsn", "WAGGLE_NODE_VSN", ("vsn",)),
     ):
         if os.environ.get(env):
             node[key] = os.environ[env].strip()
+            origins[f"node.{key}"] = f"environment variable {env}"
         elif key not in node:
-            found = _read_first(*(WAGGLE_ETC / f for f in files))
-            if found:
-                node[key] = found
-    return {**data, "node": node}
+            for path in (WAGGLE_ETC / f for f in files):
+                found = _read_first(path)
+                if found:
+                    node[key] = found
+                    origins[f"node.{key}"] = str(path)
+                    break
+    return {**data, "node": node}, origins
 
 
 def _plugin_environment(data: dict, source: str) -> dict:
@@ -575,10 +619,12 @@ def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
 
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    resolved, origins = _node_identity(data)
     try:
-        cfg = Config.model_validate(_plugin_environment(_node_identity(data), source))
+        cfg = Config.model_validate(_plugin_environment(resolved, source))
     except ValidationError as exc:
-        raise ConfigError(source, [describe_error(e) for e in exc.errors()]) from None
+        problems = [describe_error(e) for e in exc.errors()]
+        raise ConfigError(source, problems, origins) from None
     problems = _tls_file_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
@@ -588,14 +634,30 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
 def read_toml(path: str | os.PathLike) -> dict:
     """Parse a TOML config file; raises ConfigError (``file`` or ``line L, column C``)."""
     source = str(path)
+    if not source.strip():
+        problem = ("file", "no file named (give the path of a TOML file)")
+        raise ConfigError("(empty path)", [problem])
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(source, [("file", "not found (give the path of a TOML file)")]) from None
     except IsADirectoryError:
-        raise ConfigError(source, [("file", "is a directory (give the path of a TOML file)")]) from None
+        raise ConfigError(
+            source, [("file", "is a directory (give the path of a TOML file)")]
+        ) from None
     except OSError as exc:
         raise ConfigError(source, [("file", f"cannot be read: {exc.strerror}")]) from None
+    if raw.startswith(codecs.BOM_UTF8):
+        raise ConfigError(
+            source,
+            [
+                (
+                    "file",
+                    "starts with a UTF-8 byte-order mark (BOM), which TOML "
+                    "does not allow (save it as UTF-8 without BOM)",
+                )
+            ],
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -605,7 +667,8 @@ def read_toml(path: str | os.PathLike) -> dict:
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         where = f"line {m.group(1)}, column {m.group(2)}" if m else "syntax"
         detail = msg[: m.start()].strip() if m else msg
-        raise ConfigError(source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]) from None
+        problem = (where, f"invalid TOML: {detail} (see https://toml.io)")
+        raise ConfigError(source, [problem]) from None
     return data
 
 

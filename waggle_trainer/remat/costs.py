@@ -83,7 +83,7 @@ class ChainCosts:
                           {**self.meta, "fused_step_bytes": extra})
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ChainCosts":
+    def from_dict(cls, data: dict) -> ChainCosts:
         return cls(
             input_bytes=int(data["input_bytes"]),
             stages=tuple(StageCost(**s) for s in data["stages"]),
