@@ -81,7 +81,8 @@ def test_fused_step_and_overhead_model_fit_in_60_percent(plain_need):
     # once per machine and configuration: measure the overhead (cached with the profile)
     first = run_in_memory_cgroup(bench(cache, *fused, "--budget", "240MiB"), None,
                                  timeout=900, cwd=ROOT)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # exit 1 when a step outgrew the given budget: this run is the measurement
+    assert first.returncode in (0, 1) and first.stdout, first.stderr[-3000:]
     assert json.loads(first.stdout)["first_step_residue_bytes"] is not None
 
     unfused = run_in_memory_cgroup(bench(cache, "--strategy", "optimal", "--budget", "auto"),
