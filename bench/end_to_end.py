@@ -251,11 +251,12 @@ def markdown(header: list[str], cases: list[dict]) -> str:
             pred = f" ({r['predicted_bytes'] / MiB:.0f})" if r["predicted_bytes"] else ""
             seg = f", {r['segments']} segments" if r.get("segments") else ""
             mode = f" ({r['allocator_mode']})" if r["allocator"] == "glibc" else ""
+            over = "" if r["budget_kept"] else ", over budget"
             out.append(
                 f"| {name}{seg} | {r['allocator']}{mode} "
                 f"| {r['step_s']:.2f} ({', '.join(f'{s:.2f}' for s in r['steps_s'])}) "
                 f"| {r['ratio']:.2f} | {r['peak_rss_bytes'] / MiB:.0f} "
-                f"| {r['growth_bytes'] / MiB:.0f}{pred}{'' if r['budget_kept'] else ', over budget'} |"
+                f"| {r['growth_bytes'] / MiB:.0f}{pred}{over} |"
             )
         out.append("")
     return "\n".join(out)
