@@ -816,6 +816,10 @@ class Daemon:
             ),
         )
         t.gauge(f"{p}.publish.last_confirmed_age_s", self._publish_age_s)
+        t.gauge(
+            f"{p}.publish.unroutable",
+            lambda: None if self.publisher is None else self.publisher.unroutable,
+        )
         t.gauge(f"{p}.update_bytes", lambda: self.counters.update_bytes or None)
         t.gauge(f"{p}.disk_full_events", lambda: self.counters.disk_full_events)
         t.gauge(f"{p}.base_adoptions", lambda: self.counters.adopted)
