@@ -56,7 +56,7 @@ def test_example_values_are_the_defaults():
             got = getattr(sec, key)
             if hasattr(got, "get_secret_value"):
                 got = got.get_secret_value()
-            if isinstance(value, str) and key in ("chunk_size", "outbox_max_bytes"):
+            if isinstance(value, str) and key in ("chunk_size", "outbox_max_bytes", "max_bytes"):
                 value = parse_size(value)
             assert str(got) == str(value), f"{section}.{key}: example {value!r} != default {got!r}"
 
@@ -199,7 +199,9 @@ def test_node_id_alternative_file_name(tmp_path):
 def test_sending_requires_a_node_id(tmp_path):
     path = write(tmp_path, "[transport]\nenabled = true\n")
     [line] = problems(path)
-    assert line.startswith(f"{path}: node.id: required when transport or telemetry is enabled")
+    assert line.startswith(
+        f"{path}: node.id: required when transport, telemetry or models is enabled"
+    )
 
 
 def test_bad_env_node_id_is_reported_once(tmp_path, monkeypatch):

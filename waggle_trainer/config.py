@@ -57,6 +57,7 @@ from waggle_trainer.transport.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    MODEL_EXCHANGE,
     NODE_EXCHANGE,
     TELEMETRY_EXCHANGE,
     UPDATE_EXCHANGE,
@@ -411,6 +412,25 @@ class TelemetrySection(_Section):
         return v
 
 
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+
+
+class ModelsSection(_Section):
+    enabled: StrictBool = False
+    server_public_key: Path = WAGGLE_ETC / "train-server.pub"
+    exchange: str = MODEL_EXCHANGE
+    queue: str = ""
+    max_bytes: Size = 2**30
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, v: str) -> str:
+        if v and not _QUEUE_RE.match(v):
+            raise ValueError(f"{v!r} is not a queue name (1-255 of A-Z a-z 0-9 _ . : -; "
+                             "empty: waggle.train.models.<node id>)")
+        return v
+
+
 class DaemonSection(_Section):
     global_model_file: Path | None = Field(
         None, description="safetensors file with a new global model, adopted between rounds")
@@ -443,6 +463,7 @@ class Config(_Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     state: StateSection = Field(default_factory=StateSection)
 
@@ -468,10 +489,21 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _identity_when_sending(self) -> Config:
-        if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
+        sending = self.transport.enabled or self.telemetry.enabled or self.models.enabled
+        if sending and not self.node.id:
             raise ValueError(
-                "node.id: required when transport or telemetry is enabled "
+                "node.id: required when transport, telemetry or models is enabled "
                 "(set it, write /etc/waggle/node-id, or set WAGGLE_NODE_ID)"
+            )
+        return self
+
+
+    @model_validator(mode="after")
+    def _one_source_of_global_models(self) -> Config:
+        if self.models.enabled and self.daemon.global_model_file is not None:
+            raise ValueError(
+                "daemon.global_model_file: not with models.enabled = true (global models "
+                "come from the server's broadcast then; remove one of the two)"
             )
         return self
 
@@ -614,6 +646,34 @@ def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
+def _model_key_problems(cfg: Config) -> list[tuple[str, str]]:
+    """With ``[models]`` enabled, the server's public key must load now."""
+    m = cfg.models
+    if not m.enabled:
+        return []
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = m.server_public_key
+    hint = ("the server's Ed25519 public key, PEM: `waggle-trainer server-keygen PATH` "
+            "writes it as PATH.pub")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [("models.server_public_key", f"{path}: not found ({hint})")]
+    except IsADirectoryError:
+        return [("models.server_public_key", f"{path}: is a directory ({hint})")]
+    except OSError as e:
+        return [("models.server_public_key", f"{path}: cannot be read: {e.strerror}")]
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        return [("models.server_public_key", f"{path}: not a PEM public key ({hint})")]
+    if not isinstance(key, Ed25519PublicKey):
+        return [("models.server_public_key", f"{path}: not an Ed25519 key ({hint})")]
+    return []
+
+
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     resolved, origins = _node_identity(data)
@@ -622,7 +682,7 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
     except ValidationError as exc:
         problems = [describe_error(e) for e in exc.errors()]
         raise ConfigError(source, problems, origins) from None
-    problems = _tls_file_problems(cfg)
+    problems = _tls_file_problems(cfg) + _model_key_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
     return cfg
