@@ -1,9 +1,12 @@
 """The node daemon: frames -> adaptation loop -> updates -> outbox -> broker.
 
-One process, three threads at most: the main thread runs the frame source, the
+One process, four threads at most: the main thread runs the frame source, the
 adaptation loop, encoding and state saves (torch work stays on one thread of
 control); an :class:`~waggle_trainer.transport.UpdatePublisher` thread drains the
-outbox; a :class:`~waggle_trainer.transport.TelemetryPublisher` sends metrics.
+outbox; a :class:`~waggle_trainer.transport.TelemetryPublisher` sends metrics; a
+:class:`~waggle_trainer.transport.model_subscriber.ModelSubscriber` receives the
+server's signed global models (``[models]``), which the main thread adopts between
+rounds.
 The network never blocks training: with the broker down the daemon trains and
 queues.
 

@@ -117,19 +117,21 @@ class ModelSubscriber(AmqpWorker):
     def _session(self, conn: pika.BlockingConnection) -> None:
         self._reasm.clear()
         ch = conn.channel()
+        what = f"exchange {self.exchange!r}"
         try:
             ch.exchange_declare(
                 self.exchange, exchange_type="topic", durable=True, passive=not self.declare
             )
+            what = f"the model queue {self.queue!r}"
             ch.queue_declare(self.queue, durable=True, passive=not self.declare)
             if self.declare:
                 ch.queue_bind(self.queue, self.exchange, routing_key=model_routing_key(self.model))
         except pika.exceptions.ChannelClosedByBroker as e:
             if e.reply_code == 403 and self.declare:
                 raise FatalAmqpError(
-                    f"cannot declare the model queue {self.queue!r}: {e.reply_code} "
-                    f"{e.reply_text} (a broker that owns its queues, like Beehive, lets a node "
-                    "only read its own: set declare_exchanges = false)"
+                    f"cannot declare {what}: {e.reply_code} {e.reply_text} (a broker that "
+                    "owns its exchanges and queues, like Beehive, lets a node only read its "
+                    "own queue: set declare_exchanges = false)"
                 ) from e
             raise
         ch.basic_qos(prefetch_count=64)
