@@ -140,6 +140,10 @@ def test_versions_adopted_between_rounds_with_the_outbox_rule(node, tmp_path, br
     assert loops[0].adopted == ["3"] and d.base_version == "3"
     assert {e.base_version for e in d.outbox.pending()} == {"3"}
     assert d.counters.stale_dropped == 3 + 5  # counted across restarts (saved state)
+    from waggle_trainer.node.cli import read_status
+
+    st = read_status(cfg.state.dir)["state"]
+    assert (st["base_version"], st["adopted"], st["stale_dropped"]) == ("3", 3, 8)
     assert list((cfg.state.dir / "models").glob("*.wgm")) == []
 
 
