@@ -36,11 +36,14 @@ from pydantic import (
 
 from waggle_trainer.common import (
     ARCHES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
     SIZE_HELP,
     STRATEGIES,
     WAGGLE_ETC,
     Arch,
     LogLevel,
+    OptimizerName,
     Strategy,
     format_size,
     parse_budget,
@@ -117,18 +120,52 @@ class TeacherSection(_Section):
 class StudentSection(_Section):
     arch: Arch = "resnet18"
     weights: Path | None = None
-    num_classes: int = Field(10, ge=2)
-    image_size: int = Field(224, ge=32, le=2048)
+    input_width: int = Field(384, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    input_height: int = Field(288, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    head_stride: Literal[4, 8] = 4
+    score_threshold: float = Field(0.3, gt=0, lt=1)
+    max_detections: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> StudentSection:
+        for key in ("input_width", "input_height"):
+            v = getattr(self, key)
+            if v % 32:
+                raise ValueError(f"student.{key}: {v} is not a multiple of 32 (the trunk's stride)")
+        return self
 
 
 class TrainingSection(_Section):
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
-    buffer_size: int = Field(256, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    hflip: StrictBool = True
+    seed: int = Field(0, ge=0)
+
+
+class AdaptationSection(_Section):
+    buffer_size: int = Field(256, ge=2)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    new_samples_per_round: int = Field(16, ge=1)
+    teacher_stride_min: int = Field(2, ge=1)
+    teacher_stride_max: int = Field(32, ge=1)
+    stride_agreement: float = Field(0.6, ge=0, le=1)
+    rollback_margin: float = Field(0.05, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    hard_label_confidence: float = Field(0.9, gt=0, le=1)
+    hard_label_weight: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _stride_bounds(self) -> AdaptationSection:
+        if self.teacher_stride_max < self.teacher_stride_min:
+            raise ValueError(
+                f"adaptation.teacher_stride_max: {self.teacher_stride_max} is below "
+                f"teacher_stride_min ({self.teacher_stride_min})"
+            )
+        return self
 
 
 class MemorySection(_Section):
@@ -210,6 +247,7 @@ class Config(_Section):
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     student: StudentSection = Field(default_factory=StudentSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    adaptation: AdaptationSection = Field(default_factory=AdaptationSection)
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
@@ -249,6 +287,9 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+_KEY_PREFIX = re.compile(r"^([a-z_]+\.[a-z_]+): ")
+
+
 def _describe(err: dict) -> tuple[str, str]:
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "config"
@@ -267,8 +308,9 @@ def _describe(err: dict) -> tuple[str, str]:
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
-        if msg.startswith("node.id: "):
-            return "node.id", msg.removeprefix("node.id: ")
+        m = _KEY_PREFIX.match(msg)
+        if m:  # a check across keys names the key it blames
+            return m.group(1), msg[m.end():]
         return where, msg
     if kind == "model_type" or kind == "dict_type":
         return where, f"{err['input']!r} is not a table (write it as [{where}])"

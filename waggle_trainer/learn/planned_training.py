@@ -25,6 +25,7 @@ import psutil
 import torch
 from torch import nn
 
+from waggle_trainer.common import OPTIMIZER_NAMES
 from waggle_trainer.remat import allocator
 from waggle_trainer.remat.budget import (
     BudgetBreakdown,
@@ -55,14 +56,21 @@ class RunSpec:
     optimizer: str = "sgd"
     learning_rate: float = 0.01
     momentum: float = 0.9
+    weight_decay: float = 0.0
     replan_threshold: float = 0.1
     cache_dir: Path | None = None
     seed: int = 0
+    width: int | None = None  # input width when it differs from ``image`` (the height)
 
     def __post_init__(self) -> None:
         for name in ("batch", "image", "classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """``(batch, 3, height, width)`` of a training batch."""
+        return (self.batch, 3, self.image, self.width or self.image)
 
 
 ROOM_FOR_GLIBC = 2.0
@@ -129,9 +137,15 @@ def profiled_resnet(arch: str, classes: int, batch: int, image: int, cache_dir: 
 
 
 def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    """The optimiser ``spec`` names (one of ``OPTIMIZER_NAMES``) for ``model``'s parameters."""
+    params, lr, wd = model.parameters(), spec.learning_rate, spec.weight_decay
     if spec.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
-    return torch.optim.SGD(model.parameters(), lr=spec.learning_rate, momentum=spec.momentum)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if spec.optimizer != "sgd":
+        raise ValueError(f"unknown optimizer {spec.optimizer!r} (allowed: {', '.join(OPTIMIZER_NAMES)})")
+    return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
 def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
@@ -167,7 +181,7 @@ class PlannedTraining:
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
 
-    def calibrate(self, rss: "RssSampler", rounds: int = 3) -> int:
+    def calibrate(self, rss: "RssSampler", rounds: int = 3, batch=None) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
         budget and re-plan, so that the real peak stays within the budget.
 
@@ -183,7 +197,7 @@ class PlannedTraining:
         for _ in range(rounds):
             allocator.trim()
             base = rss.reset()
-            self.step(*self.batch())
+            self.step(*batch())
             growth = rss.peak - base
             overshoot = growth - self.chain.plan.predicted_peak_bytes
             if growth <= budget * 1.05 or overshoot <= self.overshoot_bytes:
@@ -217,15 +231,22 @@ class PlannedTraining:
     @classmethod
     def build(cls, spec: RunSpec) -> "PlannedTraining":
         torch.manual_seed(spec.seed)
-        model = build_resnet(spec.arch, spec.classes).train()
+        return cls.for_model(build_resnet(spec.arch, spec.classes).train(), spec)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, spec: RunSpec, loss_fn=None) -> "PlannedTraining":
+        """``model`` (a chain :mod:`waggle_trainer.remat.chain` can split) planned for
+        batches of ``spec.input_shape`` within ``spec.budget``; ``loss_fn(output, y)``
+        (default cross-entropy)."""
         budget = resolve_budget(model, spec)
-        sample = torch.empty(spec.batch, 3, spec.image, spec.image)
         chain = CheckpointedSequential(
             model, budget_bytes=budget.activation_budget_bytes, strategy=spec.strategy,
-            sample_input=sample, cache_dir=spec.cache_dir,
+            sample_input=torch.empty(*spec.input_shape), cache_dir=spec.cache_dir,
         )
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
         training = cls(spec, model, chain, make_optimizer(model, spec), budget, watcher=watcher)
+        if loss_fn is not None:
+            training.loss_fn = loss_fn
         training._configure_allocator()
         return training
 
@@ -254,8 +275,7 @@ class PlannedTraining:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        return (torch.randn(s.batch, 3, s.image, s.image),
-                torch.randint(0, s.classes, (s.batch,)))
+        return torch.randn(*s.input_shape), torch.randint(0, s.classes, (s.batch,))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=False)
