@@ -18,6 +18,7 @@ from waggle_trainer.common import LOG_LEVELS, setup_logging
 COMMAND_MODULES = (
     "waggle_trainer.config_cli",
     "waggle_trainer.learn.cli",
+    "waggle_trainer.learn.adapt_cli",
     "waggle_trainer.remat.cli",
 )
 

@@ -123,6 +123,7 @@ class StudentSection(_Section):
     input_width: int = Field(384, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
     input_height: int = Field(288, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
     head_stride: Literal[4, 8] = 4
+    trunk_stride: Literal[16, 32] = 16
     score_threshold: float = Field(0.3, gt=0, lt=1)
     max_detections: int = Field(100, ge=1, le=1000)
 

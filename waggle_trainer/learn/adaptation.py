@@ -149,11 +149,21 @@ class LoopTimes:
 def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
     t, m = cfg.training, cfg.memory
     return RunSpec(
-        arch=spec.arch, batch=t.batch_size, image=spec.input_height, width=spec.input_width,
-        classes=spec.task.num_classes, strategy=m.strategy, budget=m.budget,
-        safety_margin=m.safety_margin, optimizer=t.optimizer, learning_rate=t.learning_rate,
-        momentum=t.momentum, weight_decay=t.weight_decay, replan_threshold=m.replan_threshold,
-        cache_dir=state_dir / "profiles", seed=t.seed,
+        arch=spec.arch,
+        batch=t.batch_size,
+        image=spec.input_height,
+        width=spec.input_width,
+        classes=spec.task.num_classes,
+        strategy=m.strategy,
+        budget=m.budget,
+        safety_margin=m.safety_margin,
+        optimizer=t.optimizer,
+        learning_rate=t.learning_rate,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        replan_threshold=m.replan_threshold,
+        cache_dir=state_dir / "profiles",
+        seed=t.seed,
     )
 
 
@@ -186,8 +196,10 @@ class AdaptationLoop:
             loss_fn = detection_loss
         else:
             loss_fn = partial(
-                distillation_loss, temperature=a.temperature,
-                hard_confidence=a.hard_label_confidence, hard_weight=a.hard_label_weight,
+                distillation_loss,
+                temperature=a.temperature,
+                hard_confidence=a.hard_label_confidence,
+                hard_weight=a.hard_label_weight,
             )
         self.training = PlannedTraining.for_model(
             self.student, _run_spec(cfg, self.spec, self.state_dir), loss_fn
@@ -230,8 +242,12 @@ class AdaptationLoop:
         self.frames_seen += 1
         image = getattr(frame, "image", None)
         if not (
-            isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3 and image.shape[0] > 0 and image.shape[1] > 0
+            isinstance(image, np.ndarray)
+            and image.dtype == np.uint8
+            and image.ndim == 3
+            and image.shape[2] == 3
+            and image.shape[0] > 0
+            and image.shape[1] > 0
         ):
             self.frames_skipped += 1
             return None
@@ -284,16 +300,21 @@ class AdaptationLoop:
         finally:
             self.student.train(was_training)
         if self.task.kind == "detect":
-            return decode(out, self.spec.head_stride, score_threshold=AP_SCORE_THRESHOLD,
-                          max_detections=self.cfg.student.max_detections)
+            return decode(
+                out,
+                self.spec.head_stride,
+                score_threshold=AP_SCORE_THRESHOLD,
+                max_detections=self.cfg.student.max_detections,
+            )
         return list(out)
 
     def _holdout_predictions(self) -> list:
         stale = [s for s in self._holdout if s.pred_version != self._version]
         for i in range(0, len(stale), EVAL_BATCH):
             chunk = stale[i : i + EVAL_BATCH]
-            for s, p in zip(chunk, self._predict(torch.stack([s.image for s in chunk])),
-                            strict=True):
+            for s, p in zip(
+                chunk, self._predict(torch.stack([s.image for s in chunk])), strict=True
+            ):
                 s.pred, s.pred_version = p, self._version
         return [s.pred for s in self._holdout]
 
@@ -326,8 +347,9 @@ class AdaptationLoop:
             images.append(sample.image.flip(-1) if flip else sample.image)
             if self.task.kind == "detect":
                 dets = hflip_detections(sample.labels, s.input_width) if flip else sample.labels
-                targets.append(encode_targets(dets, self.task.num_classes, s.output_size,
-                                              s.head_stride))
+                targets.append(
+                    encode_targets(dets, self.task.num_classes, s.output_size, s.head_stride)
+                )
             else:
                 targets.append(sample.labels)
         return normalize(torch.stack(images)), torch.stack(targets)
@@ -377,23 +399,37 @@ class AdaptationLoop:
             self._restore(snap)
             self.rounds_rolled_back += 1
             kept = before
-            log.info("round %d rolled back: agreement %.3f -> %.3f (loss %.4g)",
-                     self.rounds, before, after, loss)
+            log.info(
+                "round %d rolled back: agreement %.3f -> %.3f (loss %.4g)",
+                self.rounds,
+                before,
+                after,
+                loss,
+            )
         del snap
         self.last_agreement = kept
         self._adapt_stride(kept)
         plan = t.chain.plan
         result = RoundResult(
-            index=self.rounds, accepted=accepted, agreement_before=before,
-            agreement_after=after, loss=loss, samples=len(self._train),
-            teacher_calls=self.teacher_calls, frames_seen=self.frames_seen,
-            frames_skipped=self.frames_skipped, step_time_s=statistics.median(times),
+            index=self.rounds,
+            accepted=accepted,
+            agreement_before=before,
+            agreement_after=after,
+            loss=loss,
+            samples=len(self._train),
+            teacher_calls=self.teacher_calls,
+            frames_seen=self.frames_seen,
+            frames_skipped=self.frames_skipped,
+            step_time_s=statistics.median(times),
             strategy=plan.strategy if plan is not None else t.spec.strategy,
             budget_bytes=t.budget.activation_budget_bytes,
             predicted_peak_bytes=plan.predicted_peak_bytes if plan is not None else 0,
-            measured_peak_bytes=max(0, peak), teacher_stride=self.teacher_stride,
-            holdout_samples=len(self._holdout), rounds_accepted=self.rounds_accepted,
-            rounds_rolled_back=self.rounds_rolled_back, mean_kl=kl,
+            measured_peak_bytes=max(0, peak),
+            teacher_stride=self.teacher_stride,
+            holdout_samples=len(self._holdout),
+            rounds_accepted=self.rounds_accepted,
+            rounds_rolled_back=self.rounds_rolled_back,
+            mean_kl=kl,
             time_s=time.perf_counter() - t0,
         )
         self.rounds += 1
@@ -413,10 +449,13 @@ class AdaptationLoop:
         """The student on RGB uint8 frames: :class:`Detections` in each frame's
         pixels (``detect``) or class probabilities (``classify``)."""
         s = self.spec
-        return predict_frames(self.student, s, list(images),
-                              score_threshold if score_threshold is not None
-                              else self.cfg.student.score_threshold,
-                              self.cfg.student.max_detections)
+        return predict_frames(
+            self.student,
+            s,
+            list(images),
+            score_threshold if score_threshold is not None else self.cfg.student.score_threshold,
+            self.cfg.student.max_detections,
+        )
 
     def adopt_base(self, weights: dict[str, torch.Tensor], version) -> None:
         """Take a new global model (between rounds): its weights, a fresh optimiser
@@ -430,8 +469,10 @@ class AdaptationLoop:
         """Tensors (``student/<key>``: weights and buffers; ``optim/<i>/<name>``:
         optimiser state) and JSON-able meta (counters, teacher stride, held-out
         statistics; never an image)."""
-        tensors = {f"student/{k}": v.detach().clone().contiguous()
-                   for k, v in self.student.state_dict().items()}
+        tensors = {
+            f"student/{k}": v.detach().clone().contiguous()
+            for k, v in self.student.state_dict().items()
+        }
         scalars: dict[str, dict[str, float]] = {}
         for i, st in self.training.optimizer.state_dict()["state"].items():
             for name, value in st.items():
@@ -440,12 +481,18 @@ class AdaptationLoop:
                 elif isinstance(value, int | float):
                     scalars.setdefault(str(i), {})[name] = float(value)
         meta = {
-            "format": STATE_FORMAT, "student": self.spec.metadata(),
-            "optimizer": self.cfg.training.optimizer, "optimizer_scalars": scalars,
-            "rounds": self.rounds, "rounds_accepted": self.rounds_accepted,
-            "rounds_rolled_back": self.rounds_rolled_back, "frames_seen": self.frames_seen,
-            "frames_skipped": self.frames_skipped, "teacher_calls": self.teacher_calls,
-            "teacher_stride": self.teacher_stride, "base_version": self.base_version,
+            "format": STATE_FORMAT,
+            "student": self.spec.metadata(),
+            "optimizer": self.cfg.training.optimizer,
+            "optimizer_scalars": scalars,
+            "rounds": self.rounds,
+            "rounds_accepted": self.rounds_accepted,
+            "rounds_rolled_back": self.rounds_rolled_back,
+            "frames_seen": self.frames_seen,
+            "frames_skipped": self.frames_skipped,
+            "teacher_calls": self.teacher_calls,
+            "teacher_stride": self.teacher_stride,
+            "base_version": self.base_version,
             "holdout": {"samples": len(self._holdout), "agreement": self.last_agreement},
         }
         return tensors, meta
@@ -457,13 +504,17 @@ class AdaptationLoop:
             raise ValueError(f"saved state: not a {STATE_FORMAT} state")
         want = self.spec.metadata()
         if meta.get("student") != want:
-            raise ValueError("saved state: made for another student "
-                             f"({meta.get('student')} != {want})")
+            raise ValueError(
+                f"saved state: made for another student ({meta.get('student')} != {want})"
+            )
         if meta.get("optimizer") != self.cfg.training.optimizer:
-            raise ValueError(f"saved state: optimiser {meta.get('optimizer')!r}, the config "
-                             f"asks for {self.cfg.training.optimizer!r}")
-        weights = {k.removeprefix("student/"): v for k, v in tensors.items()
-                   if k.startswith("student/")}
+            raise ValueError(
+                f"saved state: optimiser {meta.get('optimizer')!r}, the config "
+                f"asks for {self.cfg.training.optimizer!r}"
+            )
+        weights = {
+            k.removeprefix("student/"): v for k, v in tensors.items() if k.startswith("student/")
+        }
         optim: dict[int, dict[str, Any]] = {}
         params = [p for g in self.training.optimizer.param_groups for p in g["params"]]
         for key, value in tensors.items():
@@ -474,15 +525,24 @@ class AdaptationLoop:
                 raise ValueError(f"saved state: bad optimiser tensor {key!r}")
             i = int(parts[1])
             if value.dim() and tuple(value.shape) != tuple(params[i].shape):
-                raise ValueError(f"saved state: {key} has shape {list(value.shape)}, "
-                                 f"parameter {i} has {list(params[i].shape)}")
+                raise ValueError(
+                    f"saved state: {key} has shape {list(value.shape)}, "
+                    f"parameter {i} has {list(params[i].shape)}"
+                )
             optim.setdefault(i, {})[parts[2]] = value
         for i, names in (meta.get("optimizer_scalars") or {}).items():
             for name, value in names.items():
                 optim.setdefault(int(i), {})[name] = value
         counters = {}
-        for key in ("rounds", "rounds_accepted", "rounds_rolled_back", "frames_seen",
-                    "frames_skipped", "teacher_calls", "teacher_stride"):
+        for key in (
+            "rounds",
+            "rounds_accepted",
+            "rounds_rolled_back",
+            "frames_seen",
+            "frames_skipped",
+            "teacher_calls",
+            "teacher_stride",
+        ):
             value = meta.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"saved state: {key} = {value!r} is not a count")
@@ -494,8 +554,9 @@ class AdaptationLoop:
         opt = self.training.optimizer
         opt.load_state_dict({"state": optim, "param_groups": opt.state_dict()["param_groups"]})
         a = self.cfg.adaptation
-        counters["teacher_stride"] = min(a.teacher_stride_max,
-                                         max(a.teacher_stride_min, counters["teacher_stride"]))
+        counters["teacher_stride"] = min(
+            a.teacher_stride_max, max(a.teacher_stride_min, counters["teacher_stride"])
+        )
         for key, value in counters.items():
             setattr(self, key, value)
         self._since_teacher = self.teacher_stride - 1
@@ -512,20 +573,29 @@ class AdaptationLoop:
         """Totals for a summary: frames, teacher calls, rounds, time split."""
         tm = self.times
         return {
-            "frames_seen": self.frames_seen, "frames_skipped": self.frames_skipped,
+            "frames_seen": self.frames_seen,
+            "frames_skipped": self.frames_skipped,
             "teacher_calls": self.teacher_calls,
             "teacher_calls_per_frame": self.teacher_calls / max(1, self.frames_seen),
-            "rounds": self.rounds, "rounds_accepted": self.rounds_accepted,
-            "rounds_rolled_back": self.rounds_rolled_back, "teacher_stride": self.teacher_stride,
-            "time_s": tm.total, "teacher_s": tm.teacher, "train_s": tm.train,
-            "evaluate_s": tm.evaluate, "other_s": tm.other,
+            "rounds": self.rounds,
+            "rounds_accepted": self.rounds_accepted,
+            "rounds_rolled_back": self.rounds_rolled_back,
+            "teacher_stride": self.teacher_stride,
+            "time_s": tm.total,
+            "teacher_s": tm.teacher,
+            "train_s": tm.train,
+            "evaluate_s": tm.evaluate,
+            "other_s": tm.other,
             "overhead_fraction": tm.other / tm.total if tm.total else 0.0,
         }
 
 
 @torch.no_grad()
 def predict_frames(
-    model: nn.Module, spec: StudentSpec, images: list[np.ndarray], score_threshold: float,
+    model: nn.Module,
+    spec: StudentSpec,
+    images: list[np.ndarray],
+    score_threshold: float,
     max_detections: int,
 ) -> list:
     """A student on RGB uint8 frames (eval mode, restored afterwards): Detections in
@@ -535,8 +605,9 @@ def predict_frames(
     was_training = model.training
     model.eval()
     try:
-        x = normalize(torch.stack([to_input(im, spec.input_width, spec.input_height)
-                                   for im in images]))
+        x = normalize(
+            torch.stack([to_input(im, spec.input_width, spec.input_height) for im in images])
+        )
         out = model(x)
     finally:
         model.train(was_training)
@@ -545,8 +616,13 @@ def predict_frames(
     results: list[Detections] = []
     for im, o in zip(images, out, strict=True):
         scale = (im.shape[1] / spec.input_width, im.shape[0] / spec.input_height)
-        results += decode(o[None], spec.head_stride, score_threshold=score_threshold,
-                          max_detections=max_detections, scale=scale)
+        results += decode(
+            o[None],
+            spec.head_stride,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            scale=scale,
+        )
     return results
 
 

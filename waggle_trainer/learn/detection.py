@@ -174,6 +174,11 @@ def decode(
         cy = ys.float() + output[i, c + 3, ys, xs]
         boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1) * stride
         boxes = boxes * torch.tensor([sx, sy, sx, sy])
-        out.append(Detections(boxes.numpy().astype(np.float32), s.numpy().astype(np.float32),
-                              cls.numpy().astype(np.int64)))
+        out.append(
+            Detections(
+                boxes.numpy().astype(np.float32),
+                s.numpy().astype(np.float32),
+                cls.numpy().astype(np.int64),
+            )
+        )
     return out

@@ -1,7 +1,8 @@
 """The student: a torchvision ResNet trunk plus a task head, as a chain of stages.
 
-* **detect**: the ResNet's stem and residual blocks (stride 32), then up-sampling
-  blocks to stride 4 or 8 and a CenterNet-style head (Zhou et al., *Objects as
+* **detect**: the ResNet's stem and residual blocks up to ``layer3`` (stride 16) or
+  ``layer4`` (stride 32; ``[student] trunk_stride``), then 2x up-sampling blocks to
+  stride 4 or 8 (``head_stride``) and a CenterNet-style head (Zhou et al., *Objects as
   Points*, 2019) whose output has ``C + 4`` channels: one centre heat-map (logits)
   per class, then box width and height and the centre's sub-cell offset, all in
   output cells (see :mod:`waggle_trainer.learn.detection`).  Built as a plain
@@ -37,6 +38,10 @@ from waggle_trainer.remat.chain import build_resnet
 FORMAT = "waggle-student-1"
 #: Heat-map logits start at the prior probability 0.1 of a centre (CenterNet's init).
 HEAT_PRIOR = 0.1
+#: BatchNorm running statistics of a student follow the data faster than torch's
+#: default 0.1: an adapting student must evaluate well (eval mode) after a few dozen
+#: steps on a new camera, and with 0.1 its statistics lag the weights for ~50 steps.
+BN_MOMENTUM = 0.3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -54,6 +59,7 @@ class StudentSpec:
     input_width: int
     input_height: int
     head_stride: int = 4
+    trunk_stride: int = 16
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -64,6 +70,7 @@ class StudentSpec:
             "input_width": str(self.input_width),
             "input_height": str(self.input_height),
             "head_stride": str(self.head_stride),
+            "trunk_stride": str(self.trunk_stride),
         }
 
     @property
@@ -74,7 +81,7 @@ class StudentSpec:
 
 def spec_from_config(cfg, task: Task) -> StudentSpec:
     s = cfg.student
-    return StudentSpec(s.arch, task, s.input_width, s.input_height, s.head_stride)
+    return StudentSpec(s.arch, task, s.input_width, s.input_height, s.head_stride, s.trunk_stride)
 
 
 class UpBlock(nn.Module):
@@ -96,7 +103,8 @@ class CenterHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 64) -> None:
         super().__init__()
         self.heat = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.ReLU(),
             nn.Conv2d(hidden, num_classes, 1),
         )
         self.box = nn.Sequential(
@@ -108,30 +116,42 @@ class CenterHead(nn.Module):
         return torch.cat([self.heat(x), self.box(x)], dim=1)
 
 
-def _trunk_channels(resnet: nn.Module) -> int:
-    last = resnet.layer4[-1]
+def _channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
     bn = getattr(last, "bn3", None) or last.bn2
     return int(bn.num_features)
 
 
 def build_student(spec: StudentSpec) -> nn.Module:
     """A freshly initialised student for ``spec`` (training mode)."""
+    model = _build(spec)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = BN_MOMENTUM
+    return model.train()
+
+
+def _build(spec: StudentSpec) -> nn.Module:
     if spec.task.kind == "classify":
-        return build_resnet(spec.arch, spec.task.num_classes).train()
-    if spec.head_stride not in (4, 8):
-        raise ValueError(f"head stride {spec.head_stride} is not 4 or 8")
+        return build_resnet(spec.arch, spec.task.num_classes)
+    if spec.head_stride not in (4, 8) or spec.trunk_stride not in (16, 32):
+        raise ValueError(
+            f"head stride {spec.head_stride} / trunk stride {spec.trunk_stride} "
+            "is not 4 or 8 / 16 or 32"
+        )
     resnet = build_resnet(spec.arch, 1)
-    parts: OrderedDict[str, nn.Module] = OrderedDict(
-        (name, getattr(resnet, name))
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
-    )
-    channels = _trunk_channels(resnet)
-    widths = (256, 128, 64)[: int(math.log2(32 // spec.head_stride))]
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if spec.trunk_stride == 16:
+        names.pop()
+    parts: OrderedDict[str, nn.Module] = OrderedDict((n, getattr(resnet, n)) for n in names)
+    channels = _channels(getattr(resnet, names[-1]))
+    ups = int(math.log2(spec.trunk_stride // spec.head_stride))
+    widths = (256, 128, 64)[-ups:]
     for i, width in enumerate(widths, 1):
         parts[f"up{i}"] = UpBlock(channels, width)
         channels = width
     parts["head"] = CenterHead(channels, spec.task.num_classes)
-    return nn.Sequential(parts).train()
+    return nn.Sequential(parts)
 
 
 # ------------------------------------------------------------------- images in
@@ -182,7 +202,7 @@ def check_metadata(meta: dict[str, str], spec: StudentSpec, source: str) -> None
     if meta.get("format") != FORMAT:
         return
     want = spec.metadata()
-    for key in ("arch", "kind", "classes", "head_stride"):
+    for key in ("arch", "kind", "classes", "head_stride", "trunk_stride"):
         if meta.get(key) != want[key]:
             raise StudentError(
                 f"{source}: a student with {key} {meta.get(key)} (the config asks for {want[key]})"
@@ -195,11 +215,12 @@ def apply_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:
-        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         more = len(missing) + len(unexpected) - 1
         raise StudentError(
             f"{source}: does not fit this student ({what}"
-            + (f" and {more} more keys" if more else "") + ")"
+            + (f" and {more} more keys" if more else "")
+            + ")"
         )
     for key, value in tensors.items():
         if tuple(value.shape) != tuple(own[key].shape):
@@ -228,8 +249,12 @@ def spec_from_file(path: str | Path) -> StudentSpec:
         raise StudentError(f"{path}: not a waggle-trainer student file (no '{FORMAT}' metadata)")
     try:
         return StudentSpec(
-            meta["arch"], Task(meta["kind"], tuple(json.loads(meta["classes"]))),
-            int(meta["input_width"]), int(meta["input_height"]), int(meta["head_stride"]),
+            meta["arch"],
+            Task(meta["kind"], tuple(json.loads(meta["classes"]))),
+            int(meta["input_width"]),
+            int(meta["input_height"]),
+            int(meta["head_stride"]),
+            int(meta.get("trunk_stride", 32)),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise StudentError(f"{path}: bad student metadata ({exc})") from None
