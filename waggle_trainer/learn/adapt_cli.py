@@ -88,7 +88,7 @@ def _fail(prog: str, message: str, code: int) -> int:
 def _load(args, prog: str):
     """The config with the command line's overrides, or an exit code."""
     from waggle_trainer.common import setup_logging
-    from waggle_trainer.config import ConfigError, load_config
+    from waggle_trainer.config import ConfigError, config_from_dict, load_config
 
     try:
         cfg = load_config(args.config)
@@ -97,25 +97,40 @@ def _load(args, prog: str):
         return None, EXIT_USAGE
     if args.log_level is None:
         setup_logging(cfg.node.log_level)
+    from waggle_trainer.config import is_live_source, parse_frame_range
+
     camera: dict = {}
     if args.source is not None:
         camera["source"] = args.source
+    args.live_range = None
     if args.frames is not None:
-        camera["frames"] = args.frames
+        if is_live_source(camera.get("source", cfg.camera.source)):
+            args.live_range = parse_frame_range(args.frames)  # counted here, not seekable
+        else:
+            camera["frames"] = args.frames
     data = cfg.model_dump(mode="python")
     data["camera"].update(camera)
     if getattr(args, "seed", None) is not None:
         data["training"]["seed"] = args.seed
-    from pydantic import ValidationError
-
-    from waggle_trainer.config import Config
-
     try:
-        return Config.model_validate(data), 0
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        return None, _fail(prog, f"{where}: {err['msg']}", EXIT_USAGE)
+        return config_from_dict(data, f"{args.config} with the command line"), 0
+    except ConfigError as exc:
+        print("\n".join(exc.lines()), file=sys.stderr)
+        return None, EXIT_USAGE
+
+
+def _frames(source, live_range):
+    """The source's frames; for a live source with ``--frames A:B``, the A-th to the
+    (B-1)-th frame it delivers."""
+    if live_range is None:
+        yield from source
+        return
+    start, stop = live_range
+    for n, frame in enumerate(source):
+        if stop is not None and n >= stop:
+            return
+        if n >= start:
+            yield frame
 
 
 class _Progress:
@@ -168,7 +183,7 @@ def _adapt(args) -> int:
     first = last = None
     t0 = time.perf_counter()
     try:
-        for frame in source:
+        for frame in _frames(source, args.live_range):
             result = loop.feed(frame)
             if result is not None:
                 first = first or result
@@ -323,7 +338,7 @@ def _detect(args) -> int:
     progress = _Progress()
     frames = boxes = 0
     try:
-        for frame in source:
+        for frame in _frames(source, args.live_range):
             if teacher is not None:
                 dets = teacher.label([frame.image])[0]
             else:

@@ -134,7 +134,10 @@ class _Sample:
 
 @dataclass
 class LoopTimes:
-    """Seconds spent in each part of :meth:`AdaptationLoop.feed`."""
+    """Seconds spent in each part of :meth:`AdaptationLoop.feed`: ``teacher``
+    (inference), ``train`` (optimiser steps, forward and backward included),
+    ``evaluate`` (the drift guard's held-out predictions); ``other`` is the loop's own
+    overhead (preprocessing, batches and targets, snapshots, bookkeeping)."""
 
     total: float = 0.0
     teacher: float = 0.0
@@ -376,7 +379,9 @@ class AdaptationLoop:
         with RssSampler(interval_s=0.005) as rss:
             if not self._calibrated:
                 self._calibrated = True
+                c0 = time.perf_counter()
                 t.calibrate(rss, batch=self._batch)
+                self.times.train += time.perf_counter() - c0
                 self._version += 1
             base = rss.reset()
             for _ in range(self.cfg.training.steps_per_round):
@@ -387,7 +392,7 @@ class AdaptationLoop:
                 self._version += 1
                 del x, y
             peak = rss.peak - base
-        self.times.train += time.perf_counter() - t0
+        self.times.train += sum(times)
         loss = statistics.fmean(losses)
         after, kl = self.agreement()
         finite = all(math.isfinite(v) for v in losses)
