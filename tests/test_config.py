@@ -187,5 +187,5 @@ def test_render_masks_secrets(tmp_path):
     assert cfg.transport.password.get_secret_value() == "hunter2"
     # the rendered config is valid TOML that loads to the same configuration
     again = cfgmod.config_from_dict(tomllib.loads(text))
-    assert again.model_dump(exclude={"transport": {"password"}}) == cfg.model_dump(
-        exclude={"transport": {"password"}})
+    secrets = {"transport": {"password"}, "telemetry": {"password"}}
+    assert again.model_dump(exclude=secrets) == cfg.model_dump(exclude=secrets)

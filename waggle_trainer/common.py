@@ -110,3 +110,7 @@ def setup_logging(level: str | None) -> None:
     handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     root.setLevel((level or "info").upper())
+    # pika logs each failed or dropped connection at ERROR with tracebacks, several
+    # lines per event; the transport threads log one clear line per event instead.
+    # At debug level everything shows, pika's own lines included.
+    logging.getLogger("pika").setLevel(logging.NOTSET if level == "debug" else logging.CRITICAL)

@@ -30,16 +30,16 @@ from pydantic import (
     SecretStr,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from waggle_trainer.common import (
-    ARCHES,
+    CLASSES_MIN,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
     SIZE_HELP,
-    STRATEGIES,
     WAGGLE_ETC,
     Arch,
     LogLevel,
@@ -49,6 +49,17 @@ from waggle_trainer.common import (
     parse_budget,
     parse_size,
 )
+from waggle_trainer.learn.model_refs import PACKAGED_MODELS, is_ref
+from waggle_trainer.transport.wire import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    NODE_EXCHANGE,
+    TELEMETRY_EXCHANGE,
+    UPDATE_EXCHANGE,
+)
+from waggle_trainer.vision.coco import COCO_IDS, COCO_NAMES, coco_id
+from waggle_trainer.vision.source_spec import is_live_source, parse_frame_range
 
 # --------------------------------------------------------------------------- sizes
 
@@ -102,19 +113,197 @@ class NodeSection(_Section):
 class CameraSection(_Section):
     source: str = Field(
         "synthetic",
-        description='"synthetic", a device (/dev/videoN, /dev/waggle_cam_top), '
-        "an rtsp:// or http:// URL, a video file or an image folder",
+        description='"synthetic" (generated moving shapes), a device (/dev/videoN, '
+        "/dev/waggle_cam_top, or an index), an rtsp:// or http:// URL, a video file "
+        "or an image folder",
     )
     width: int = Field(640, ge=16, le=8192)
     height: int = Field(480, ge=16, le=8192)
-    fps: float = Field(1.0, gt=0, le=120)
+    fps: float = Field(1.0, ge=0, le=120)
+    loop: StrictBool = False
+    frames: str | None = None
+    reconnect_min_s: float = Field(0.5, gt=0, le=60)
+    reconnect_max_s: float = Field(30.0, gt=0, le=3600)
+    timeout_s: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(
+                'empty (give a device, URL, video file, image folder or "synthetic")'
+            )
+        return v
+
+    @field_validator("frames")
+    @classmethod
+    def _range(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_frame_range(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CameraSection:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"camera.reconnect_max_s: {self.reconnect_max_s} is below "
+                f"camera.reconnect_min_s ({self.reconnect_min_s})"
+            )
+        if self.frames is not None and is_live_source(self.source):
+            raise ValueError(
+                f"camera.frames: applies to video files, image folders and synthetic "
+                f"frames, not to the live source {self.source!r}"
+            )
+        return self
+
+    @property
+    def frame_range(self) -> tuple[int, int | None]:
+        """(first frame, stop frame or None) of ``frames``; (0, None) when unset."""
+        return parse_frame_range(self.frames) if self.frames is not None else (0, None)
+
+
+TeacherKind = Literal["detector", "classifier"]
+Framework = Literal["auto", "tensorflow", "onnx", "tflite", "caffe", "darknet"]
+DEFAULT_TEACHER_MODEL = "openpibo:ssd_mobilenet_v2_coco"
 
 
 class TeacherSection(_Section):
-    arch: Arch = "resnet50"
-    weights: Path | None = None
-    num_classes: int = Field(10, ge=2)
-    min_confidence: float = Field(0.5, ge=0, le=1)
+    kind: TeacherKind = "detector"
+    model: str = DEFAULT_TEACHER_MODEL
+    config: Path | None = None
+    framework: Framework = "auto"
+    arch: str = "resnet50"
+    input_width: int = Field(300, ge=16, le=4096)
+    input_height: int = Field(300, ge=16, le=4096)
+    swap_rb: StrictBool = True
+    scale: float = Field(1.0, gt=0)
+    mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    nms_threshold: float = Field(0.45, gt=0, le=1)
+    temperature: float = Field(2.0, gt=0, le=100)
+    threads: int = Field(0, ge=0, le=256)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty (give a model file or a packaged model such as "
+                             f"{DEFAULT_TEACHER_MODEL!r})")
+        if is_ref(v) and v not in PACKAGED_MODELS:
+            raise ValueError(f"{v!r} is not a known packaged model "
+                             f"(known: {', '.join(PACKAGED_MODELS)}; or give a file path)")
+        return v
+
+    @field_validator("mean")
+    @classmethod
+    def _three(cls, v: list[float]) -> list[float]:
+        if len(v) != 3:
+            raise ValueError(f"{v!r} must be three numbers (one per channel, R G B)")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+            raise ValueError(f"{v!r} is not a torchvision architecture name (e.g. resnet50)")
+        return v
+
+
+TaskKind = Literal["detect", "classify"]
+DEFAULT_CLASSES_MAP: dict[str, list[int | str]] = {"person": [1], "vehicle": [2, 3, 4, 6, 8]}
+_CLASS_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .-]{0,63}$")
+
+
+class TaskSection(_Section):
+    kind: TaskKind = "detect"
+    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES_MAP))
+    class_map: dict[str, list[int | str]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_map(cls, data: Any) -> Any:
+        """Without a class_map, a detect task maps each class that is a COCO name to its
+        id (the default classes to the default table); a classify task takes the
+        teacher's outputs as its classes, in order."""
+        if not isinstance(data, dict) or "class_map" in data:
+            return data
+        kind = data.get("kind", "detect")
+        classes = data.get("classes")
+        if kind != "detect" or not isinstance(classes, list) and classes is not None:
+            return data
+        if classes is None or classes == list(DEFAULT_CLASSES_MAP):
+            return {**data, "class_map": {k: list(v) for k, v in DEFAULT_CLASSES_MAP.items()}}
+        if all(isinstance(c, str) and c in COCO_IDS for c in classes):
+            return {**data, "class_map": {c: [COCO_IDS[c]] for c in classes}}
+        return data
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("empty (name at least one class)")
+        seen: set[str] = set()
+        for name in v:
+            if not _CLASS_RE.match(name):
+                raise ValueError(f"{name!r} is not a class name (1-64 of A-Z a-z 0-9 _ - . space)")
+            if name in seen:
+                raise ValueError(f"{name!r} appears twice")
+            seen.add(name)
+        return v
+
+    @model_validator(mode="after")
+    def _check_map(self) -> TaskSection:
+        if self.kind == "classify":
+            if len(self.classes) < CLASSES_MIN:
+                raise ValueError(f"task.classes: a classify task needs at least "
+                                 f"{CLASSES_MIN} classes (got {len(self.classes)})")
+            if not self.class_map:
+                return self
+        elif not self.class_map:
+            missing = [c for c in self.classes]
+            raise ValueError(
+                f"task.class_map: required: {missing[0]!r} is not a COCO name, so give "
+                f"the COCO ids of every class (e.g. {{ {missing[0]} = [1] }})")
+        extra = [k for k in self.class_map if k not in self.classes]
+        if extra:
+            raise ValueError(f"task.class_map.{extra[0]}: not one of task.classes "
+                             f"({', '.join(self.classes)})")
+        owner: dict[int, str] = {}
+        resolved: dict[str, list[int]] = {}
+        for name in self.classes:
+            ids = self.class_map.get(name)
+            if ids is None:
+                raise ValueError(f"task.class_map: no entry for class {name!r} "
+                                 "(every class needs the teacher ids that make it)")
+            if not ids:
+                raise ValueError(f"task.class_map.{name}: empty (give one or more ids)")
+            out = []
+            for raw in ids:
+                if self.kind == "detect":
+                    try:
+                        i = coco_id(raw)
+                    except ValueError as exc:
+                        raise ValueError(f"task.class_map.{name}: {exc}") from None
+                    label = f"COCO id {i} ({COCO_NAMES[i]})"
+                else:
+                    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+                        raise ValueError(f"task.class_map.{name}: {raw!r} is not a teacher "
+                                         "output index (an integer >= 0)")
+                    i, label = raw, f"teacher output {raw}"
+                if i in owner:
+                    where = "twice" if owner[i] == name else f"also in {owner[i]!r}"
+                    raise ValueError(f"task.class_map.{name}: {label} appears {where} "
+                                     "(each id belongs to one class)")
+                owner[i] = name
+                out.append(i)
+            resolved[name] = out
+        object.__setattr__(self, "class_map", resolved)
+        return self
+
+    def teacher_ids(self) -> dict[int, int]:
+        """Teacher class id -> index into ``classes`` (empty for an identity map)."""
+        return {int(i): self.classes.index(name)
+                for name, ids in self.class_map.items() for i in ids}
 
 
 class StudentSection(_Section):
@@ -201,29 +390,55 @@ class TransportSection(_Section):
     cacert: Path = WAGGLE_ETC / "cacert.pem"
     cert: Path = WAGGLE_ETC / "cert.pem"
     key: Path = WAGGLE_ETC / "key.pem"
-    exchange: str = "waggle.train.updates"
+    exchange: str = UPDATE_EXCHANGE
+    declare_exchanges: StrictBool = True
     hmac_key_file: Path = WAGGLE_ETC / "train-hmac.key"
     codec: Literal["fp32", "fp16", "int8"] = "fp16"
     compression: Literal["zstd", "deflate", "none"] = "zstd"
     topk: float = Field(0.0, ge=0, le=1, description="fraction kept by top-k; 0 = dense")
-    chunk_size: Size = 8 * 2**20
+    chunk_size: Size = DEFAULT_CHUNK_SIZE
     outbox_max_bytes: Size = 512 * 2**20
     heartbeat_s: int = Field(15, ge=10, le=20)
 
     @field_validator("chunk_size")
     @classmethod
     def _below_broker_limit(cls, v: int) -> int:
-        if not 64 * 2**10 <= v <= 15 * 2**20:
-            raise ValueError(f"{format_size(v)} is out of range (64KiB..15MiB: "
-                             "RabbitMQ refuses messages over 16MiB)")
+        if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
+            raise ValueError(f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+                             f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
+                             "16MiB)")
         return v
+
+
+# [telemetry] keys that pywaggle's environment variables fill when the file leaves
+# them unset (a Waggle plugin's pod gets these from the scheduler).
+PLUGIN_ENVIRONMENT = {
+    "host": "WAGGLE_PLUGIN_HOST", "port": "WAGGLE_PLUGIN_PORT",
+    "username": "WAGGLE_PLUGIN_USERNAME", "password": "WAGGLE_PLUGIN_PASSWORD",
+    "app_id": "WAGGLE_APP_ID",
+}
 
 
 class TelemetrySection(_Section):
     enabled: StrictBool = False
-    exchange: str = "waggle.msg"
+    route: Literal["beehive", "node"] = "beehive"
+    exchange: str = TELEMETRY_EXCHANGE
+    scope: Literal["all", "node", "beehive"] = "all"
+    app_id: str | None = None
+    host: str = "rabbitmq"
+    port: int = Field(5672, ge=1, le=65535)
+    username: str = "plugin"
+    password: SecretStr = SecretStr("plugin")
     interval_s: float = Field(60.0, gt=0, le=120)
     buffer_messages: int = Field(1000, ge=1)
+
+    @field_validator("exchange")
+    @classmethod
+    def _exchange_of_route(cls, v: str, info: ValidationInfo) -> str:
+        if info.data.get("route") == "node" and v != TELEMETRY_EXCHANGE:
+            raise ValueError(f'{v!r}: only for route "beehive" (route "node" always '
+                             f'publishes to the node broker\'s "{NODE_EXCHANGE}")')
+        return v
 
 
 def default_state_dir() -> Path:
@@ -245,6 +460,7 @@ class StateSection(_Section):
 class Config(_Section):
     node: NodeSection = Field(default_factory=NodeSection)
     camera: CameraSection = Field(default_factory=CameraSection)
+    task: TaskSection = Field(default_factory=TaskSection)
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     student: StudentSection = Field(default_factory=StudentSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -253,6 +469,16 @@ class Config(_Section):
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     state: StateSection = Field(default_factory=StateSection)
+
+    @model_validator(mode="after")
+    def _teacher_fits_task(self) -> Config:
+        want = {"detect": "detector", "classify": "classifier"}[self.task.kind]
+        if self.teacher.kind != want:
+            raise ValueError(
+                f"teacher.kind: {self.teacher.kind!r} cannot label task.kind = "
+                f"{self.task.kind!r} (use {want!r})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _identity_when_sending(self) -> "Config":
@@ -288,7 +514,7 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-_KEY_PREFIX = re.compile(r"^([a-z_]+\.[a-z_]+): ")
+_LOCATED_RE = re.compile(r"^([a-z_]+\.[a-z_]+(?:\.[A-Za-z0-9_ .-]+?)?): (.*)$", re.DOTALL)
 
 
 def _describe(err: dict) -> tuple[str, str]:
@@ -309,9 +535,9 @@ def _describe(err: dict) -> tuple[str, str]:
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
-        m = _KEY_PREFIX.match(msg)
+        m = _LOCATED_RE.match(msg)
         if m:  # a check across keys names the key it blames
-            return m.group(1), msg[m.end():]
+            return m.group(1), m.group(2)
         return where, msg
     if kind == "model_type" or kind == "dict_type":
         return where, f"{err['input']!r} is not a table (write it as [{where}])"
@@ -338,12 +564,54 @@ def _node_identity(data: dict) -> dict:
     return {**data, "node": node}
 
 
+def _plugin_environment(data: dict, source: str) -> dict:
+    """``data`` with unset ``[telemetry]`` connection keys taken from pywaggle's
+    environment variables (:data:`PLUGIN_ENVIRONMENT`)."""
+    tel = data.get("telemetry")
+    if tel is not None and not isinstance(tel, dict):
+        return data
+    tel = dict(tel or {})
+    for key, env in PLUGIN_ENVIRONMENT.items():
+        value = os.environ.get(env, "").strip()
+        if key in tel or not value:
+            continue
+        if key == "port":
+            if not value.isdigit() or not 1 <= int(value) <= 65535:
+                raise ConfigError(source, [("telemetry.port", f"{value!r} from environment "
+                                            f"variable {env} is not a port (1..65535)")])
+            tel[key] = int(value)
+        else:
+            tel[key] = value
+    return {**data, "telemetry": tel}
+
+
+def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
+    """With TLS in use, the CA, certificate and key must be usable now: a missing
+    or mismatched file is a configuration error, not something to retry."""
+    t = cfg.transport
+    telemetry_via_transport = cfg.telemetry.enabled and cfg.telemetry.route == "beehive"
+    if not (t.tls and (t.enabled or telemetry_via_transport)):
+        return []
+    from waggle_trainer.transport.amqp import TlsFileError, tls_context
+
+    try:
+        tls_context(str(t.cacert), str(t.cert), str(t.key))
+    except TlsFileError as e:
+        return [(f"transport.{e.field}", f"{e.path}: {e.detail} (TLS needs the node's "
+                 "CA, certificate and key; see docs/deploy.md)")]
+    return []
+
+
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     try:
-        return Config.model_validate(_node_identity(data))
+        cfg = Config.model_validate(_plugin_environment(_node_identity(data), source))
     except ValidationError as exc:
         raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+    problems = _tls_file_problems(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
 
 
 def load_config(path: str | os.PathLike) -> Config:
@@ -378,7 +646,18 @@ def default_config() -> Config:
 # ------------------------------------------------------------------------- output
 
 
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _toml_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        items = [
+            f"{k if _BARE_KEY_RE.match(k) else _toml_value(k)} = {_toml_value(x)}"
+            for k, x in v.items()
+        ]
+        return "{ " + ", ".join(items) + " }"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isinf(v)):

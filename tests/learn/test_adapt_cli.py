@@ -14,11 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from waggle_trainer.cli import main
 from waggle_trainer.learn.student import StudentSpec, build_student, save_student
 from waggle_trainer.learn.task import Task
 
 ROOT = Path(__file__).resolve().parents[2]
 VTEST = Path("/work/shared/data/vtest.avi")
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    """One state directory for the module's runs: the chain is profiled once."""
+    return tmp_path_factory.mktemp("state")
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -28,12 +35,14 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
-def write_config(tmp_path: Path, source: str, extra: str = "", student: str = "") -> Path:
+def write_config(
+    tmp_path: Path, source: str, extra: str = "", student: str = "", state: Path | None = None
+) -> Path:
     cfg = tmp_path / "node.toml"
     cfg.write_text(
         f'[camera]\nsource = "{source}"\nfps = 0\n'
         '[student]\ninput_width = 96\ninput_height = 64\nmax_detections = 5\n' + student
-        + f'[state]\ndir = "{tmp_path / "state"}"\n' + extra
+        + f'[state]\ndir = "{state or tmp_path / "state"}"\n' + extra
     )
     return cfg
 
@@ -97,24 +106,26 @@ def test_detect_jsonl_with_the_teacher_finds_people_on_vtest(tmp_path):
         assert all(0 <= b[0] < b[2] <= 768 and 0 <= b[1] < b[3] <= 576 for b in people)
 
 
-def test_detect_usage_errors_are_one_line(tmp_path):
+def test_detect_usage_errors_are_one_line(tmp_path, capsys):
     cfg = write_config(tmp_path, str(image_folder(tmp_path, 1)))
-    r = cli("detect", "--config", str(cfg), "--jsonl")
-    assert r.returncode == 2 and r.stderr.strip() == (
+    assert main(["detect", "--config", str(cfg), "--jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == (
         "waggle-trainer detect: --weights FILE is required (or --teacher)")
-    r = cli("detect", "--config", str(cfg), "--weights", str(tmp_path / "none.safetensors"))
-    assert r.returncode == 2
-    assert r.stderr.strip().endswith("none.safetensors: student weights file not found")
-    r = cli("detect", "--config", str(cfg), "--weights", "x", "--frames", "5:2")
-    assert r.returncode == 2 and "empty frame range" in r.stderr and "Traceback" not in r.stderr
+    missing = tmp_path / "none.safetensors"
+    assert main(["detect", "--config", str(cfg), "--weights", str(missing)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"waggle-trainer detect: {missing}: student weights file not found")
+    with pytest.raises(SystemExit) as info:
+        main(["detect", "--config", str(cfg), "--weights", "x", "--frames", "5:2"])
+    assert info.value.code == 2 and "empty frame range" in capsys.readouterr().err
 
 
-def test_adapt_runs_saves_a_student_and_summarises(tmp_path):
+def test_adapt_runs_saves_a_student_and_summarises(tmp_path, state):
     # the synthetic source (moving shapes) and the reference teacher: a few frames, one round
     cfg = write_config(tmp_path, "synthetic", extra=(
         "[training]\nbatch_size = 1\nsteps_per_round = 2\n"
         "[adaptation]\nteacher_stride_min = 1\nnew_samples_per_round = 2\n"
-        "holdout_fraction = 0.3\n"))
+        "holdout_fraction = 0.3\n"), state=state)
     out = tmp_path / "adapted.safetensors"
     r = cli("adapt", "--config", str(cfg), "--frames", "4", "--save", str(out), "--seed", "3",
             "--json")
@@ -130,13 +141,15 @@ def test_adapt_runs_saves_a_student_and_summarises(tmp_path):
     assert json.loads(r.stdout)["frame"] == 0
 
 
-def test_adapt_refuses_a_missing_source_and_bad_weights(tmp_path):
+def test_adapt_refuses_a_missing_source_and_bad_weights(tmp_path, capsys):
     cfg = write_config(tmp_path, str(tmp_path / "nope.avi"))
-    r = cli("adapt", "--config", str(cfg), "--frames", "3")
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
-    assert "nope.avi" in r.stderr and "Traceback" not in r.stderr
+    assert main(["adapt", "--config", str(cfg), "--frames", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("waggle-trainer adapt: ") and "nope.avi" in err[-1]
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00" * 16)
     cfg = write_config(tmp_path, "synthetic", student=f'weights = "{bad}"\n')
-    r = cli("adapt", "--config", str(cfg), "--frames", "3")
-    assert r.returncode == 2 and "bad.safetensors: not a safetensors file" in r.stderr
+    assert main(["adapt", "--config", str(cfg), "--frames", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"waggle-trainer adapt: {bad}: not a safetensors file " + err[-1].split(
+        "not a safetensors file ")[1]

@@ -8,6 +8,8 @@ import time
 
 import pika
 
+from waggle_trainer.transport.amqp import AmqpSettings
+
 BROKER = pika.ConnectionParameters("127.0.0.1", 5672, "/", pika.PlainCredentials("guest", "guest"),
                                    connection_attempts=1, socket_timeout=5)
 
@@ -74,3 +76,29 @@ def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
             return True
         time.sleep(step)
     return bool(pred())
+
+
+def fast(**kw) -> AmqpSettings:
+    """Local guest settings with quick reconnects (connection name 'test ...')."""
+    return AmqpSettings(backoff_initial_s=0.2, backoff_max_s=2.0, connection_name="test", **kw)
+
+
+def dead_letters(names) -> list[tuple[pika.BasicProperties, bytes]]:
+    """Everything in the test's dead-letter queue (consumed)."""
+    conn = pika.BlockingConnection(BROKER)
+    ch = conn.channel()
+    out = []
+    while True:
+        m, props, body = ch.basic_get(names.dlq, auto_ack=True)
+        if m is None:
+            break
+        out.append((props, body))
+    conn.close()
+    return out
+
+
+def queue_depth(name: str) -> int:
+    conn = pika.BlockingConnection(BROKER)
+    n = conn.channel().queue_declare(name, passive=True).method.message_count
+    conn.close()
+    return n

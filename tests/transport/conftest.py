@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from types import SimpleNamespace
 
 import pika
 import pytest
-
 from brokerutil import BROKER, ensure_broker_running
+
+
+@pytest.fixture(autouse=True)
+def _pika_quiet_like_the_cli():
+    """The command line's logging set-up (``common.setup_logging``) silences pika's
+    own multi-line reports; tests see the log lines a user of the CLI sees."""
+    pika_log = logging.getLogger("pika")
+    level = pika_log.level
+    pika_log.setLevel(logging.CRITICAL)
+    yield
+    pika_log.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -20,21 +20,32 @@ import pika
 import pika.exceptions as px
 import pytest
 import torch
+from brokerutil import (
+    BROKER,
+    Collector,
+    dead_letters,
+    ensure_broker_running,
+    fast,
+    queue_depth,
+    rabbitmqctl,
+    wait_until,
+)
 
-from brokerutil import BROKER, Collector, ensure_broker_running, rabbitmqctl, wait_until
-from waggle_trainer.transport import (AmqpSettings, CodecSettings, Outbox, TensorSpec,
-                                      UpdateConsumer, UpdateEncoder, UpdatePublisher, split)
+from waggle_trainer.transport import (
+    CodecSettings,
+    Outbox,
+    TensorSpec,
+    UpdateConsumer,
+    UpdateEncoder,
+    UpdatePublisher,
+    split,
+)
 from waggle_trainer.transport.codec import _split
 
 pytestmark = pytest.mark.broker
 
 KEY = b"integration-test-key-0123456789ab"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def fast(**kw) -> AmqpSettings:
-    """Local guest settings with quick reconnects (connection name 'test ...')."""
-    return AmqpSettings(backoff_initial_s=0.2, backoff_max_s=2.0, connection_name="test", **kw)
 
 
 def encoder(node="n1") -> UpdateEncoder:
@@ -56,26 +67,6 @@ def consumer(names, collector, n: int, **kw) -> UpdateConsumer:
     assert wait_until(lambda: c.connected, 10), "consumer did not connect"
     time.sleep(0.3)  # queue declared and bound
     return c
-
-
-def dead_letters(names) -> list[tuple[pika.BasicProperties, bytes]]:
-    conn = pika.BlockingConnection(BROKER)
-    ch = conn.channel()
-    out = []
-    while True:
-        m, props, body = ch.basic_get(names.dlq, auto_ack=True)
-        if m is None:
-            break
-        out.append((props, body))
-    conn.close()
-    return out
-
-
-def queue_depth(name: str) -> int:
-    conn = pika.BlockingConnection(BROKER)
-    n = conn.channel().queue_declare(name, passive=True).method.message_count
-    conn.close()
-    return n
 
 
 # ---------------------------------------------------------------------- (a)
@@ -139,16 +130,16 @@ def test_fifty_updates_through_closed_connections_and_a_broker_restart(names, tm
 
 
 def test_sigkill_mid_update_is_republished_from_the_outbox(names, tmp_path):
-    n = 256 * 1024  # a 1 MiB update in 33 chunks of 32 KiB
+    n = 512 * 1024  # a 2 MiB update in 33 chunks of 64 KiB
     got = Collector()
     cons = consumer(names, got, n)
     outbox_dir = tmp_path / "outbox"
     u, delta = make_update(n, node="child")
     Outbox(outbox_dir, 1 << 30).put(u.blob)
-    count = len(split(u.update_id, u.blob, 32 * 1024))
+    count = len(split(u.update_id, u.blob, 64 * 1024))
     child = subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("publish_child.py")), str(outbox_dir),
-         names.exchange, str(32 * 1024), "0.05"],
+         names.exchange, str(64 * 1024), "0.05"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     watchdog = threading.Timer(60, child.kill)  # never hang on a child that says nothing
@@ -164,7 +155,7 @@ def test_sigkill_mid_update_is_republished_from_the_outbox(names, tmp_path):
         time.sleep(0.3)
         assert got.ids() == []  # the consumer holds the partial update, unacked
         pub = UpdatePublisher(fast(), Outbox(outbox_dir, 1 << 30), node_id="child",
-                              exchange=names.exchange, chunk_size=32 * 1024)
+                              exchange=names.exchange, chunk_size=64 * 1024)
         pub.start()
         assert got.wait_for(1, 30)
         assert pub.wait_idle(10)
@@ -266,7 +257,7 @@ def test_flipped_byte_goes_to_the_dead_letter_queue_with_the_reason(names):
     dl = dead_letters(names)
     assert len(dl) == 6
     by_update = {}
-    for props, body in dl:
+    for props, _body in dl:
         h = props.headers
         by_update.setdefault(h["update_id"], set()).add(
             (h["x-waggle-reject-code"], h["x-waggle-reject-reason"]))

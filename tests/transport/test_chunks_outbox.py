@@ -83,15 +83,27 @@ def test_reassembly_detects_corruption_and_conflicts():
         r.add("x", 1, 4, "0" * 64, b"", 2)
 
 
+F1 = {"format": "waggle-update-chunk/1"}
+
+
 @pytest.mark.parametrize("headers,mid", [
-    ({}, None),
-    ({"update_id": "u", "chunk_index": 3, "chunk_count": 3, "payload_sha256": "0" * 64}, None),
-    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "short"}, None),
-    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64}, "v:0"),
+    (F1, "u:0"),
+    ({"update_id": "u", "chunk_index": 3, "chunk_count": 3, "payload_sha256": "0" * 64, **F1},
+     "u:3"),
+    ({"update_id": "u", "chunk_index": True, "chunk_count": 3, "payload_sha256": "0" * 64,
+      **F1}, "u:True"),
+    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "short", **F1},
+     "u:0"),
+    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64, **F1},
+     "v:0"),
 ])
 def test_bad_headers(headers, mid):
-    with pytest.raises(ChunkError):
+    good = {"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64,
+            **F1}
+    assert parse_headers(good, "u:0") == ("u", 0, 1, "0" * 64)
+    with pytest.raises(ChunkError) as e:
         parse_headers(headers, mid)
+    assert e.value.code == "headers"
 
 
 def test_expire_partials():

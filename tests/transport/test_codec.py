@@ -11,10 +11,19 @@ import struct
 import pytest
 import torch
 
-from waggle_trainer.transport.codec import (CodecSettings, ErrorFeedback, UpdateDecoder,
-                                            UpdateEncoder, UpdateRejected, _seal, _split,
-                                            _torch_threads,
-                                            apply_delta, load_key, peek_envelope, weight_delta)
+from waggle_trainer.transport.codec import (
+    CodecSettings,
+    UpdateDecoder,
+    UpdateEncoder,
+    UpdateRejected,
+    _seal,
+    _split,
+    _torch_threads,
+    apply_delta,
+    load_key,
+    peek_envelope,
+    weight_delta,
+)
 
 KEY = b"0123456789abcdef0123456789abcdef"
 

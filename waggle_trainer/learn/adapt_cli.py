@@ -165,20 +165,18 @@ def _adapt(args) -> int:
     from waggle_trainer.vision.frames import SourceError, open_source
 
     try:
-        teacher = load_teacher(cfg)
-    except TeacherError as exc:
-        return _fail("adapt", str(exc), EXIT_USAGE)
-    try:
-        loop = AdaptationLoop(cfg, teacher, state_dir=cfg.state.dir)
-    except StudentError as exc:
-        return _fail("adapt", str(exc), EXIT_USAGE)
-    except InfeasibleBudget as exc:
-        return _fail("adapt", f"memory.budget: {exc}", EXIT_FAILED)
-    try:
         source = open_source(cfg.camera)
     except SourceError as exc:
-        loop.close()
         return _fail("adapt", str(exc), EXIT_FAILED)
+    try:
+        teacher = load_teacher(cfg)
+        loop = AdaptationLoop(cfg, teacher, state_dir=cfg.state.dir)
+    except (TeacherError, StudentError) as exc:
+        source.close()
+        return _fail("adapt", str(exc), EXIT_USAGE)
+    except InfeasibleBudget as exc:
+        source.close()
+        return _fail("adapt", f"memory.budget: {exc}", EXIT_FAILED)
     progress = _Progress()
     first = last = None
     t0 = time.perf_counter()
@@ -325,16 +323,17 @@ def _detect(args) -> int:
         )
     spec = spec_from_config(cfg, task)
     try:
+        source = open_source(cfg.camera)
+    except SourceError as exc:
+        return _fail("detect", str(exc), EXIT_FAILED)
+    try:
         if args.teacher:
             teacher, model = load_teacher(cfg), None
         else:
             teacher, model = None, load_student(args.weights, spec)
     except (TeacherError, StudentError) as exc:
+        source.close()
         return _fail("detect", str(exc), EXIT_USAGE)
-    try:
-        source = open_source(cfg.camera)
-    except SourceError as exc:
-        return _fail("detect", str(exc), EXIT_FAILED)
     progress = _Progress()
     frames = boxes = 0
     try:

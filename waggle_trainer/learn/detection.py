@@ -19,30 +19,16 @@ L1 losses at centres.  Decoding: sigmoid, 3x3 max-pool to keep local peaks (the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from waggle_trainer.learn.teachers import Detections
 
 SIZE_WEIGHT = 0.1
 OFFSET_WEIGHT = 1.0
 #: Boxes narrower or lower than this many input pixels are not learnable targets.
 MIN_BOX_PX = 2.0
-
-
-@dataclass
-class Detections:
-    """Boxes of one image: ``boxes`` float32 [N, 4] x1, y1, x2, y2 pixels; ``scores``
-    float32 [N]; ``classes`` int64 [N] task class indices."""
-
-    boxes: np.ndarray
-    scores: np.ndarray
-    classes: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
 
 
 def scale_detections(dets, sx: float, sy: float) -> Detections:

@@ -13,10 +13,6 @@ from typing import Literal
 TaskKind = Literal["detect", "classify"]
 TASK_KINDS: tuple[str, ...] = ("detect", "classify")
 
-#: Used while the config has no ``[task]`` section.
-DEFAULT_TASK = ("detect", ("person", "vehicle"))
-
-
 @dataclass(frozen=True)
 class Task:
     """``kind``: "detect" (boxes per class) or "classify" (one label per frame)."""
@@ -37,8 +33,4 @@ class Task:
 
 def task_from_config(cfg) -> Task:
     """The task of a node config (``[task] kind`` and ``classes``)."""
-    section = getattr(cfg, "task", None)
-    if section is None:
-        kind, classes = DEFAULT_TASK
-        return Task(kind, classes)
-    return Task(str(section.kind), tuple(str(c) for c in section.classes))
+    return Task(str(cfg.task.kind), tuple(str(c) for c in cfg.task.classes))

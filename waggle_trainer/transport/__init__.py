@@ -4,24 +4,96 @@ The daemon uses, in order: :class:`UpdateEncoder` (delta -> signed blob),
 :class:`Outbox` (disk spool), :class:`UpdatePublisher` (thread draining the
 outbox), :class:`Telemetry` + :class:`TelemetryPublisher` (wagglemsg metrics).
 The server uses :class:`UpdateConsumer` / :class:`UpdateDecoder`.  The wire
-format is described in ``docs/protocol.md``.
+format is described in ``docs/protocol.md``; its names and limits are in
+:mod:`.wire`.
+
+The names below are imported on first use, so that ``config.py`` can import
+:mod:`.wire` without loading torch and pika.
 """
 
-from .amqp import AmqpSettings, Backoff, FatalAmqpError
-from .chunks import Chunk, ChunkError, Reassembler, split
-from .codec import (CodecSettings, DecodedUpdate, EncodedUpdate, Envelope, ErrorFeedback,
-                    TensorSpec, UpdateDecoder, UpdateEncoder, UpdateRejected, apply_delta,
-                    load_key, peek_envelope, reference_spec, weight_delta)
-from .consumer import SeenUpdates, UpdateConsumer
-from .outbox import Outbox, OutboxEntry, OutboxFull
-from .publisher import UpdatePublisher
-from .telemetry import Telemetry, TelemetryPublisher, make_message, validate_name
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
-    "AmqpSettings", "Backoff", "FatalAmqpError", "Chunk", "ChunkError", "Reassembler", "split",
-    "CodecSettings", "DecodedUpdate", "EncodedUpdate", "Envelope", "ErrorFeedback", "TensorSpec",
-    "UpdateDecoder", "UpdateEncoder", "UpdateRejected", "apply_delta", "load_key",
-    "peek_envelope", "reference_spec", "weight_delta", "SeenUpdates", "UpdateConsumer", "Outbox",
-    "OutboxEntry", "OutboxFull", "UpdatePublisher", "Telemetry", "TelemetryPublisher",
-    "make_message", "validate_name",
-]
+    "AmqpSettings",
+    "Backoff",
+    "Chunk",
+    "ChunkError",
+    "CodecSettings",
+    "DecodedUpdate",
+    "EncodedUpdate",
+    "Envelope",
+    "ErrorFeedback",
+    "FatalAmqpError",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxFull",
+    "Reassembler",
+    "SeenUpdates",
+    "Telemetry",
+    "TelemetryPublisher",
+    "TelemetryRoute",
+    "TensorSpec",
+    "UpdateConsumer",
+    "UpdateDecoder",
+    "UpdateEncoder",
+    "UpdatePublisher",
+    "UpdateRejected",
+    "apply_delta",
+    "load_key",
+    "make_message",
+    "peek_envelope",
+    "reference_spec",
+    "split",
+    "validate_name",
+    "weight_delta",
+]  # fmt: skip
+_SUBMODULES = ("amqp", "chunks", "codec", "consumer", "outbox", "publisher", "telemetry")
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        for sub in _SUBMODULES:
+            module = importlib.import_module(f".{sub}", __name__)
+            if hasattr(module, name):
+                value = getattr(module, name)
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+    from .amqp import AmqpSettings, Backoff, FatalAmqpError
+    from .chunks import Chunk, ChunkError, Reassembler, split
+    from .codec import (
+        CodecSettings,
+        DecodedUpdate,
+        EncodedUpdate,
+        Envelope,
+        ErrorFeedback,
+        TensorSpec,
+        UpdateDecoder,
+        UpdateEncoder,
+        UpdateRejected,
+        apply_delta,
+        load_key,
+        peek_envelope,
+        reference_spec,
+        weight_delta,
+    )
+    from .consumer import SeenUpdates, UpdateConsumer
+    from .outbox import Outbox, OutboxEntry, OutboxFull
+    from .publisher import UpdatePublisher
+    from .telemetry import (
+        Telemetry,
+        TelemetryPublisher,
+        TelemetryRoute,
+        make_message,
+        validate_name,
+    )

@@ -30,13 +30,15 @@ import struct
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import zstandard
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -204,10 +206,10 @@ class Envelope:
                           allow_nan=False).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Envelope":
+    def from_json(cls, data: bytes) -> Envelope:
         try:
             obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # also too-deep nesting, too-long integers
             raise UpdateRejected("format", f"envelope is not JSON: {e}") from None
         if not isinstance(obj, dict):
             raise UpdateRejected("format", "envelope is not a JSON object")
@@ -223,6 +225,13 @@ class Envelope:
         extra = set(obj) - set(types)
         if extra:
             raise UpdateRejected("format", f"unknown envelope fields {sorted(extra)}")
+        for name, value in obj["metrics"].items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise UpdateRejected("format", f"metric {name!r} is {value!r:.40}, not a number")
+            if not _finite_number(value):  # NaN, Infinity, 1e999 (read as inf), 10**400
+                raise UpdateRejected("nonfinite", f"metric {name!r} is {value!r:.40}: "
+                                                  "only finite numbers are allowed")
+        obj["metrics"] = {name: float(value) for name, value in obj["metrics"].items()}
         return cls(**obj)
 
 
@@ -272,23 +281,58 @@ def _compress(data: bytes, s: CodecSettings) -> bytes:
 
 
 def _decompress(data: bytes, method: str, raw_bytes: int) -> bytes:
+    """The decompressed payload; never more than ``raw_bytes + 1`` bytes are produced."""
     try:
         if method == "zstd":
-            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_bytes)
+            out = _unzstd(data, raw_bytes)
         elif method == "deflate":
-            d = zlib.decompressobj()
-            out = d.decompress(data, raw_bytes)
-            if d.unconsumed_tail or not d.eof:
-                raise UpdateRejected("size", "deflate payload longer than announced")
+            out = _inflate(data, raw_bytes)
         elif method == "none":
             out = data
         else:
             raise UpdateRejected("format", f"unknown compression {method!r}")
     except (zstandard.ZstdError, zlib.error) as e:
         raise UpdateRejected("format", f"payload does not decompress: {e}") from None
+    if len(out) > raw_bytes:
+        raise UpdateRejected("size", f"payload decompresses to more than raw_bytes = {raw_bytes}")
     if len(out) != raw_bytes:
         raise UpdateRejected("size", f"payload decompresses to {len(out)} bytes, "
                                      f"envelope says {raw_bytes}")
+    return out
+
+
+def _unzstd(data: bytes, raw_bytes: int) -> bytes:
+    # zstandard's one-shot decompress() allocates the size the frame header declares
+    # and then ignores max_output_size (2**50 declared: MemoryError).  So the declared
+    # size is checked first, and a streaming reader produces at most raw_bytes + 1.
+    declared = zstandard.frame_content_size(data)
+    if declared < 0:
+        raise UpdateRejected("size", "zstd frame does not declare its content size")
+    if declared > raw_bytes:
+        raise UpdateRejected("size", f"zstd frame declares {declared} bytes, more than the "
+                                     f"envelope's raw_bytes = {raw_bytes}")
+    parts: list[bytes] = []
+    left = raw_bytes + 1
+    # read_across_frames: data after the first frame is decoded too and counts
+    # against the bound (or fails as garbage) instead of being silently ignored.
+    with zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True) as reader:
+        while left > 0:
+            part = reader.read(left)
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+    return b"".join(parts)
+
+
+def _inflate(data: bytes, raw_bytes: int) -> bytes:
+    d = zlib.decompressobj()
+    out = d.decompress(data, raw_bytes + 1)
+    if len(out) <= raw_bytes:
+        if not d.eof:
+            raise UpdateRejected("format", "deflate stream is truncated")
+        if d.unused_data:
+            raise UpdateRejected("format", f"{len(d.unused_data)} bytes after the deflate stream")
     return out
 
 
@@ -347,9 +391,9 @@ class UpdateEncoder:
                 samples: int, metrics: Mapping[str, float] | None) -> EncodedUpdate:
         s = self.settings
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
-        for k, v in metrics.items():
-            if not math.isfinite(v):
-                raise ValueError(f"metric {k!r} is not finite: {v}")
+        for metric, value in metrics.items():
+            if not math.isfinite(value):
+                raise ValueError(f"metric {metric!r} is not finite: {value}")
         carry = self.feedback.carry(base_version) if self.feedback is not None else {}
         tensors: dict[str, torch.Tensor] = {}
         scales: dict[str, float] = {}
@@ -471,18 +515,18 @@ class UpdateDecoder:
         return env, payload
 
     def decode(self, blob: bytes,
-               reference: Mapping[str, Any] | Callable[[Envelope], Mapping[str, Any]], *,
+               reference: Mapping[str, Any] | Callable[[Envelope], Mapping[str, Any] | None],
+               *,
                expected_model: str | None = None,
                expected_base_version: str | None = None) -> DecodedUpdate:
         """Verify, then decode to dense float32 deltas shaped like ``reference``
         (a state dict or a mapping of :class:`TensorSpec`, or a callable that
         returns one for the verified envelope, e.g. by model and base version)."""
         env, payload = self.verify(blob)
-        if callable(reference):
-            reference = reference(env)
-            if reference is None:
-                raise UpdateRejected("base_version", f"no reference weights for model "
-                                                     f"{env.model!r} base {env.base_version!r}")
+        ref = reference(env) if callable(reference) else reference
+        if ref is None:
+            raise UpdateRejected("base_version", f"no reference weights for model "
+                                                 f"{env.model!r} base {env.base_version!r}")
         if expected_model is not None and env.model != expected_model:
             raise UpdateRejected("model", f"update is for model {env.model!r}, "
                                           f"expected {expected_model!r}")
@@ -491,29 +535,69 @@ class UpdateDecoder:
                                                  f"expected {expected_base_version!r}")
         enc = env.encoding
         dtype, topk, comp = enc.get("dtype"), enc.get("topk"), enc.get("compression")
-        if dtype not in _WIRE_DTYPE or not isinstance(topk, (int, float)) or not 0 <= topk < 1:
-            raise UpdateRejected("format", f"bad encoding {enc!r}")
+        if dtype not in _WIRE_DTYPE or not isinstance(topk, (int, float)) or \
+                not 0 <= topk < 1 or not isinstance(comp, str):
+            raise UpdateRejected("format", f"bad encoding {enc!r:.200}")
         if env.raw_bytes > self.max_update_bytes or env.raw_bytes < 8:
             raise UpdateRejected("size", f"decompressed payload would be {env.raw_bytes} bytes, "
                                          f"limit {self.max_update_bytes}")
         raw = _decompress(payload, comp, env.raw_bytes)
+        sparse = topk > 0
+        header = _safetensors_header(raw)
+        _check_wire_dtypes(header, dtype, sparse)
         try:
             tensors = st_load(raw)
-        except Exception as e:  # safetensors raises its own SafetensorError
+        except SafetensorError as e:
             raise UpdateRejected("format", f"payload is not safetensors: {e}") from None
-        meta = _safetensors_metadata(raw)
-        sparse = topk > 0
+        meta = header.get("__metadata__") or {}  # str -> str: st_load checked it
         if meta.get("format") != PAYLOAD_FORMAT or meta.get("dtype") != dtype or \
                 meta.get("sparse") != ("topk" if sparse else "dense"):
             raise UpdateRejected("format", f"payload metadata {meta!r} does not match envelope")
-        spec = reference_spec(reference)
+        spec = reference_spec(ref)
         with _torch_threads(self.torch_threads):
             return DecodedUpdate(env, _rebuild(tensors, meta, spec, dtype, sparse))
 
 
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+def _safetensors_header(raw: bytes) -> dict[str, Any]:
+    """The JSON header of a safetensors file (u64 length, then JSON), or "format"."""
+    if len(raw) < 8:
+        raise UpdateRejected("format", "payload is not safetensors: too short")
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8: 8 + n]).get("__metadata__") or {}
+    if n > len(raw) - 8:
+        raise UpdateRejected("format", f"payload is not safetensors: header of {n} bytes "
+                                       f"in {len(raw)}")
+    try:
+        header = json.loads(raw[8: 8 + n])
+    except (ValueError, RecursionError) as e:
+        raise UpdateRejected("format", f"payload is not safetensors: header: {e}") from None
+    if not isinstance(header, dict):
+        raise UpdateRejected("format", "payload is not safetensors: header is not an object")
+    return header
+
+
+_SAFETENSORS_DTYPE = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
+
+
+def _check_wire_dtypes(header: Mapping[str, Any], dtype: str, sparse: bool) -> None:
+    """Refuse any tensor whose dtype the encoding does not use, before a tensor is
+    built (safetensors' torch loader fails with KeyError on dtypes torch lacks)."""
+    allowed = {_SAFETENSORS_DTYPE[dtype]} | ({"I32"} if sparse else set())
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        got = info.get("dtype") if isinstance(info, dict) else None
+        if got not in allowed:
+            raise UpdateRejected("dtype", f"{name}: safetensors dtype {got!r:.40}, expected "
+                                          f"{' or '.join(sorted(allowed))}")
+
+
+def _finite_number(v: Any) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond the range of a float
+        return False
 
 
 def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, str],
@@ -531,13 +615,13 @@ def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     if dtype == "int8":
         try:
             scales = json.loads(meta.get("scales", ""))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise UpdateRejected("format", "int8 scales are not JSON") from None
         if not isinstance(scales, dict) or set(scales) != set(spec):
             raise UpdateRejected("format", "int8 scales do not name every tensor")
         for n, v in scales.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise UpdateRejected("nonfinite", f"int8 scale of {n!r} is {v!r}")
+            if not _finite_number(v) or v < 0:
+                raise UpdateRejected("nonfinite", f"int8 scale of {n!r} is {v!r:.40}")
     out: dict[str, torch.Tensor] = {}
     for name, sp in spec.items():
         t = tensors[name]

@@ -14,6 +14,7 @@ Every drop is logged at WARNING and counted.  Thread-safe.
 
 from __future__ import annotations
 
+import builtins  # the property Outbox.bytes hides the type inside the class
 import logging
 import os
 import threading
@@ -108,7 +109,7 @@ class Outbox:
         with self._lock:
             return update_id in self._entries
 
-    def read(self, entry: OutboxEntry) -> bytes | None:
+    def read(self, entry: OutboxEntry) -> builtins.bytes | None:
         """The blob, or None when the entry was dropped meanwhile."""
         try:
             return entry.path.read_bytes()
@@ -125,7 +126,7 @@ class Outbox:
                     "refused_too_large": self.refused_too_large}
 
     # ------------------------------------------------------------------ changes
-    def put(self, blob: bytes) -> OutboxEntry:
+    def put(self, blob: builtins.bytes) -> OutboxEntry:
         """Store an encoded update durably; returns once it is on disk."""
         env = peek_envelope(blob)
         size = len(blob)

@@ -22,13 +22,19 @@ import pika
 import pika.exceptions as px
 
 from .amqp import AmqpSettings, AmqpWorker, FatalAmqpError
-from .chunks import DEFAULT_CHUNK_SIZE, split
+from .chunks import split
 from .codec import EncodedUpdate
 from .outbox import Outbox, OutboxEntry
-
-UPDATE_EXCHANGE = "waggle.train.updates"
-CONTENT_TYPE = "application/vnd.waggle.update"
-MESSAGE_TYPE = "waggle.update.chunk"
+from .wire import (
+    APP_ID,
+    CONTENT_TYPE,
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MESSAGE_TYPE,
+    MIN_CHUNK_SIZE,
+    UPDATE_EXCHANGE,
+    update_routing_key,
+)
 
 
 class UpdatePublisher(AmqpWorker):
@@ -39,12 +45,13 @@ class UpdatePublisher(AmqpWorker):
                  declare_exchange: bool = True, unroutable_retry_s: float = 30.0,
                  nack_retry_s: float = 5.0, poll_s: float = 0.2):
         super().__init__(amqp)
-        if not 1024 <= chunk_size <= 16 * 2**20 - 4096:
-            raise ValueError("chunk_size must be between 1 KiB and just under 16 MiB")
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size {chunk_size} is out of range ({MIN_CHUNK_SIZE}.."
+                             f"{MAX_CHUNK_SIZE} bytes: RabbitMQ refuses messages over 16 MiB)")
         self.outbox = outbox
         self.node_id = node_id
         self.exchange = exchange
-        self.routing_key = f"update.{node_id}"
+        self.routing_key = update_routing_key(node_id)
         self.chunk_size = chunk_size
         self.declare_exchange = declare_exchange
         self.unroutable_retry_s = unroutable_retry_s
@@ -127,7 +134,7 @@ class UpdatePublisher(AmqpWorker):
             props = pika.BasicProperties(
                 delivery_mode=pika.DeliveryMode.Persistent, content_type=CONTENT_TYPE,
                 message_id=c.message_id, headers=c.headers(), user_id=self.user_id,
-                app_id="waggle-trainer", type=MESSAGE_TYPE, timestamp=int(time.time()))
+                app_id=APP_ID, type=MESSAGE_TYPE, timestamp=int(time.time()))
             try:
                 ch.basic_publish(self.exchange, self.routing_key, c.body, props, mandatory=True)
             except px.UnroutableError:

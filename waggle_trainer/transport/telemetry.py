@@ -1,10 +1,21 @@
-"""Health and training metrics for Beehive, in the wagglemsg shape.
+"""Health and training metrics in the wagglemsg shape, on one of two routes.
 
 Every message is ``{"name", "ts", "val", "meta"}``: ``name`` dotted
 ``[a-z0-9_]`` segments of at most 64 characters in all, ``ts`` integer
 nanoseconds since the epoch, ``val`` a scalar (int, float or str), ``meta`` a
-string-to-string map that always carries ``node`` and ``vsn``.  Messages go to
-the topic exchange ``waggle.msg`` with the name as routing key.
+string-to-string map that always carries ``node`` and ``vsn``.
+
+Where they go is a :class:`TelemetryRoute`:
+
+* ``beehive`` - the topic exchange ``waggle.msg`` (Beehive's central exchange)
+  with the metric name as routing key, transient, over the ``[transport]``
+  connection (a node that holds Beehive credentials);
+* ``node`` - the way a pywaggle plugin publishes (pywaggle 0.56
+  ``waggle/plugin/rabbitmq.py``): the node's own broker, exchange
+  ``to-validator`` (owned by that broker: only checked), routing key = the
+  message's scope (``all``, ``node`` or ``beehive``), persistent, ``user_id`` =
+  the broker user and ``app_id`` = the application's id when it has one.  The
+  node's data service validates, tags and forwards them to Beehive.
 
 :class:`Telemetry` is the thread-safe collector the daemon records into; it
 keeps at most ``max_buffered`` messages in memory (oldest dropped and counted
@@ -22,15 +33,19 @@ import re
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pika
 
 from .amqp import AmqpSettings, AmqpWorker
+from .wire import APP_ID, NODE_EXCHANGE, TELEMETRY_EXCHANGE
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_EXCHANGE = "waggle.msg"
+ROUTES = ("beehive", "node")
+SCOPES = ("all", "node", "beehive")
 MAX_INTERVAL_S = 120.0
 _NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 
@@ -99,7 +114,7 @@ class Telemetry:
         for name, fn in list(self._gauges.items()):
             try:
                 v = fn()
-            except Exception:  # noqa: BLE001 - a broken gauge must not stop the others
+            except Exception:  # a broken gauge must not stop the others
                 log.exception("telemetry gauge %s failed", name)
                 continue
             if v is not None:
@@ -125,23 +140,58 @@ def encode_message(msg: Mapping[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
 
 
+@dataclass(frozen=True)
+class TelemetryRoute:
+    """Where and how metrics are published (see the module docstring)."""
+
+    exchange: str = TELEMETRY_EXCHANGE
+    #: "name": routing key = metric name (beehive); "scope": routing key = ``scope`` (node)
+    routing: Literal["name", "scope"] = "name"
+    scope: str = "all"
+    app_id: str | None = APP_ID
+    persistent: bool = False
+    #: declare the exchange (needs configure permission) or only check that it exists
+    declare_exchange: bool = True
+
+    def __post_init__(self) -> None:
+        if self.routing == "scope" and self.scope not in SCOPES:
+            raise ValueError(f"scope {self.scope!r}: one of {', '.join(SCOPES)}")
+
+    @classmethod
+    def beehive(cls, exchange: str = TELEMETRY_EXCHANGE, *,
+                declare_exchange: bool = True) -> TelemetryRoute:
+        return cls(exchange=exchange, declare_exchange=declare_exchange)
+
+    @classmethod
+    def node(cls, scope: str = "all", app_id: str | None = None) -> TelemetryRoute:
+        """pywaggle's route: ``to-validator``, routing key = scope, persistent."""
+        return cls(exchange=NODE_EXCHANGE, routing="scope", scope=scope, app_id=app_id or None,
+                   persistent=True, declare_exchange=False)
+
+    def routing_key(self, msg: Mapping[str, Any]) -> str:
+        return self.scope if self.routing == "scope" else str(msg["name"])
+
+
 class TelemetryPublisher(AmqpWorker):
     """Samples gauges every ``interval_s`` and sends everything buffered."""
 
     purpose = "telemetry"
 
     def __init__(self, amqp: AmqpSettings, telemetry: Telemetry, *,
-                 exchange: str = TELEMETRY_EXCHANGE, interval_s: float = 60.0,
-                 declare_exchange: bool = True, batch: int = 200):
+                 route: TelemetryRoute | None = None, exchange: str = TELEMETRY_EXCHANGE,
+                 interval_s: float = 60.0, declare_exchange: bool = True, batch: int = 200):
+        """``route`` says where messages go; without it, the beehive route to
+        ``exchange`` (declared unless ``declare_exchange=False``)."""
         super().__init__(amqp)
         if not 0 < interval_s <= MAX_INTERVAL_S:
             raise ValueError("interval_s must be within (0, 120] s")
         self.telemetry = telemetry
-        self.exchange = exchange
+        self.route = route or TelemetryRoute.beehive(exchange, declare_exchange=declare_exchange)
+        self.exchange = self.route.exchange
         self.interval_s = interval_s
-        self.declare_exchange = declare_exchange
         self.batch = batch
         self.sent = 0
+        self.user_id = amqp.broker_user()
         self._sampler = threading.Thread(target=self._sample_loop, name="telemetry-sampler",
                                          daemon=True)
 
@@ -160,7 +210,9 @@ class TelemetryPublisher(AmqpWorker):
             self.telemetry.sample_gauges()
 
     def _session(self, conn: pika.BlockingConnection) -> None:
-        ch = self._confirmed_channel(conn, self.exchange, self.declare_exchange)
+        r = self.route
+        ch = self._confirmed_channel(conn, r.exchange, r.declare_exchange)
+        delivery = pika.DeliveryMode.Persistent if r.persistent else pika.DeliveryMode.Transient
         while not self._stop.is_set():
             msgs = self.telemetry.peek(self.batch)
             if not msgs:
@@ -168,11 +220,11 @@ class TelemetryPublisher(AmqpWorker):
                 continue
             for m in msgs:
                 props = pika.BasicProperties(content_type="application/json",
-                                             delivery_mode=pika.DeliveryMode.Transient,
+                                             delivery_mode=delivery,
                                              timestamp=m["ts"] // 1_000_000_000,
-                                             app_id="waggle-trainer")
+                                             user_id=self.user_id, app_id=r.app_id)
                 # Confirmed, not mandatory: a metric nobody subscribes to is simply
                 # dropped by the broker rather than held on the node.
-                ch.basic_publish(self.exchange, m["name"], encode_message(m), props)
+                ch.basic_publish(r.exchange, r.routing_key(m), encode_message(m), props)
                 self.telemetry.discard([m])
                 self.sent += 1

@@ -1,0 +1,53 @@
+"""Names and limits of the update wire that the node and the server share.
+
+The node's publisher and the server's consumer both import this module; neither
+imports the other.  It imports nothing, so ``config.py`` may use it too.  The
+contract itself is written down in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+# -- exchanges, queues, routing ------------------------------------------------
+UPDATE_EXCHANGE = "waggle.train.updates"  # topic; routing key update.<node_id>
+UPDATE_BINDING_KEY = "update.*"
+SERVER_QUEUE = "waggle.train.updates.server"
+DEAD_LETTER_EXCHANGE = "waggle.train.dead"  # fanout
+DEAD_LETTER_QUEUE = "waggle.train.dead"
+
+
+def update_routing_key(node_id: str) -> str:
+    """The routing key a node publishes its update chunks with."""
+    return f"update.{node_id}"
+
+
+# -- telemetry (wagglemsg) ---------------------------------------------------------
+TELEMETRY_EXCHANGE = "waggle.msg"  # route "beehive": topic; routing key = metric name
+NODE_EXCHANGE = "to-validator"  # route "node": the node broker's, as pywaggle publishes
+
+
+# -- chunk messages -------------------------------------------------------------
+CONTENT_TYPE = "application/vnd.waggle.update"
+MESSAGE_TYPE = "waggle.update.chunk"
+APP_ID = "waggle-trainer"
+CHUNK_FORMAT = "waggle-update-chunk/1"
+
+HEADER_UPDATE_ID = "update_id"
+HEADER_CHUNK_INDEX = "chunk_index"
+HEADER_CHUNK_COUNT = "chunk_count"
+HEADER_PAYLOAD_SHA256 = "payload_sha256"
+HEADER_FORMAT = "format"
+
+# RabbitMQ refuses messages over 16 MiB by default (``max_message_size``); a chunk
+# stays below that with room for properties and headers.  Below 64 KiB the
+# per-message overhead dominates.
+MIN_CHUNK_SIZE = 64 * 2**10
+MAX_CHUNK_SIZE = 15 * 2**20
+DEFAULT_CHUNK_SIZE = 8 * 2**20
+
+# -- dead-lettering -------------------------------------------------------------
+HEADER_REJECT_CODE = "x-waggle-reject-code"
+HEADER_REJECT_REASON = "x-waggle-reject-reason"
+HEADER_ORIGINAL_EXCHANGE = "x-waggle-original-exchange"
+HEADER_ORIGINAL_ROUTING_KEY = "x-waggle-original-routing-key"
+HEADER_ORIGINAL_USER_ID = "x-waggle-original-user-id"
+HEADER_REJECTED_NS = "x-waggle-rejected-ns"
