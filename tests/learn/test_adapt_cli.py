@@ -30,8 +30,12 @@ def state(tmp_path_factory):
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "waggle_trainer", *args], capture_output=True, text=True,
-        cwd=ROOT, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, "-m", "waggle_trainer", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -41,8 +45,10 @@ def write_config(
     cfg = tmp_path / "node.toml"
     cfg.write_text(
         f'[camera]\nsource = "{source}"\nfps = 0\n'
-        '[student]\ninput_width = 96\ninput_height = 64\nmax_detections = 5\n' + student
-        + f'[state]\ndir = "{state or tmp_path / "state"}"\n' + extra
+        "[student]\ninput_width = 96\ninput_height = 64\nmax_detections = 5\n"
+        + student
+        + f'[state]\ndir = "{state or tmp_path / "state"}"\n'
+        + extra
     )
     return cfg
 
@@ -52,8 +58,9 @@ def image_folder(tmp_path: Path, n: int, width: int = 192, height: int = 128) ->
     folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(n):
-        cv2.imwrite(str(folder / f"{i:03d}.png"),
-                    (rng.random((height, width, 3)) * 255).astype(np.uint8))
+        cv2.imwrite(
+            str(folder / f"{i:03d}.png"), (rng.random((height, width, 3)) * 255).astype(np.uint8)
+        )
     return folder
 
 
@@ -72,33 +79,56 @@ def constant_student(path: Path) -> StudentSpec:
     return spec
 
 
-def test_detect_jsonl_writes_student_boxes_in_source_pixels(tmp_path):
+def test_detect_jsonl_writes_student_boxes_in_source_pixels(tmp_path, capsys):
     folder = image_folder(tmp_path, 4)
     weights = tmp_path / "student.safetensors"
     constant_student(weights)
-    r = cli("detect", "--config", str(write_config(tmp_path, str(folder))), "--weights",
-            str(weights), "--frames", "1:3", "--jsonl")
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    code = main(
+        [
+            "detect",
+            "--config",
+            str(write_config(tmp_path, str(folder))),
+            "--weights",
+            str(weights),
+            "--frames",
+            "1:3",
+            "--jsonl",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = [json.loads(line) for line in out.out.splitlines()]
     assert [line["frame"] for line in lines] == [1, 2]
     sx, sy = 192 / 96, 128 / 64  # source pixels per input pixel
     for line in lines:
         assert len(line["boxes"]) == 5  # max_detections
         for x1, y1, x2, y2, score, cls in line["boxes"]:
             assert cls == 0 and score == pytest.approx(1 / (1 + math.exp(-5)), abs=1e-4)
-            assert (x2 - x1, y2 - y1) == (pytest.approx(4 * 4 * sx, abs=0.02),
-                                          pytest.approx(6 * 4 * sy, abs=0.02))
+            assert (x2 - x1, y2 - y1) == (
+                pytest.approx(4 * 4 * sx, abs=0.02),
+                pytest.approx(6 * 4 * sy, abs=0.02),
+            )
             cx, cy = (x1 + x2) / 2 / (4 * sx) - 0.5, (y1 + y2) / 2 / (4 * sy) - 0.5
             assert cx == pytest.approx(round(cx), abs=0.01) and 0 <= round(cx) < 24
             assert cy == pytest.approx(round(cy), abs=0.01) and 0 <= round(cy) < 16
 
 
 @pytest.mark.skipif(not VTEST.exists(), reason="needs /work/shared/data/vtest.avi")
-def test_detect_jsonl_with_the_teacher_finds_people_on_vtest(tmp_path):
-    r = cli("detect", "--config", str(write_config(tmp_path, str(VTEST))), "--teacher",
-            "--frames", "0:2", "--jsonl")
-    assert r.returncode == 0, r.stderr
-    lines = [json.loads(line) for line in r.stdout.splitlines()]
+def test_detect_jsonl_with_the_teacher_finds_people_on_vtest(tmp_path, capsys):
+    code = main(
+        [
+            "detect",
+            "--config",
+            str(write_config(tmp_path, str(VTEST))),
+            "--teacher",
+            "--frames",
+            "0:2",
+            "--jsonl",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    lines = [json.loads(line) for line in out.out.splitlines()]
     assert [line["frame"] for line in lines] == [0, 1]
     for line in lines:
         people = [b for b in line["boxes"] if b[5] == 0]
@@ -110,11 +140,13 @@ def test_detect_usage_errors_are_one_line(tmp_path, capsys):
     cfg = write_config(tmp_path, str(image_folder(tmp_path, 1)))
     assert main(["detect", "--config", str(cfg), "--jsonl"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "waggle-trainer detect: --weights FILE is required (or --teacher)")
+        "waggle-trainer detect: --weights FILE is required (or --teacher)"
+    )
     missing = tmp_path / "none.safetensors"
     assert main(["detect", "--config", str(cfg), "--weights", str(missing)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"waggle-trainer detect: {missing}: student weights file not found")
+        f"waggle-trainer detect: {missing}: student weights file not found"
+    )
     with pytest.raises(SystemExit) as info:
         main(["detect", "--config", str(cfg), "--weights", "x", "--frames", "5:2"])
     assert info.value.code == 2 and "empty frame range" in capsys.readouterr().err
@@ -122,18 +154,26 @@ def test_detect_usage_errors_are_one_line(tmp_path, capsys):
 
 def test_adapt_runs_saves_a_student_and_summarises(tmp_path, state):
     # the synthetic source (moving shapes) and the reference teacher: a few frames, one round
-    cfg = write_config(tmp_path, "synthetic", extra=(
-        "[training]\nbatch_size = 1\nsteps_per_round = 2\n"
-        "[adaptation]\nteacher_stride_min = 1\nnew_samples_per_round = 2\n"
-        "holdout_fraction = 0.3\n"), state=state)
+    cfg = write_config(
+        tmp_path,
+        "synthetic",
+        extra=(
+            "[training]\nbatch_size = 1\nsteps_per_round = 2\n"
+            "[adaptation]\nteacher_stride_min = 1\nnew_samples_per_round = 2\n"
+            "holdout_fraction = 0.3\n"
+        ),
+        state=state,
+    )
     out = tmp_path / "adapted.safetensors"
-    r = cli("adapt", "--config", str(cfg), "--frames", "4", "--save", str(out), "--seed", "3",
-            "--json")
+    r = cli(
+        "adapt", "--config", str(cfg), "--frames", "4", "--save", str(out), "--seed", "3", "--json"
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["frames_seen"] == 4 and summary["teacher_calls"] == 4
-    assert summary["rounds"] == 1 and summary["rounds_accepted"] + summary[
-        "rounds_rolled_back"] == 1
+    assert (
+        summary["rounds"] == 1 and summary["rounds_accepted"] + summary["rounds_rolled_back"] == 1
+    )
     assert summary["strategy"] in ("optimal", "none") and summary["budget_bytes"] > 0
     assert out.is_file() and summary["saved"] == str(out)
     r = cli("detect", "--config", str(cfg), "--weights", str(out), "--frames", "0:1", "--jsonl")
@@ -151,5 +191,8 @@ def test_adapt_refuses_a_missing_source_and_bad_weights(tmp_path, capsys):
     cfg = write_config(tmp_path, "synthetic", student=f'weights = "{bad}"\n')
     assert main(["adapt", "--config", str(cfg), "--frames", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"waggle-trainer adapt: {bad}: not a safetensors file " + err[-1].split(
-        "not a safetensors file ")[1]
+    assert (
+        err[-1]
+        == f"waggle-trainer adapt: {bad}: not a safetensors file "
+        + err[-1].split("not a safetensors file ")[1]
+    )

@@ -4,11 +4,10 @@ called, and the state directory holds no image data afterwards."""
 
 from __future__ import annotations
 
+from tests.privacy import ImagesStayInRam, scan_for_images
 from waggle_trainer.cli import main
 from waggle_trainer.config import load_config
 from waggle_trainer.vision.frames import open_source
-
-from tests.privacy import ImagesStayInRam, scan_for_images
 
 
 def test_adaptation_keeps_images_in_ram(tmp_path, capsys):
@@ -23,8 +22,18 @@ def test_adaptation_keeps_images_in_ram(tmp_path, capsys):
         f'[state]\ndir = "{state}"\n'
     )
     with ImagesStayInRam(allowed_dirs=[state]) as guard:
-        code = main(["adapt", "--config", str(cfg), "--frames", "10", "--json",
-                     "--save", str(state / "student.safetensors")])
+        code = main(
+            [
+                "adapt",
+                "--config",
+                str(cfg),
+                "--frames",
+                "10",
+                "--json",
+                "--save",
+                str(state / "student.safetensors"),
+            ]
+        )
     assert code == 0, capsys.readouterr().err
     assert not guard.violations
     out = capsys.readouterr()

@@ -341,6 +341,7 @@ def _detect(args) -> int:
             if teacher is not None:
                 dets = teacher.label([frame.image])[0]
             else:
+                assert model is not None
                 dets = predict_frames(
                     model,
                     spec,
@@ -357,7 +358,7 @@ def _detect(args) -> int:
             if args.jsonl:
                 print(json.dumps({"frame": int(frame.index), "boxes": rows}), flush=False)
             else:
-                names = ", ".join(f"{task.classes[r[5]]} {r[4]:.2f}" for r in rows)
+                names = ", ".join(f"{task.classes[int(r[5])]} {r[4]:.2f}" for r in rows)
                 print(f"frame {frame.index}: {len(rows)} boxes" + (f" ({names})" if rows else ""))
             progress.show(f"frames {frames}  boxes {boxes}")
     finally:

@@ -538,7 +538,7 @@ class AdaptationLoop:
         for i, names in (meta.get("optimizer_scalars") or {}).items():
             for name, value in names.items():
                 optim.setdefault(int(i), {})[name] = value
-        counters = {}
+        counters: dict[str, int] = {}
         for key in (
             "rounds",
             "rounds_accepted",
@@ -548,10 +548,10 @@ class AdaptationLoop:
             "teacher_calls",
             "teacher_stride",
         ):
-            value = meta.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"saved state: {key} = {value!r} is not a count")
-            counters[key] = value
+            count = meta.get(key)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"saved state: {key} = {count!r} is not a count")
+            counters[key] = count
         try:
             apply_weights(self.student, weights, "saved state")
         except StudentError as exc:
@@ -562,8 +562,8 @@ class AdaptationLoop:
         counters["teacher_stride"] = min(
             a.teacher_stride_max, max(a.teacher_stride_min, counters["teacher_stride"])
         )
-        for key, value in counters.items():
-            setattr(self, key, value)
+        for key, count in counters.items():
+            setattr(self, key, count)
         self._since_teacher = self.teacher_stride - 1
         self.base_version = meta.get("base_version")
         self._version += 1

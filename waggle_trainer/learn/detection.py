@@ -19,6 +19,7 @@ L1 losses at centres.  Decoding: sigmoid, 3x3 max-pool to keep local peaks (the
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
 from torch.nn import functional as F

@@ -102,24 +102,26 @@ class CenterHead(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 64) -> None:
         super().__init__()
+        last = nn.Conv2d(hidden, num_classes, 1)
+        with torch.no_grad():
+            last.bias.fill_(-math.log((1 - HEAT_PRIOR) / HEAT_PRIOR))  # type: ignore[union-attr]
         self.heat = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(hidden, num_classes, 1),
+            last,
         )
         self.box = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, 4, 1)
         )
-        nn.init.constant_(self.heat[-1].bias, -math.log((1 - HEAT_PRIOR) / HEAT_PRIOR))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.heat(x), self.box(x)], dim=1)
 
 
-def _channels(layer: nn.Sequential) -> int:
-    last = layer[-1]
-    bn = getattr(last, "bn3", None) or last.bn2
-    return int(bn.num_features)
+def _channels(layer: nn.Module) -> int:
+    """Output channels of a ResNet stage (its last block's last BatchNorm)."""
+    bns = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
+    return int(bns[-1].num_features)
 
 
 def build_student(spec: StudentSpec) -> nn.Module:

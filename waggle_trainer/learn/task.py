@@ -13,6 +13,7 @@ from typing import Literal
 TaskKind = Literal["detect", "classify"]
 TASK_KINDS: tuple[str, ...] = ("detect", "classify")
 
+
 @dataclass(frozen=True)
 class Task:
     """``kind``: "detect" (boxes per class) or "classify" (one label per frame)."""
