@@ -268,7 +268,7 @@ def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(tmp_path, state):
     frames = clip(48)
     loop = AdaptationLoop(tiny_config(tmp_path), ClipTeacher(frames), state_dir=state)
     rounds = feed_all(loop, frames)
-    assert len(rounds) == 3
+    assert len(rounds) >= 3
     first, last = rounds[0].agreement_before, loop.last_agreement
     assert first < 0.1
     assert last > first + 0.25, [(r.agreement_before, r.agreement_after) for r in rounds]

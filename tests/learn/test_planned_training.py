@@ -101,13 +101,14 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
 
 def test_run_uses_the_config_file(tmp_path):
     cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[student]\narch = "resnet18"\nimage_size = 32\nnum_classes = 5\n'
+    cfg.write_text(f'[student]\narch = "resnet18"\ninput_width = 64\ninput_height = 32\n'
                    f'[training]\nbatch_size = 2\n[memory]\nbudget = "12MiB"\n'
                    f'[state]\ndir = "{tmp_path / "state"}"\n')
     r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert (out["arch"], out["batch"], out["image"], out["budget_bytes"]) == ("resnet18", 2, 32, 12 * 2**20)
+    assert (out["arch"], out["batch"], out["width"], out["image"], out["budget_bytes"]) == (
+        "resnet18", 2, 64, 32, 12 * 2**20)
     assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
 
 

@@ -172,7 +172,7 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     r = result
-    print(f"{r.arch}, batch {r.batch}, {r.image} px: strategy {r.strategy}, "
+    print(f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: strategy {r.strategy}, "
           f"activation budget {format_size(r.budget_bytes)}")
     if spec.budget == "auto":
         print("\n".join(training.budget.lines()))
@@ -215,9 +215,12 @@ def _run(args) -> int:
         return EXIT_USAGE
     if args.log_level is None:
         setup_logging(cfg.node.log_level)
+    from waggle_trainer.learn.task import task_from_config
+
     spec = RunSpec(
-        arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.image_size,
-        classes=cfg.student.num_classes, strategy=cfg.memory.strategy, budget=cfg.memory.budget,
+        arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.input_height,
+        width=cfg.student.input_width, classes=max(2, task_from_config(cfg).num_classes),
+        strategy=cfg.memory.strategy, budget=cfg.memory.budget,
         safety_margin=cfg.memory.safety_margin, optimizer=cfg.training.optimizer,
         learning_rate=cfg.training.learning_rate, momentum=cfg.training.momentum,
         replan_threshold=cfg.memory.replan_threshold, cache_dir=cfg.state.dir / "profiles",

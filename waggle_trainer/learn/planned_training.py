@@ -189,8 +189,11 @@ class PlannedTraining:
         scratch buffers of oneDNN kernels: 15-30 MiB here.  Repeats (up to ``rounds``
         steps) while the measured peak exceeds the budget by more than 5% and a smaller
         plan exists.  Only when memory is tight (allocator mode ``mmap``; under glibc's
-        defaults the budget has room by construction).  Returns the overshoot in bytes.
+        defaults the budget has room by construction).  ``batch()`` makes a training
+        batch ``(x, y)`` (default :meth:`batch`: random data).  Returns the overshoot in
+        bytes.
         """
+        batch = batch or self.batch
         if self.allocator_mode != "mmap":
             return 0
         budget = self.budget.activation_budget_bytes
@@ -292,6 +295,7 @@ class RunResult:
     arch: str
     batch: int
     image: int
+    width: int | None
     strategy: str
     budget_bytes: int
     predicted_peak_bytes: int
@@ -335,7 +339,7 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
     plan = training.chain.plan
     return RunResult(
         arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
-        strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
+        width=training.spec.width, strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
         predicted_peak_bytes=plan.predicted_peak_bytes, predicted_time_ratio=plan.time_ratio,
         min_feasible_bytes=plan.min_feasible_bytes, steps=steps,
         median_step_s=statistics.median(times), step_times_s=times,
