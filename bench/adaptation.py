@@ -414,6 +414,8 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
         f"- B >= A + 0.15 AP50 on every seed: {'met' if gains_ok else 'MISSED'}",
         f"- teacher on at most half of the stream's frames: {'met' if calls_ok else 'MISSED'}",
         f"- loop overhead < 5%: {'met' if overhead_ok else 'MISSED'}",
+        f"- whole run < 15 min: {'met' if total < 900 else 'MISSED'} ({total / 60:.1f} min; "
+        f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
     ]
     (args.out / "adaptation.md").write_text("\n".join(lines) + "\n")
     (args.out / "adaptation.json").write_text(

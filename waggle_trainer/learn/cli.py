@@ -172,7 +172,8 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
     r = result
-    print(f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: strategy {r.strategy}, "
+    print(f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: "
+          f"strategy {r.strategy}, "
           f"activation budget {format_size(r.budget_bytes)}")
     if spec.budget == "auto":
         print("\n".join(training.budget.lines()))

@@ -237,7 +237,7 @@ class PlannedTraining:
         return cls.for_model(build_resnet(spec.arch, spec.classes).train(), spec)
 
     @classmethod
-    def for_model(cls, model: nn.Module, spec: RunSpec, loss_fn=None) -> "PlannedTraining":
+    def for_model(cls, model: nn.Module, spec: RunSpec, loss_fn=None) -> PlannedTraining:
         """``model`` (a chain :mod:`waggle_trainer.remat.chain` can split) planned for
         batches of ``spec.input_shape`` within ``spec.budget``; ``loss_fn(output, y)``
         (default cross-entropy)."""
@@ -339,7 +339,8 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
     plan = training.chain.plan
     return RunResult(
         arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
-        width=training.spec.width, strategy=plan.strategy, budget_bytes=training.budget.activation_budget_bytes,
+        width=training.spec.width, strategy=plan.strategy,
+        budget_bytes=training.budget.activation_budget_bytes,
         predicted_peak_bytes=plan.predicted_peak_bytes, predicted_time_ratio=plan.time_ratio,
         min_feasible_bytes=plan.min_feasible_bytes, steps=steps,
         median_step_s=statistics.median(times), step_times_s=times,
