@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/waggle-trainer run $(ARGS)
 
+# Lint and types (configuration in pyproject.toml); part of `make test`.
+check: $(STAMP)
+	$(BIN)/ruff check waggle_trainer tests bench
+	$(BIN)/mypy
+
 # The whole suite, including the tests that talk to RabbitMQ at 127.0.0.1:5672.
-test: $(STAMP)
+test: check
 	$(BIN)/python -m pytest
 
 clean:

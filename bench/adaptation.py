@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from waggle_trainer.common import format_size  # noqa: E402
+from waggle_trainer.common import cpu_model, format_size  # noqa: E402
 from waggle_trainer.config import config_from_dict  # noqa: E402
 from waggle_trainer.learn.adaptation import AdaptationLoop, predict_frames  # noqa: E402
 from waggle_trainer.learn.agreement import average_precision  # noqa: E402
@@ -266,6 +265,12 @@ def main() -> int:
         "cores make every step slower)",
     )
     args = ap.parse_args()
+    defaults = ap.parse_args([])
+    # a run restricted by options writes adaptation-partial.*, never the full table
+    args.partial = any(
+        getattr(args, k) != getattr(defaults, k)
+        for k in ("vtest", "tud", "stream", "eval", "seeds")
+    )
     torch.set_num_threads(args.threads)
     s0, s1 = (int(v) for v in args.stream.split(":"))
     e0, e1 = (int(v) for v in args.eval.split(":"))
@@ -352,28 +357,15 @@ def main() -> int:
     return 0
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_results(args, rows, plan_info, teacher_ms, total) -> None:
-    from waggle_trainer.remat.profiler import _cpu_model
+    from provenance import commit
 
     command = "python bench/adaptation.py " + " ".join(sys.argv[1:])
-    cpu = _cpu_model()
+    cpu = cpu_model()
     lines = [
         "# Viewpoint adaptation on vtest.avi (student vs. teacher)",
         "",
-        f"Command: `{command}`; commit {_commit()}; CPU {cpu}, {args.threads} torch threads "
+        f"Command: `{command}`; commit {commit()}; CPU {cpu}, {args.threads} torch threads "
         f"({os.cpu_count()} cores, shared); whole run {total / 60:.1f} min.",
         "",
         f"Stream vtest {args.stream}, evaluation vtest {args.eval} (never trained on). "
@@ -417,12 +409,13 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
         f"- whole run < 15 min: {'met' if total < 900 else 'MISSED'} ({total / 60:.1f} min; "
         f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
     ]
-    (args.out / "adaptation.md").write_text("\n".join(lines) + "\n")
-    (args.out / "adaptation.json").write_text(
+    name = "adaptation-partial" if args.partial else "adaptation"
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{name}.json").write_text(
         json.dumps(
             {
                 "command": command,
-                "commit": _commit(),
+                "commit": commit(),
                 "cpu": cpu,
                 "threads": args.threads,
                 "machine": platform.machine(),
@@ -452,7 +445,7 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
     ax.set_title("Student-teacher agreement during adaptation (vtest.avi)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "adaptation.png", dpi=120)
+    fig.savefig(args.out / f"{name}.png", dpi=120)
     print("\n".join(lines))
 
 

@@ -59,15 +59,26 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     state = Path(tempfile.mkdtemp(prefix="waggle-rss-"))
-    cfg = config_from_dict({
-        "camera": {"source": "synthetic", "fps": 0, "loop": True},
-        "student": {"input_width": 160, "input_height": 128},
-        "training": {"batch_size": 2, "steps_per_round": 4, "optimizer": "adam",
-                     "learning_rate": 1e-3},
-        "adaptation": {"buffer_size": 64, "new_samples_per_round": 16,
-                       "teacher_stride_min": 4, "teacher_stride_max": 8},
-        "state": {"dir": str(state)},
-    }, "bench")
+    cfg = config_from_dict(
+        {
+            "camera": {"source": "synthetic", "fps": 0, "loop": True},
+            "student": {"input_width": 160, "input_height": 128},
+            "training": {
+                "batch_size": 2,
+                "steps_per_round": 4,
+                "optimizer": "adam",
+                "learning_rate": 1e-3,
+            },
+            "adaptation": {
+                "buffer_size": 64,
+                "new_samples_per_round": 16,
+                "teacher_stride_min": 4,
+                "teacher_stride_max": 8,
+            },
+            "state": {"dir": str(state)},
+        },
+        "bench",
+    )
     source = open_source(cfg.camera)
     teacher = SyntheticTeacher(source)
     loop = AdaptationLoop(cfg, teacher, state_dir=state)
@@ -79,8 +90,11 @@ def main() -> int:
         loop.feed(frame)
         if n % args.every == 0:
             samples.append((n, proc.memory_info().rss))
-            print(f"frame {n}: RSS {format_size(samples[-1][1])}, rounds {loop.rounds}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"frame {n}: RSS {format_size(samples[-1][1])}, rounds {loop.rounds}",
+                file=sys.stderr,
+                flush=True,
+            )
         if n >= args.frames:
             break
     source.close()
@@ -106,8 +120,11 @@ def main() -> int:
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "adaptation_rss.md").write_text("\n".join(lines) + "\n")
-    (args.out / "adaptation_rss.json").write_text(json.dumps(
-        {"samples": samples, "warmup": args.warmup, "growth": growth, "rounds": loop.rounds}))
+    (args.out / "adaptation_rss.json").write_text(
+        json.dumps(
+            {"samples": samples, "warmup": args.warmup, "growth": growth, "rounds": loop.rounds}
+        )
+    )
     print("\n".join(lines))
     return 0
 

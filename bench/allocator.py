@@ -11,14 +11,19 @@ random data, and reports:
 * ``step_s``: median step time of steps 2..N (step 1 allocates gradients and
   momentum buffers).
 
-Variants: ``plain`` (no checkpointing) and ``ckpt`` (the executor's
-``CheckpointedSequential`` with the ``sequential`` strategy when it exists, else
-``torch.utils.checkpoint.checkpoint_sequential`` with ``--segments`` segments,
-``use_reentrant=False``).  Configurations run interleaved, round by round, and are
-reported as ratios to glibc's defaults of the same variant and round (medians over
-rounds), because step times vary by up to 30% between processes here.
+Variants: ``plain`` (no checkpointing); ``ckpt``, this project's
+``CheckpointedSequential`` with the ``sequential`` strategy at ``--fraction`` of
+plain training's predicted activation peak (or its minimum feasible budget, if
+higher); ``torch-ckpt``, ``torch.utils.checkpoint.checkpoint_sequential`` with
+``--segments`` segments (``use_reentrant=False``).  Configurations run interleaved,
+round by round, and are reported as ratios to plain training under glibc's defaults
+in the same round (medians over rounds), because step times vary by up to 30%
+between processes here.
 
-    .venv/bin/python bench/allocator.py --arch resnet18 resnet50 --rounds 2 --steps 4
+    .venv/bin/python bench/allocator.py --arch resnet18 resnet50 --rounds 2 --steps 5
+
+Writes ``bench/results/allocator.md`` for the default set of architectures,
+variants and configurations, else ``allocator-partial.md`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import provenance, results_path  # noqa: E402
+
 MB = 2**20
+
+VARIANTS = ("plain", "ckpt", "torch-ckpt")
+DEFAULT_ARCHS = ["resnet18", "resnet50"]
 
 # name -> (environment, in-process mode, trim after each step)
 CONFIGS: dict[str, dict] = {
@@ -88,20 +98,25 @@ def worker(args) -> None:
     forward = model
     impl = "plain"
     if args.variant == "ckpt":
-        try:
-            from waggle_trainer.remat.executor import CheckpointedSequential  # type: ignore
+        from waggle_trainer.remat.executor import CheckpointedSequential
+        from waggle_trainer.remat.planner import Planner
 
-            x0 = torch.randn(args.batch, 3, args.image, args.image)
-            forward = CheckpointedSequential(model, budget_bytes=None, strategy="sequential",
-                                             sample_input=x0)
-            impl = "CheckpointedSequential(sequential)"
-        except Exception:
-            from torch.utils.checkpoint import checkpoint_sequential
+        x0 = torch.empty(args.batch, 3, args.image, args.image)
+        chain = CheckpointedSequential(model, budget_bytes=2**62, strategy="sequential",
+                                       sample_input=x0)
+        plain_peak = chain.plan.baseline_peak_bytes
+        lowest = Planner(chain.costs).min_feasible_budget("sequential")
+        plan = chain.replan(max(int(args.fraction * plain_peak), lowest))
+        forward = chain
+        impl = (f"CheckpointedSequential(sequential, {plan.detail['segments']} segments, "
+                f"{plan.budget_bytes / plain_peak:.2f}x plain's predicted peak)")
+    elif args.variant == "torch-ckpt":
+        from torch.utils.checkpoint import checkpoint_sequential
 
-            def forward(x):
-                return checkpoint_sequential(model, args.segments, x, use_reentrant=False)
+        def forward(x):
+            return checkpoint_sequential(model, args.segments, x, use_reentrant=False)
 
-            impl = f"checkpoint_sequential({args.segments})"
+        impl = f"checkpoint_sequential({args.segments})"
 
     proc = psutil.Process()
     rss_base = proc.memory_info().rss
@@ -146,21 +161,27 @@ def _env_for(name: str) -> dict[str, str]:
     return env
 
 
+def _in_cgroup(argv: list[str], env: dict[str, str]):
+    """Run ``argv`` in a fresh memory cgroup (needs root), or None where there is none."""
+    from tests.cgroup_util import CgroupUnavailable, run_in_memory_cgroup
+
+    try:
+        return run_in_memory_cgroup(argv, None, env=env, timeout=900)
+    except CgroupUnavailable:
+        return None
+
+
 def run_one(arch, variant, config, a) -> dict:
     argv = [sys.executable, __file__, "--worker", "--arch", arch, "--variant", variant,
             "--config", config, "--batch", str(a.batch), "--image", str(a.image),
-            "--steps", str(a.steps), "--segments", str(a.segments), "--threads", str(a.threads)]
+            "--steps", str(a.steps), "--segments", str(a.segments), "--threads", str(a.threads),
+            "--fraction", str(a.fraction)]
     env = _env_for(config)
     cg_peak = None
-    try:
-        from tests.cgroup_util import CgroupUnavailable, run_in_memory_cgroup
-
-        try:
-            r = run_in_memory_cgroup(argv, None, env=env, timeout=900)
-            rc, out, err, cg_peak = r.returncode, r.stdout, r.stderr, r.peak_bytes
-        except CgroupUnavailable:
-            raise ImportError
-    except ImportError:
+    r = _in_cgroup(argv, env)
+    if r is not None:
+        rc, out, err, cg_peak = r.returncode, r.stdout, r.stderr, r.peak_bytes
+    else:
         p = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
         rc, out, err = p.returncode, p.stdout, p.stderr
     if rc != 0:
@@ -173,9 +194,11 @@ def run_one(arch, variant, config, a) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--arch", nargs="+", default=["resnet18", "resnet50"])
-    ap.add_argument("--variant", default="plain", choices=["plain", "ckpt"])
-    ap.add_argument("--variants", nargs="+", default=["plain", "ckpt"])
+    ap.add_argument("--arch", nargs="+", default=DEFAULT_ARCHS)
+    ap.add_argument("--variant", default="plain", choices=VARIANTS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="ckpt: budget as a fraction of plain training's predicted peak")
     ap.add_argument("--config", default="glibc", choices=list(CONFIGS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
@@ -184,7 +207,7 @@ def main() -> int:
     ap.add_argument("--segments", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "allocator.md"))
+    ap.add_argument("--out", default=None, help="results file (default: see the module doc)")
     a = ap.parse_args()
     if a.worker:
         a.arch = a.arch[0]
@@ -199,10 +222,14 @@ def main() -> int:
                     r = run_one(arch, variant, config, a)
                     r["round"] = rnd
                     results.setdefault((arch, variant, config), []).append(r)
-                    print(f"round {rnd} {arch:9s} {variant:5s} {config:16s} "
-                          f"growth {r['rss_growth'] / MB:7.0f} MB  peak {r['rss_peak'] / MB:7.0f} MB  "
-                          f"cg {(r['cg_peak'] or 0) / MB:7.0f} MB  step {r['step_s']:.3f} s  "
-                          f"[{r['impl']}]", flush=True)
+                    print(
+                        f"round {rnd} {arch:9s} {variant:10s} {config:16s} "
+                        f"growth {r['rss_growth'] / MB:7.0f} MB  "
+                        f"peak {r['rss_peak'] / MB:7.0f} MB  "
+                        f"cg {(r['cg_peak'] or 0) / MB:7.0f} MB  step {r['step_s']:.3f} s  "
+                        f"[{r['impl']}]",
+                        flush=True,
+                    )
 
     def med(key, rs):
         vals = [r[key] for r in rs if r[key] is not None]
@@ -211,17 +238,23 @@ def main() -> int:
     def ratio(arch, variant, config, key):
         # per round, against glibc plain of the same round, then the median
         ref = {r["round"]: r for r in results.get((arch, "plain", "glibc"), [])}
-        vals = [r[key] / ref[r["round"]][key] for r in results[(arch, variant, config)]
-                if r["round"] in ref and r[key] and ref[r["round"]][key]]
+        vals = [
+            r[key] / ref[r["round"]][key]
+            for r in results[(arch, variant, config)]
+            if r["round"] in ref and r[key] and ref[r["round"]][key]
+        ]
         return statistics.median(vals) if vals else None
 
     lines = [
         f"# Allocator settings vs. checkpointing (batch {a.batch}, {a.image} px, "
         f"{a.threads} threads, {a.steps} steps, {a.rounds} rounds, interleaved)",
         "",
+        *provenance(a.threads),
+        "",
         "Ratios are to plain training under glibc defaults in the same round (median over rounds).",
-        "ckpt = " + ", ".join(sorted({r["impl"] for k, rs in results.items() if k[1] == "ckpt"
-                                      for r in rs})) + ".",
+        *[f"{v} = " + ", ".join(sorted({r["impl"] for k, rs in results.items() if k[1] == v
+                                        for r in rs})) + "."
+          for v in a.variants if v != "plain"],
         "",
         "| arch | variant | allocator | RSS growth MB | x | cgroup peak MB | x | step s | x |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -231,8 +264,10 @@ def main() -> int:
             for config in a.configs:
                 rs = results[(arch, variant, config)]
                 g, c, s = med("rss_growth", rs), med("cg_peak", rs), med("step_s", rs)
-                rg, rc, rs_ = (ratio(arch, variant, config, k) for k in ("rss_growth", "cg_peak", "step_s"))
-                f = lambda v, d=0: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+                rg, rc, rs_ = (
+                    ratio(arch, variant, config, k) for k in ("rss_growth", "cg_peak", "step_s")
+                )
+                f = lambda v, d=0: "-" if v is None else f"{v:.{d}f}"
                 lines.append(
                     f"| {arch} | {variant} | {config} | {f(g / MB)} | {f(rg, 2)} | "
                     f"{f(c / MB if c else None)} | {f(rc, 2)} | {f(s, 3)} | {f(rs_, 2)} |"
@@ -240,9 +275,12 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print()
     print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + "\nCommand: `" + " ".join(
-        [".venv/bin/python", "bench/allocator.py"] + sys.argv[1:]) + "`\n")
+    partial = (a.arch != DEFAULT_ARCHS or a.configs != list(CONFIGS)
+               or a.variants != list(VARIANTS))
+    out = results_path("allocator", "md", partial=partial, out=a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
     return 0
 
 

@@ -16,7 +16,7 @@ Prints the table and writes ``bench/results/memory_table.md``.
 from __future__ import annotations
 
 import argparse
-import platform
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -24,11 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import provenance  # noqa: E402
+
 
 def main() -> int:
-    from waggle_trainer.common import parse_size
+    from waggle_trainer.common import Progress, parse_size
     from waggle_trainer.remat.allocator import DEFAULT_MODE
-    from waggle_trainer.remat.memory import format_rows, reference_rows
+    from waggle_trainer.remat.memory import REFERENCE_CELLS, format_rows, reference_rows
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--measure-limit", default="1.5GiB",
@@ -45,29 +47,31 @@ def main() -> int:
     import torch
 
     t0 = time.time()
+    bar, done = Progress("memory table", "cells"), itertools.count(1)
     rows = reference_rows(
-        measure=not a.no_measure, measure_limit_bytes=limit,
-        progress=lambda r: print(f"  {r['arch']} b{r['batch']} {r['image']}px"
-                                 + (" measured" if r["measured"] else ""), file=sys.stderr, flush=True),
+        measure=not a.no_measure,
+        measure_limit_bytes=limit,
+        progress=lambda r: bar(next(done), len(REFERENCE_CELLS)),
     )
     head = [
         "# ResNet training memory: the study's table beside this machine",
         "",
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, "
-        f"allocator mode {DEFAULT_MODE!r}, SGD with momentum, fp32.  Reference: MB from the "
+        *provenance(torch.get_num_threads()),
+        "",
+        f"Allocator mode {DEFAULT_MODE!r}, SGD with momentum, fp32.  Reference: MB from the "
         "original study.  Predicted MB: parameters + buffers + gradients + momentum + input + "
         "activations (meta-device saved tensors) + workspace.  Step growth: predicted total "
         "minus parameters and buffers (resident before the step).  Measured: peak RSS growth "
         "and tensor-level peak of two real steps in a fresh process "
-        f"(cells predicted at most {a.measure_limit}); meas/pred = RSS growth / predicted step growth.",
+        f"(cells predicted at most {a.measure_limit}); "
+        "meas/pred = RSS growth / predicted step growth.",
         "",
     ]
     lines = head + format_rows(rows)
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + f"\nCommand: `.venv/bin/python bench/memory_table.py "
-                           f"{' '.join(sys.argv[1:])}`".rstrip() + f" ({time.time() - t0:.0f} s)\n")
+    Path(a.out).write_text(text + f"\n({time.time() - t0:.0f} s)\n")
     return 0
 
 

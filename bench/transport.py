@@ -33,8 +33,15 @@ import pika  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from waggle_trainer.transport import (AmqpSettings, CodecSettings, Outbox,  # noqa: E402
-                                      UpdateDecoder, UpdateEncoder, UpdatePublisher, weight_delta)
+from waggle_trainer.transport import (  # noqa: E402
+    AmqpSettings,
+    CodecSettings,
+    Outbox,
+    UpdateDecoder,
+    UpdateEncoder,
+    UpdatePublisher,
+    weight_delta,
+)
 
 KEY = b"bench-key-0123456789abcdef012345"
 MB = 1e6
@@ -84,8 +91,9 @@ def codec_rows(arch, base, new, repeats):
             if mask.any():
                 err = max(err, float((got[mask] - t_[mask]).abs().max()) /
                           float(t_.abs().max()))
-        rows.append(dict(arch=arch, setting=s.describe(), bytes=len(u.blob), ratio=len(u.blob) / raw,
-                         enc=statistics.median(enc_t), dec=statistics.median(dec_t), err=err))
+        rows.append(dict(arch=arch, setting=s.describe(), bytes=len(u.blob),
+                         ratio=len(u.blob) / raw, enc=statistics.median(enc_t),
+                         dec=statistics.median(dec_t), err=err))
     return raw, rows
 
 

@@ -26,9 +26,9 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from waggle_trainer.remat.budget import (
     CgroupLocation,

@@ -24,7 +24,11 @@ def _alloc(mib: int) -> list[str]:
 
 def _leftovers() -> set[str]:
     found = set()
-    for root in (Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+    for root in (
+        Path("/sys/fs/cgroup/memory"),
+        Path("/sys/fs/cgroup/unified"),
+        Path("/sys/fs/cgroup"),
+    ):
         if root.is_dir():
             found |= {str(p) for p in root.rglob("waggle-test-*") if p.is_dir()}
     return found
@@ -59,13 +63,16 @@ def test_below_the_limit_completes_and_reports_its_peak():
 def test_unlimited_measures_the_peak_and_env_and_timeout_work():
     run = run_in_memory_cgroup(
         [sys.executable, "-c", "import os; b = b'x' * (96 << 20); print(os.environ['WT_X'])"],
-        None, env={"WT_X": "hello", "PATH": "/usr/bin:/bin"}, timeout=120,
+        None,
+        env={"WT_X": "hello", "PATH": "/usr/bin:/bin"},
+        timeout=120,
     )
     assert run.returncode == 0 and run.stdout.strip() == "hello"
     if run.peak_bytes is not None:
         assert run.peak_bytes > 96 * MiB
-    slow = run_in_memory_cgroup([sys.executable, "-c", "import time; time.sleep(60)"],
-                                64 * MiB, timeout=1)
+    slow = run_in_memory_cgroup(
+        [sys.executable, "-c", "import time; time.sleep(60)"], 64 * MiB, timeout=1
+    )
     assert slow.timed_out and not slow.oom_killed and slow.returncode != 0
 
 

@@ -72,15 +72,27 @@ def test_empty_file_gives_defaults(tmp_path):
     "text, expected",
     [
         ("[training]\nbatch_size = 0\n", "training.batch_size: 0 is out of range (must be >= 1)"),
-        ("[training]\nlearning_rate = 0\n", "training.learning_rate: 0 is out of range (must be > 0.0)"),
-        ("[memory]\nsafety_margin = 1.5\n", "memory.safety_margin: 1.5 is out of range (must be <= 1.0)"),
-        ("[memory]\nsafety_margin = -0.1\n", "memory.safety_margin: -0.1 is out of range (must be >= 0.0)"),
+        (
+            "[training]\nlearning_rate = 0\n",
+            "training.learning_rate: 0 is out of range (must be > 0.0)",
+        ),
+        (
+            "[memory]\nsafety_margin = 1.5\n",
+            "memory.safety_margin: 1.5 is out of range (must be < 1.0)",
+        ),
+        (
+            "[memory]\nsafety_margin = -0.1\n",
+            "memory.safety_margin: -0.1 is out of range (must be >= 0.0)",
+        ),
         ("[training]\nbach_size = 3\n", "training.bach_size: unknown key (allowed: batch_size, "),
         ("[trainig]\nbatch_size = 3\n", "trainig: unknown section (allowed: node, camera, "),
-        ("[training]\nbatch_size = \"eight\"\n", "training.batch_size: 'eight' is the wrong type ("),
-        ("[transport]\nenabled = \"yes\"\n", "transport.enabled: 'yes' is the wrong type ("),
-        ("[memory]\nstrategy = \"fast\"\n", "memory.strategy: 'fast' is not allowed (one of 'optimal', "),
-        ("[memory]\nbudget = \"lots\"\n", "memory.budget: 'lots' is not \"auto\" or a size ("),
+        ('[training]\nbatch_size = "eight"\n', "training.batch_size: 'eight' is the wrong type ("),
+        ('[transport]\nenabled = "yes"\n', "transport.enabled: 'yes' is the wrong type ("),
+        (
+            '[memory]\nstrategy = "fast"\n',
+            "memory.strategy: 'fast' is not allowed (one of 'optimal', ",
+        ),
+        ('[memory]\nbudget = "lots"\n', "memory.budget: 'lots' is not \"auto\" or a size ("),
         ("training = 3\n", "training: 3 is not a table (write it as [training])"),
     ],
 )
@@ -96,14 +108,19 @@ def test_budget_larger_than_ram_is_refused(tmp_path):
     path = write(tmp_path, f"[memory]\nbudget = {total + 2**30}\n")
     [line] = problems(path)
     assert line.startswith(f"{path}: memory.budget: ")
-    assert "larger than this machine's RAM" in line and "use \"auto\" or a smaller size" in line
+    assert "larger than this machine's RAM" in line and 'use "auto" or a smaller size' in line
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
-    path = write(tmp_path, "[training]\nbatch_size = 0\nlearning_rate = -1\n[memory]\nsafety_margin = 2\n")
+    path = write(
+        tmp_path, "[training]\nbatch_size = 0\nlearning_rate = -1\n[memory]\nsafety_margin = 2\n"
+    )
     lines = problems(path)
     assert [l.split(": ")[1] for l in lines] == [
-        "training.batch_size", "training.learning_rate", "memory.safety_margin"]
+        "training.batch_size",
+        "training.learning_rate",
+        "memory.safety_margin",
+    ]
 
 
 def test_syntax_error_names_line_and_column(tmp_path):
@@ -114,8 +131,11 @@ def test_syntax_error_names_line_and_column(tmp_path):
 
 def test_missing_unreadable_and_directory(tmp_path):
     assert problems(tmp_path / "nope.toml") == [
-        f"{tmp_path / 'nope.toml'}: file: not found (give the path of a TOML file)"]
-    assert problems(tmp_path) == [f"{tmp_path}: file: is a directory (give the path of a TOML file)"]
+        f"{tmp_path / 'nope.toml'}: file: not found (give the path of a TOML file)"
+    ]
+    assert problems(tmp_path) == [
+        f"{tmp_path}: file: is a directory (give the path of a TOML file)"
+    ]
     binary = tmp_path / "bin.toml"
     binary.write_bytes(b"\xff\xfe\x00")
     assert problems(binary)[0].startswith(f"{binary}: file: is not UTF-8 text")
@@ -123,8 +143,15 @@ def test_missing_unreadable_and_directory(tmp_path):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(4096, 4096), ("1.5GB", 1_500_000_000), ("512MiB", 512 * 2**20), ("2 KiB", 2048),
-     ("10kb", 10_000), ("3G", 3 * 2**30), ("100", 100)],
+    [
+        (4096, 4096),
+        ("1.5GB", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("2 KiB", 2048),
+        ("10kb", 10_000),
+        ("3G", 3 * 2**30),
+        ("100", 100),
+    ],
 )
 def test_sizes(value, expected):
     assert parse_size(value) == expected
@@ -137,7 +164,9 @@ def test_bad_sizes(value):
 
 
 def test_size_fields_accept_strings(tmp_path):
-    cfg = load_config(write(tmp_path, '[memory]\nbudget = "512MiB"\n[transport]\nchunk_size = "1MiB"\n'))
+    cfg = load_config(
+        write(tmp_path, '[memory]\nbudget = "512MiB"\n[transport]\nchunk_size = "1MiB"\n')
+    )
     assert cfg.memory.budget == 512 * 2**20
     assert cfg.transport.chunk_size == 2**20
 
@@ -173,10 +202,10 @@ def test_sending_requires_a_node_id(tmp_path):
     assert line.startswith(f"{path}: node.id: required when transport or telemetry is enabled")
 
 
-def test_bad_env_node_id_is_reported(tmp_path, monkeypatch):
+def test_bad_env_node_id_is_reported_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WAGGLE_NODE_ID", "has space")
     [line] = problems(write(tmp_path, ""))
-    assert ": node.id: 'has space' is not an identifier" in line
+    assert "WAGGLE_NODE_ID: 'has space' is not an identifier" in line
 
 
 def test_render_masks_secrets(tmp_path):
@@ -189,3 +218,88 @@ def test_render_masks_secrets(tmp_path):
     again = cfgmod.config_from_dict(tomllib.loads(text))
     secrets = {"transport": {"password"}, "telemetry": {"password"}}
     assert again.model_dump(exclude=secrets) == cfg.model_dump(exclude=secrets)
+
+
+# ------------------------------------------------ what the program cannot run is refused
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # ResNet's last stage is 1x1 at 32 px: BatchNorm needs more than one value per channel
+        (
+            "[student]\nimage_size = 32\n[training]\nbatch_size = 1\n",
+            "training.batch_size: 1 is too small for student.image_size 32",
+        ),
+        (
+            "[memory]\nsafety_margin = 1.0\n",
+            "memory.safety_margin: 1.0 is out of range (must be < 1",
+        ),
+        ("[training]\nlearning_rate = inf\n", "training.learning_rate: inf is not a finite number"),
+        ("[training]\nlearning_rate = nan\n", "training.learning_rate: nan is not a finite number"),
+        ("[student]\nnum_classes = 1\n", "student.num_classes: 1 is out of range (must be >= 2)"),
+        ("[student]\nimage_size = 7\n", "student.image_size: 7 is out of range (must be >= 32)"),
+        (
+            '[training]\noptimizer = "rmsprop"\n',
+            "training.optimizer: 'rmsprop' is not allowed (one of 'sgd', 'adam' or 'adamw')",
+        ),
+    ],
+)
+def test_what_run_cannot_run_is_refused(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    [line] = problems(path)
+    assert line.startswith(f"{path}: {expected}"), line
+
+
+@pytest.mark.parametrize("batch, image", [(2, 32), (1, 33), (1, 64)])
+def test_smallest_runnable_shapes_are_accepted(tmp_path, batch, image):
+    cfg = load_config(
+        write(tmp_path, f"[student]\nimage_size = {image}\n[training]\nbatch_size = {batch}\n")
+    )
+    assert (cfg.training.batch_size, cfg.student.image_size) == (batch, image)
+
+
+def test_adamw_is_accepted(tmp_path):
+    assert (
+        load_config(write(tmp_path, '[training]\noptimizer = "adamw"\n')).training.optimizer
+        == "adamw"
+    )
+
+
+# ------------------------------------------------ messages that name the right thing
+
+
+def test_bad_env_node_id_names_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("WAGGLE_NODE_ID", "a b")
+    path = write(tmp_path, "")
+    [line] = problems(path)
+    assert line.startswith("environment variable WAGGLE_NODE_ID: 'a b' is not an identifier"), line
+    assert str(path) not in line
+
+
+def test_bad_node_id_file_names_the_file(tmp_path):
+    etc = tmp_path / "etc-waggle"
+    etc.mkdir()
+    (etc / "node-id").write_text("a b\n")
+    [line] = problems(write(tmp_path, ""))
+    assert line.startswith(f"{etc / 'node-id'}: 'a b' is not an identifier"), line
+
+
+def test_empty_path_is_named():
+    with pytest.raises(ConfigError) as info:
+        load_config("")
+    [line] = info.value.lines()
+    assert "is a directory" not in line and "empty" in line
+
+
+def test_utf8_bom_is_named(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[training]\nbatch_size = 4\n")
+    [line] = problems(path)
+    assert line.startswith(f"{path}: file: ") and "BOM" in line
+
+
+@pytest.mark.parametrize("size", ["1PB", "1PiB", "2EB"])
+def test_huge_budgets_are_sizes_larger_than_ram(tmp_path, size):
+    [line] = problems(write(tmp_path, f'[memory]\nbudget = "{size}"\n'))
+    assert "larger than this machine's RAM" in line, line

@@ -48,14 +48,22 @@ def test_meta_activation_count_matches_a_real_forward(arch):
 
 def test_prediction_parts():
     p = M.predict_step_memory("resnet18", 4, 224, "adam")
-    n_params = sum(t.numel() for t in __import__("torchvision").models.resnet18(weights=None).parameters())
+    n_params = sum(
+        t.numel() for t in __import__("torchvision").models.resnet18(weights=None).parameters()
+    )
     assert p.parameter_bytes == p.gradient_bytes == n_params * 4
     assert p.optimizer_state_bytes == 2 * n_params * 4 and p.optimizer == "adam"
     assert p.input_bytes == 4 * 3 * 224 * 224 * 4
     assert p.workspace_bytes > 0
-    assert p.total_bytes == (p.parameter_bytes + p.buffer_bytes + p.gradient_bytes
-                             + p.optimizer_state_bytes + p.input_bytes + p.activation_bytes
-                             + p.workspace_bytes)
+    assert p.total_bytes == (
+        p.parameter_bytes
+        + p.buffer_bytes
+        + p.gradient_bytes
+        + p.optimizer_state_bytes
+        + p.input_bytes
+        + p.activation_bytes
+        + p.workspace_bytes
+    )
     assert p.step_growth_bytes == p.total_bytes - p.parameter_bytes - p.buffer_bytes
     # activations are affine in the batch (BatchNorm's per-channel statistics are the constant)
     one = M.predict_step_memory("resnet18", 1, 224).activation_bytes
@@ -71,8 +79,10 @@ def test_prediction_from_profiled_costs():
 
     costs = ChainCosts(
         input_bytes=100,
-        stages=(StageCost("a", 0, 0, 0, output_bytes=200, saved_bytes=300, backward_peak_bytes=50),
-                StageCost("b", 0, 0, 0, output_bytes=10, saved_bytes=20, forward_peak_bytes=1000)),
+        stages=(
+            StageCost("a", 0, 0, 0, output_bytes=200, saved_bytes=300, backward_peak_bytes=50),
+            StageCost("b", 0, 0, 0, output_bytes=10, saved_bytes=20, forward_peak_bytes=1000),
+        ),
     )
     p = M.predict_step_memory("resnet18", 1, 64, costs=costs)
     assert p.activation_bytes == 320
@@ -80,12 +90,16 @@ def test_prediction_from_profiled_costs():
     assert p.source.startswith("profiled")
 
 
-@pytest.mark.parametrize("args, match", [
-    (("resnet19", 1, 224), "unknown architecture 'resnet19'.*resnet18"),
-    (("resnet18", 0, 224), "batch must be an integer >= 1, got 0"),
-    (("resnet18", 1, 32), "image must be an integer from 64 to 4096 pixels, got 32"),
-    (("resnet18", 1, 224, "lbfgs"), "unknown optimizer 'lbfgs'"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("resnet19", 1, 224), "unknown architecture 'resnet19'.*resnet18"),
+        (("resnet18", 0, 224), "batch must be an integer >= 1, got 0"),
+        (("resnet18", 1, 16), "image must be an integer from 32 to 2048 pixels, got 16"),
+        (("resnet18", 1, 32), "batch 1 is too small for image 32 .*BatchNorm"),
+        (("resnet18", 1, 224, "lbfgs"), "unknown optimizer 'lbfgs'"),
+    ],
+)
 def test_bad_shapes_are_named(args, match):
     with pytest.raises(ValueError, match=match):
         M.predict_step_memory(*args)
@@ -94,10 +108,18 @@ def test_bad_shapes_are_named(args, match):
 def test_reference_table_is_the_studys():
     assert M.REFERENCE_MB[1][0] == 230.05 and M.REFERENCE_MB[50][4] == 25776.48
     assert M.REFERENCE_IMAGE_MB[1500] == (2628.70, 10944.42)
-    row = {"arch": "resnet18", "batch": 1, "image": 224, "reference_mb": 200.0,
-           "predicted": {"total_bytes": 100 * MiB, "step_growth_bytes": 50 * MiB,
-                         "activation_bytes": 20 * MiB},
-           "measured": {"rss_growth_bytes": 55 * MiB, "tensor_peak_bytes": 45 * MiB}}
+    row = {
+        "arch": "resnet18",
+        "batch": 1,
+        "image": 224,
+        "reference_mb": 200.0,
+        "predicted": {
+            "total_bytes": 100 * MiB,
+            "step_growth_bytes": 50 * MiB,
+            "activation_bytes": 20 * MiB,
+        },
+        "measured": {"rss_growth_bytes": 55 * MiB, "tensor_peak_bytes": 45 * MiB},
+    }
     lines = M.format_rows([row])
     assert lines[-1] == "| resnet18 | 1 | 224 | 200.00 | 100 | 0.50 | 20 | 50 | 55 | 45 | 1.10 |"
 
@@ -114,17 +136,25 @@ def test_cli_prints_the_breakdown_and_json(capsys):
     assert p["arch"] == "resnet34" and p["total_bytes"] > p["activation_bytes"] > 0
 
 
-@pytest.mark.parametrize("argv, word", [
-    (["--arch", "vgg16"], "vgg16"),
-    (["--batch", "two"], "'two'"),
-    (["--batch", "-3"], "-3"),
-    (["--image", "5000"], "5000"),
-    (["--optimizer", "rmsprop"], "rmsprop"),
-    (["--table", "--measure-limit", "lots"], "lots"),
-])
+@pytest.mark.parametrize(
+    "argv, word",
+    [
+        (["--arch", "vgg16"], "vgg16"),
+        (["--batch", "two"], "'two'"),
+        (["--batch", "-3"], "-3"),
+        (["--image", "5000"], "5000"),
+        (["--optimizer", "rmsprop"], "rmsprop"),
+        (["--table", "--measure-limit", "lots"], "lots"),
+    ],
+)
 def test_cli_bad_arguments_one_line_exit_2(argv, word):
-    r = subprocess.run([sys.executable, "-m", "waggle_trainer", "memory", *argv],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", "memory", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr
@@ -141,10 +171,27 @@ def test_measure_a_real_step_in_a_fresh_process():
     # the tensor-level peak holds at least the activations and the momentum buffers
     assert m.tensor_peak_bytes >= pred.activation_bytes + pred.optimizer_state_bytes
     assert 0.5 * pred.step_growth_bytes < m.rss_growth_bytes < 2.5 * pred.step_growth_bytes
-    r = subprocess.run([sys.executable, "-m", "waggle_trainer", "memory", "--arch", "resnet18",
-                        "--batch", "1", "--image", "64", "--measure", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "waggle_trainer",
+            "memory",
+            "--arch",
+            "resnet18",
+            "--batch",
+            "1",
+            "--image",
+            "64",
+            "--measure",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["measured"]["rss_growth_bytes"] > 0

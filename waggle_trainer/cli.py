@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
 
 from waggle_trainer import __version__
 from waggle_trainer.common import LOG_LEVELS, setup_logging
+
+#: Exit status when stdout's reader has gone (128 + SIGPIPE, as a shell reports it).
+EXIT_BROKEN_PIPE = 141
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
@@ -20,6 +24,7 @@ COMMAND_MODULES = (
     "waggle_trainer.learn.cli",
     "waggle_trainer.learn.adapt_cli",
     "waggle_trainer.remat.cli",
+    "waggle_trainer.server.cli",
 )
 
 
@@ -54,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.log_level)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``... | head -1``): stop quietly, as other tools do.
+        # stdout is pointed at /dev/null so that the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -15,12 +15,13 @@ Node identity: ``[node] id`` / ``vsn`` default to ``/etc/waggle/node-id`` (or
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -45,6 +46,7 @@ from waggle_trainer.common import (
     LogLevel,
     OptimizerName,
     Strategy,
+    batch_too_small,
     format_size,
     parse_budget,
     parse_size,
@@ -80,7 +82,9 @@ Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, allow_inf_nan=False
+    )
 
 
 def _read_first(*paths: Path) -> str | None:
@@ -329,7 +333,6 @@ class TrainingSection(_Section):
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, lt=1)
     optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
     hflip: StrictBool = True
@@ -360,7 +363,7 @@ class AdaptationSection(_Section):
 
 class MemorySection(_Section):
     budget: Budget = "auto"
-    safety_margin: float = Field(0.1, ge=0, le=1)
+    safety_margin: float = Field(0.1, ge=0, lt=1)
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
 
@@ -471,6 +474,16 @@ class Config(_Section):
     state: StateSection = Field(default_factory=StateSection)
 
     @model_validator(mode="after")
+    def _trainable_shape(self) -> Config:
+        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        if why:
+            raise ValueError(
+                f"training.batch_size: {self.training.batch_size} is too small for "
+                f"student.image_size {self.student.image_size} ({why})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _teacher_fits_task(self) -> Config:
         want = {"detect": "detector", "classify": "classifier"}[self.task.kind]
         if self.teacher.kind != want:
@@ -481,7 +494,7 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _identity_when_sending(self) -> "Config":
+    def _identity_when_sending(self) -> Config:
         if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
             raise ValueError(
                 "node.id: required when transport or telemetry is enabled "
@@ -494,35 +507,52 @@ class Config(_Section):
 
 
 class ConfigError(Exception):
-    """One or more problems with a config file, each as ``(location, message)``."""
+    """One or more problems with a config file, each as ``(location, message)``.
 
-    def __init__(self, path: str, problems: list[tuple[str, str]]):
+    ``origins`` maps a location whose value did not come from the file (the node
+    identity from ``WAGGLE_NODE_ID`` or ``/etc/waggle/node-id``) to where it came from,
+    so that the message names that place instead of the file.
+    """
+
+    def __init__(self, path: str, problems: list[tuple[str, str]],
+                 origins: dict[str, str] | None = None):
         self.path = path
         self.problems = problems
+        self.origins = origins or {}
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
-        return [f"{self.path}: {loc}: {msg}" for loc, msg in self.problems]
+        return [
+            f"{self.origins[loc]}: {msg}" if loc in self.origins else f"{self.path}: {loc}: {msg}"
+            for loc, msg in self.problems
+        ]
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
+    parts = list(loc[:-1])
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
+        annotation = field.annotation if field is not None else None
+        if get_origin(annotation) is dict and parts:  # a table of named sections
+            annotation = get_args(annotation)[1]
+            parts.pop(0)
+        if not isinstance(annotation, type) or not issubclass(annotation, BaseModel):
             return []
-        model = field.annotation
+        model = annotation
     return list(model.model_fields)
 
 
 _LOCATED_RE = re.compile(r"^([a-z_]+\.[a-z_]+(?:\.[A-Za-z0-9_ .-]+?)?): (.*)$", re.DOTALL)
 
 
-def _describe(err: dict) -> tuple[str, str]:
+def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, str]:
+    """(``section.key``, what is wrong and what is allowed) for one pydantic error
+    of a config model (``root``: the top model, default the node's ``Config``)."""
     loc = tuple(err["loc"])
     where = ".".join(str(p) for p in loc) or "config"
     kind = err["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(_allowed_keys(Config, loc))
+        allowed = ", ".join(_allowed_keys(root or Config, loc))
         what = "section" if len(loc) == 1 else "key"
         return where, f"unknown {what} (allowed: {allowed})"
     if kind == "literal_error":
@@ -533,6 +563,8 @@ def _describe(err: dict) -> tuple[str, str]:
               "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(err["ctx"].values()))
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
+    if kind == "finite_number":
+        return where, f"{err['input']!r} is not a finite number"
     if kind == "value_error":
         msg = str(err["ctx"]["error"])
         m = _LOCATED_RE.match(msg)
@@ -546,22 +578,29 @@ def _describe(err: dict) -> tuple[str, str]:
     return where, err["msg"]
 
 
-def _node_identity(data: dict) -> dict:
+def _node_identity(data: dict) -> tuple[dict, dict[str, str]]:
+    """``data`` with the node identity filled in, and where each value not from the
+    file came from (``{"node.id": "environment variable WAGGLE_NODE_ID"}``)."""
     node = data.get("node")
     if node is not None and not isinstance(node, dict):
-        return data
+        return data, {}
     node = dict(node or {})
+    origins: dict[str, str] = {}
     for key, env, files in (
         ("id", "WAGGLE_NODE_ID", ("node-id", "node_id")),
         ("vsn", "WAGGLE_NODE_VSN", ("vsn",)),
     ):
         if os.environ.get(env):
             node[key] = os.environ[env].strip()
+            origins[f"node.{key}"] = f"environment variable {env}"
         elif key not in node:
-            found = _read_first(*(WAGGLE_ETC / f for f in files))
-            if found:
-                node[key] = found
-    return {**data, "node": node}
+            for path in (WAGGLE_ETC / f for f in files):
+                found = _read_first(path)
+                if found:
+                    node[key] = found
+                    origins[f"node.{key}"] = str(path)
+                    break
+    return {**data, "node": node}, origins
 
 
 def _plugin_environment(data: dict, source: str) -> dict:
@@ -604,27 +643,45 @@ def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
 
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
+    resolved, origins = _node_identity(data)
     try:
-        cfg = Config.model_validate(_plugin_environment(_node_identity(data), source))
+        cfg = Config.model_validate(_plugin_environment(resolved, source))
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+        problems = [describe_error(e) for e in exc.errors()]
+        raise ConfigError(source, problems, origins) from None
     problems = _tls_file_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a node config file; raises ConfigError on any problem."""
+def read_toml(path: str | os.PathLike) -> dict:
+    """Parse a TOML config file; raises ConfigError (``file`` or ``line L, column C``)."""
     source = str(path)
+    if not source.strip():
+        problem = ("file", "no file named (give the path of a TOML file)")
+        raise ConfigError("(empty path)", [problem])
     try:
         raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(source, [("file", "not found (give the path of a TOML file)")]) from None
     except IsADirectoryError:
-        raise ConfigError(source, [("file", "is a directory (give the path of a TOML file)")]) from None
+        raise ConfigError(
+            source, [("file", "is a directory (give the path of a TOML file)")]
+        ) from None
     except OSError as exc:
         raise ConfigError(source, [("file", f"cannot be read: {exc.strerror}")]) from None
+    if raw.startswith(codecs.BOM_UTF8):
+        raise ConfigError(
+            source,
+            [
+                (
+                    "file",
+                    "starts with a UTF-8 byte-order mark (BOM), which TOML "
+                    "does not allow (save it as UTF-8 without BOM)",
+                )
+            ],
+        )
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -634,8 +691,14 @@ def load_config(path: str | os.PathLike) -> Config:
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         where = f"line {m.group(1)}, column {m.group(2)}" if m else "syntax"
         detail = msg[: m.start()].strip() if m else msg
-        raise ConfigError(source, [(where, f"invalid TOML: {detail} (see https://toml.io)")]) from None
-    return config_from_dict(data, source)
+        problem = (where, f"invalid TOML: {detail} (see https://toml.io)")
+        raise ConfigError(source, [problem]) from None
+    return data
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a node config file; raises ConfigError on any problem."""
+    return config_from_dict(read_toml(path), str(path))
 
 
 def default_config() -> Config:

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_planned_run_trains_within_a_small_budget(tmp_path):
-    spec = RunSpec(arch="resnet18", batch=2, image=64, classes=10, budget="auto", cache_dir=tmp_path)
+    spec = RunSpec(
+        arch="resnet18", batch=2, image=64, classes=10, budget="auto", cache_dir=tmp_path
+    )
     plain = PlannedTraining.build(RunSpec(**{**spec.__dict__, "strategy": "none"}))
     need = plain.chain.plan.predicted_peak_bytes
     lowest = Planner(plain.chain.costs).min_feasible_budget("optimal")
@@ -34,13 +36,16 @@ def test_planned_run_trains_within_a_small_budget(tmp_path):
     assert result.budget_bytes == budget
     assert all(torch.isfinite(torch.tensor(result.losses)))
     # it really trained: every parameter that gets a gradient moved
-    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, small.model.parameters())]
+    after = small.model.parameters()
+    moved = [not torch.equal(a, b.detach()) for a, b in zip(before, after, strict=True)]
     assert all(moved)
     assert result.peak_rss_bytes >= result.baseline_rss_bytes > 0
 
 
 def test_auto_budget_reads_free_memory(tmp_path):
-    t = PlannedTraining.build(RunSpec(arch="resnet18", batch=1, image=64, classes=10, cache_dir=tmp_path))
+    t = PlannedTraining.build(
+        RunSpec(arch="resnet18", batch=1, image=64, classes=10, cache_dir=tmp_path)
+    )
     b = t.budget
     assert b.free_bytes > 0 and b.activation_budget_bytes < b.free_bytes
     assert b.safety_margin_bytes >= 0.1 * b.free_bytes - 1
@@ -52,14 +57,31 @@ def test_bad_spec_values_are_refused():
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "waggle_trainer", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_plan_json_lists_every_strategy(tmp_path):
-    r = cli("plan", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "11MiB",
-            "--cache-dir", str(tmp_path), "--json")
+    r = cli(
+        "plan",
+        "--arch",
+        "resnet18",
+        "--batch",
+        "2",
+        "--image",
+        "64",
+        "--budget",
+        "11MiB",
+        "--cache-dir",
+        str(tmp_path),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out["strategies"]) == {"none", "sequential", "revolve", "optimal"}
@@ -74,24 +96,29 @@ def test_plan_json_lists_every_strategy(tmp_path):
 
 
 def test_bench_json_keys_and_infeasible_budget(tmp_path):
-    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "12MiB",
-            "--steps", "1", "--cache-dir", str(tmp_path), "--json")
+    shape = ["--arch", "resnet18", "--batch", "2", "--image", "64", "--steps", "1",
+             "--cache-dir", str(tmp_path)]
+    r = cli("bench", *shape, "--budget", "64MiB", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes", "budget_bytes"):
+    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes",
+                "budget_bytes", "budget_kept", "data"):
         assert key in out
-    assert out["budget_bytes"] == 12 * 2**20 and out["predicted_peak_bytes"] <= 12 * 2**20
-    r = cli("bench", "--arch", "resnet18", "--batch", "2", "--image", "64", "--budget", "100KiB",
-            "--steps", "1", "--cache-dir", str(tmp_path))
+    assert out["budget_bytes"] == 64 * 2**20 and out["predicted_peak_bytes"] <= 64 * 2**20
+    assert out["budget_kept"] and out["peak_rss_growth_bytes"] <= out["budget_bytes"]
+    r = cli("bench", *shape, "--budget", "100KiB")
     assert r.returncode == 1
     assert "below the minimum feasible" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--budget", "lots"], "is not \"auto\" or a size"),
-    (["--batch", "0"], "is not a whole number >= 1"),
-    (["--strategy", "magic"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--budget", "lots"], 'is not "auto" or a size'),
+        (["--batch", "0"], "is not a whole number >= 1"),
+        (["--strategy", "magic"], "invalid choice"),
+    ],
+)
 def test_bench_usage_errors_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(["bench", *args])
@@ -101,15 +128,26 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
 
 def test_run_uses_the_config_file(tmp_path):
     cfg = tmp_path / "node.toml"
-    cfg.write_text(f'[student]\narch = "resnet18"\ninput_width = 64\ninput_height = 32\n'
-                   f'[training]\nbatch_size = 2\n[memory]\nbudget = "12MiB"\n'
-                   f'[state]\ndir = "{tmp_path / "state"}"\n')
+    cfg.write_text(
+        f'[student]\narch = "resnet18"\ninput_width = 64\ninput_height = 32\n'
+        f'[training]\nbatch_size = 2\n[memory]\nbudget = "200MiB"\n'
+        f'[state]\ndir = "{tmp_path / "state"}"\n'
+    )
     r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == ""  # no stray log line; no progress (stderr is not a terminal)
     out = json.loads(r.stdout)
+    assert out["data"] == "synthetic"
     assert (out["arch"], out["batch"], out["width"], out["image"], out["budget_bytes"]) == (
-        "resnet18", 2, 64, 32, 12 * 2**20)
-    assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), "profile not cached in the state dir"
+        "resnet18",
+        2,
+        64,
+        32,
+        200 * 2**20,
+    )
+    assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), (
+        "profile not cached in the state dir"
+    )
 
 
 def test_run_with_a_bad_config_exits_2(tmp_path):
@@ -143,9 +181,10 @@ def test_calibration_replans_within_the_budget_minus_measured_overhead(tmp_path)
     overhead = (budget - lowest) // 2
     assert t.calibrate(_FakeRss(t, overhead)) == overhead
     assert t.chain.plan.predicted_peak_bytes + overhead <= budget
-    # an overhead that leaves nothing feasible keeps the smallest plan and says so
+    assert t.calibration == "re-planned"
+    # an overhead that leaves nothing feasible runs the smallest plan and says so
     t2 = PlannedTraining.build(RunSpec(**{**spec.__dict__, "budget": budget}))
     t2.allocator_mode = "mmap"
-    before = t2.chain.plan
     t2.calibrate(_FakeRss(t2, budget))
-    assert t2.chain.plan == before
+    assert t2.chain.plan.predicted_peak_bytes == lowest
+    assert t2.calibration == "infeasible"

@@ -42,12 +42,17 @@ def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(tmp_path):
     killed = run_in_memory_cgroup(bench(cache, "--strategy", "none", "--budget", "16GiB"),
                                   limit, timeout=900, cwd=ROOT)
     assert killed.returncode != 0 and killed.oom_killed, (
-        f"plain training survived {limit >> 20} MiB (needs {need >> 20} MiB): rc {killed.returncode}")
+        f"plain training survived {limit >> 20} MiB (needs {need >> 20} MiB): "
+        f"rc {killed.returncode}"
+    )
 
-    fits = run_in_memory_cgroup(bench(cache, "--strategy", "optimal", "--budget", "auto"),
-                                limit, timeout=900, cwd=ROOT)
+    fits = run_in_memory_cgroup(
+        bench(cache, "--strategy", "optimal", "--budget", "auto"), limit, timeout=900, cwd=ROOT
+    )
     assert fits.returncode == 0 and not fits.oom_killed, (
-        f"planned training did not fit {limit >> 20} MiB: rc {fits.returncode}\n{fits.stderr[-3000:]}")
+        f"planned training did not fit {limit >> 20} MiB: "
+        f"rc {fits.returncode}\n{fits.stderr[-3000:]}"
+    )
     result = json.loads(fits.stdout)
     assert result["strategy"] == "optimal"
     # the budget came from the cgroup, not from the machine's 24 GiB

@@ -5,8 +5,6 @@ from torch import nn
 from waggle_trainer.remat.chain import OutOfPlace, build_resnet, chain_stages, named_stages
 
 
-
-
 def run(stages, x):
     for stage in stages:
         x = stage(x)
@@ -14,7 +12,9 @@ def run(stages, x):
 
 
 def test_sequential_children_and_nested_sequentials_are_flattened():
-    model = nn.Sequential(nn.Linear(4, 8), nn.Sequential(nn.Tanh(), nn.Sequential(nn.Linear(8, 8))), nn.Linear(8, 2))
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Sequential(nn.Tanh(), nn.Sequential(nn.Linear(8, 8))), nn.Linear(8, 2)
+    )
     named = named_stages(model)
     assert [n for n, _ in named] == ["0", "1.0", "1.1.0", "2"]
     assert named[0][1] is model[0] and named[2][1] is model[1][1][0]
@@ -23,7 +23,8 @@ def test_sequential_children_and_nested_sequentials_are_flattened():
 
 
 @pytest.mark.parametrize(
-    "arch, blocks", [("resnet18", 8), ("resnet34", 16), ("resnet50", 16), ("resnet101", 33), ("resnet152", 50)]
+    "arch, blocks",
+    [("resnet18", 8), ("resnet34", 16), ("resnet50", 16), ("resnet101", 33), ("resnet152", 50)],
 )
 def test_resnet_stages(arch, blocks):
     model = build_resnet(arch, num_classes=7)

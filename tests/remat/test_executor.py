@@ -1,6 +1,7 @@
 """The executor is exact: same outputs, gradients, BN statistics and RNG use as plain training."""
 
 import copy
+import functools
 import importlib.util
 
 import pytest
@@ -74,7 +75,9 @@ def make(name, seed=0):
 
 # ---------------------------------------------------------------- hand-made schedules
 def store_all(n):
-    return tuple([(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)])
+    return tuple(
+        [(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)]
+    )
 
 
 def recompute_all(n):
@@ -101,7 +104,11 @@ def stored_segments(n, every=3):
 
 
 def hand_schedules(n):
-    schedules = {"store_all": store_all(n), "recompute_all": recompute_all(n), "stored_segments": stored_segments(n)}
+    schedules = {
+        "store_all": store_all(n),
+        "recompute_all": recompute_all(n),
+        "stored_segments": stored_segments(n),
+    }
     try:
         from waggle_trainer.remat.revolve import revolve_schedule
         from waggle_trainer.remat.sequential import sequential_schedule
@@ -114,13 +121,15 @@ def hand_schedules(n):
 
 
 def unit_costs(n):
-    return ChainCosts(input_bytes=1, stages=tuple(StageCost(str(j), 1.0, 1.0, 1.0, 1, 2) for j in range(n)))
+    return ChainCosts(
+        input_bytes=1, stages=tuple(StageCost(str(j), 1.0, 1.0, 1.0, 1, 2) for j in range(n))
+    )
 
 
 def test_hand_schedules_are_valid_for_the_simulator():
     simulate = pytest.importorskip("waggle_trainer.remat.simulate")
     for n in (1, 2, 7, 15):
-        for name, schedule in hand_schedules(n).items():
+        for schedule in hand_schedules(n).values():
             simulate.validate(schedule, unit_costs(n))
 
 
@@ -145,11 +154,17 @@ def assert_same_step(plain, checkpointed_forward, checkpointed, x, seed=7, x_req
         torch.testing.assert_close(xb.grad, xa.grad, **TIGHT)
     else:
         assert xb.grad is None
-    for (name, pa), pb in zip(plain.named_parameters(), checkpointed.parameters()):
+    params = zip(plain.named_parameters(), checkpointed.parameters(), strict=True)
+    for (name, pa), pb in params:
         assert pb.grad is not None, name
-        torch.testing.assert_close(pb.grad, pa.grad, **TIGHT, msg=lambda m: f"{name}: {m}")
-    for (name, ba), bb in zip(plain.named_buffers(), checkpointed.buffers()):
-        torch.testing.assert_close(bb, ba, **TIGHT, msg=lambda m: f"{name}: {m}")  # running stats, num_batches
+        torch.testing.assert_close(pb.grad, pa.grad, **TIGHT, msg=_named(name))
+    # running stats, num_batches_tracked
+    for (name, ba), bb in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        torch.testing.assert_close(bb, ba, **TIGHT, msg=_named(name))
+
+
+def _named(name: str):
+    return lambda m: f"{name}: {m}"
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -157,12 +172,17 @@ def test_hand_schedules_are_exact(model_name):
     model, x = make(model_name)
     n = len(chain_stages(model))
     for schedule_name, schedule in hand_schedules(n).items():
-        if model_name == "resnet50" and schedule_name not in ("recompute_all", "stored_segments", "revolve2"):
+        if model_name == "resnet50" and schedule_name not in (
+            "recompute_all",
+            "stored_segments",
+            "revolve2",
+        ):
             continue  # keep the suite fast; the cheap models cover the rest
         plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
         stages = chain_stages(checkpointed)
         try:
-            assert_same_step(plain, lambda t: run_schedule(stages, schedule, t), checkpointed, x)
+            assert_same_step(plain, functools.partial(run_schedule, stages, schedule),
+                             checkpointed, x)
         except AssertionError as exc:
             raise AssertionError(f"{model_name} / {schedule_name}: {exc}") from None
 
@@ -186,7 +206,9 @@ def test_input_without_requires_grad():
     plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
     stages = chain_stages(checkpointed)
     schedule = stored_segments(len(stages))
-    assert_same_step(plain, lambda t: run_schedule(stages, schedule, t), checkpointed, x, x_requires_grad=False)
+    assert_same_step(
+        plain, lambda t: run_schedule(stages, schedule, t), checkpointed, x, x_requires_grad=False
+    )
 
 
 def test_frozen_model_and_input_without_grad_just_runs():
@@ -243,7 +265,9 @@ def test_invalid_schedules_and_double_backward_are_errors():
 # ---------------------------------------------------------------- the module
 def test_eval_and_no_grad_just_run_the_module(tmp_path):
     model, x = make("convnet")
-    wrapped = CheckpointedSequential(model, budget_bytes=10**9, strategy="optimal", cache_dir=tmp_path)
+    wrapped = CheckpointedSequential(
+        model, budget_bytes=10**9, strategy="optimal", cache_dir=tmp_path
+    )
     assert wrapped.plan is None
     with torch.no_grad():
         out = wrapped(x)
@@ -259,7 +283,9 @@ def test_unknown_strategy():
         CheckpointedSequential(mlp(), budget_bytes=1, strategy="magic")
 
 
-needs_planner = pytest.mark.skipif(not HAVE_PLANNER, reason="waggle_trainer.remat.planner not written yet")
+needs_planner = pytest.mark.skipif(
+    not HAVE_PLANNER, reason="waggle_trainer.remat.planner not written yet"
+)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +299,9 @@ def test_planned_strategies_are_exact_at_every_budget(model_name, cache_dir):
     from waggle_trainer.remat.planner import Planner
 
     model, x = make(model_name)
-    probe = CheckpointedSequential(copy.deepcopy(model), budget_bytes=1 << 40, sample_input=x, cache_dir=cache_dir)
+    probe = CheckpointedSequential(
+        copy.deepcopy(model), budget_bytes=1 << 40, sample_input=x, cache_dir=cache_dir
+    )
     planner = Planner(probe.costs)
     plain_peak = planner.min_feasible_budget("none")
     strategies = ["optimal", "revolve", "sequential", "none"]
@@ -296,7 +324,9 @@ def test_planned_strategies_are_exact_at_every_budget(model_name, cache_dir):
             try:
                 assert_same_step(plain, wrapped, copied, x)
             except AssertionError as exc:
-                raise AssertionError(f"{model_name} / {strategy} / budget {budget}: {exc}") from None
+                raise AssertionError(
+                    f"{model_name} / {strategy} / budget {budget}: {exc}"
+                ) from None
 
 
 @needs_planner
@@ -318,4 +348,6 @@ def test_lazy_profile_replan_and_budget_too_small(tmp_path):
     assert isinstance(info.value, ValueError)
     assert wrapped.plan is tight and wrapped.budget_bytes == minimum  # kept on failure
     with pytest.raises(InfeasibleBudget):
-        CheckpointedSequential(copy.deepcopy(model), budget_bytes=minimum - 1, sample_input=x, cache_dir=tmp_path)
+        CheckpointedSequential(
+            copy.deepcopy(model), budget_bytes=minimum - 1, sample_input=x, cache_dir=tmp_path
+        )

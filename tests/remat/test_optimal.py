@@ -16,8 +16,18 @@ def small_chain(rng, n, scale=1):
     for i in range(n):
         f = rng.randint(1, 9) / 8
         ob = rng.randint(1, 6) * scale
-        st.append(StageCost(f"s{i}", f, f + rng.randint(0, 4) / 8, rng.randint(1, 16) / 8, ob,
-                            ob + rng.randint(0, 8) * scale, rng.randint(0, 3) * scale, rng.randint(0, 3) * scale))
+        st.append(
+            StageCost(
+                f"s{i}",
+                f,
+                f + rng.randint(0, 4) / 8,
+                rng.randint(1, 16) / 8,
+                ob,
+                ob + rng.randint(0, 8) * scale,
+                rng.randint(0, 3) * scale,
+                rng.randint(0, 3) * scale,
+            )
+        )
     return ChainCosts(rng.randint(1, 6) * scale, tuple(st), loss_s=rng.randint(0, 4) / 8)
 
 
@@ -110,7 +120,6 @@ def test_exact_dp_beats_revolve_and_sequential(seed):
 
 
 def test_long_chain_builds_fast():
-    rng = random.Random(7)
     st = []
     for i in range(58):
         ob = int(25e6 / (1 + i // 10))

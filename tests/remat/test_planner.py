@@ -1,11 +1,19 @@
 """Planner: strategies, infeasible budgets, and optimal <= revolve, sequential everywhere."""
 import random
+import re
 import time
 
 import pytest
 
 from waggle_trainer.remat.costs import ChainCosts, StageCost
-from waggle_trainer.remat.planner import STRATEGIES, InfeasibleBudget, Plan, Planner, min_feasible_budget, plan
+from waggle_trainer.remat.planner import (
+    STRATEGIES,
+    InfeasibleBudget,
+    Plan,
+    Planner,
+    min_feasible_budget,
+    plan,
+)
 from waggle_trainer.remat.simulate import simulate
 
 
@@ -14,9 +22,18 @@ def random_chain(rng, n):
     for i in range(n):
         f = rng.uniform(0.1, 5.0)
         ob = rng.randint(1, 100) * 1000
-        st.append(StageCost(f"s{i}", f, f * rng.uniform(1.0, 1.5), f * rng.uniform(1.0, 3.0), ob,
-                            ob + rng.randint(0, 300) * 1000, rng.choice([0, rng.randint(0, 50) * 1000]),
-                            rng.choice([0, rng.randint(0, 50) * 1000])))
+        st.append(
+            StageCost(
+                f"s{i}",
+                f,
+                f * rng.uniform(1.0, 1.5),
+                f * rng.uniform(1.0, 3.0),
+                ob,
+                ob + rng.randint(0, 300) * 1000,
+                rng.choice([0, rng.randint(0, 50) * 1000]),
+                rng.choice([0, rng.randint(0, 50) * 1000]),
+            )
+        )
     return ChainCosts(rng.randint(1, 100) * 1000, tuple(st), loss_s=rng.uniform(0, 1))
 
 
@@ -26,18 +43,27 @@ def resnet_like(blocks=(3, 8, 36, 3), batch=8, image=224):
 
     def add(name, elems, saved, flops, fp=0.0, bp=0.0):
         ob, t = elems * 4, flops * 1e-11
-        st.append(StageCost(name, t, 1.1 * t, 2 * t, ob, int(ob * saved), int(ob * fp), int(ob * bp)))
+        st.append(
+            StageCost(name, t, 1.1 * t, 2 * t, ob, int(ob * saved), int(ob * fp), int(ob * bp))
+        )
 
     add("conv1", batch * 64 * hw * hw, 1.0, batch * 118e6)
     add("bn1", batch * 64 * hw * hw, 2.0, batch * 3e6)
     add("relu", batch * 64 * hw * hw, 1.0, batch * 1e6)
     hw //= 2
     add("maxpool", batch * 64 * hw * hw, 1.5, batch * 2e6, 0.0, 4.0)
-    for li, (nb, w) in enumerate(zip(blocks, (256, 512, 1024, 2048))):
+    for li, (nb, w) in enumerate(zip(blocks, (256, 512, 1024, 2048), strict=True)):
         for bi in range(nb):
             if li and not bi:
                 hw //= 2
-            add(f"layer{li + 1}.{bi}", batch * w * hw * hw, 4.5, batch * (230e6 + li * 1e7), 1.0, 2.0)
+            add(
+                f"layer{li + 1}.{bi}",
+                batch * w * hw * hw,
+                4.5,
+                batch * (230e6 + li * 1e7),
+                1.0,
+                2.0,
+            )
     add("avgpool", batch * 2048, 1.0, batch * 1e5)
     add("flatten", batch * 2048, 1.0, 1e3)
     add("fc", batch * 1000, 1.0, batch * 4e6)
@@ -52,7 +78,9 @@ def test_optimal_dominates_on_random_chains(seed):
         p = Planner(costs, resolution=rng.choice([8, 32, 200]))
         low = {s: p.min_feasible_budget(s) for s in STRATEGIES}
         assert low["optimal"] == min(low.values())
-        budgets = [low[s] for s in STRATEGIES] + [rng.randint(low["optimal"], int(low["none"] * 1.1)) for _ in range(5)]
+        budgets = [low[s] for s in STRATEGIES] + [
+            rng.randint(low["optimal"], int(low["none"] * 1.1)) for _ in range(5)
+        ]
         for b in budgets:
             best = p.plan(b)
             assert best.predicted_peak_bytes <= b
@@ -75,7 +103,10 @@ def test_plan_fields_and_ratio():
     b = (none.predicted_peak_bytes + p.min_feasible_budget()) // 2
     opt = p.plan(b)
     assert opt.budget_bytes == b and opt.min_feasible_bytes == p.min_feasible_budget("optimal")
-    assert opt.time_ratio == pytest.approx(opt.predicted_time_s / none.predicted_time_s) and opt.time_ratio >= 1.0
+    assert (
+        opt.time_ratio == pytest.approx(opt.predicted_time_s / none.predicted_time_s)
+        and opt.time_ratio >= 1.0
+    )
     assert "source" in opt.detail and "unit_bytes" in opt.detail
     rev = p.plan(p.min_feasible_budget("revolve"), "revolve")
     assert 1 <= rev.detail["slots"] <= 11
@@ -103,8 +134,14 @@ def test_infeasible_budget_message(strategy):
         plan(costs, low - 1, strategy)
     assert isinstance(e.value, ValueError)
     msg = str(e.value)
-    assert strategy in msg and "MiB" in msg and f"{low / 2**20:.1f}" in msg
+    # one byte short: the two sizes are printed with enough digits to differ
+    m = re.match(rf"strategy {strategy!r}: budget (.+?) is below the minimum feasible "
+                 rf"(.+?)(?: \({low} bytes\))?$", msg)
+    assert m and m.group(1) != m.group(2), msg
+    assert str(low) in msg
     assert e.value.min_bytes == low
+    with pytest.raises(InfeasibleBudget, match=r"budget [\d.]+[KM]iB is below .* \(\d+ bytes\)"):
+        plan(costs, low // 2, strategy)
 
 
 def test_unknown_strategy():

@@ -18,7 +18,10 @@ F32 = 4
     "stage, analytic",
     [
         (nn.Linear(16, 32), 8 * 32 * F32),  # saves input and weight (excluded): the output only
-        (nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)), 8 * 24 * F32 + 8 * 8 * F32),  # hidden + output
+        (
+            nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 8)),
+            8 * 24 * F32 + 8 * 8 * F32,
+        ),  # hidden + output
         (nn.ReLU(), 8 * 16 * F32),  # saves its output, which is the output
         (nn.Sigmoid(), 8 * 16 * F32),
         (nn.Sequential(nn.Linear(16, 16), nn.ReLU()), 8 * 16 * F32),  # linear's output is not kept
@@ -48,7 +51,13 @@ class TwoTemporaries(nn.Module):
 def small_chain():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Flatten(), nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), TwoTemporaries(), nn.Linear(32, 4)
+        nn.Flatten(),
+        nn.Linear(12, 32),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        TwoTemporaries(),
+        nn.Linear(32, 4),
     )
     return model, named_stages(model)
 
@@ -56,11 +65,15 @@ def small_chain():
 def test_profile_chain_measures_sizes_and_times():
     model, named = small_chain()
     x = torch.randn(8, 3, 4)
-    costs = profile_chain([s for _, s in named], x, names=[n for n, _ in named], loss_fn=lambda o: o.square().sum())
+    costs = profile_chain(
+        [s for _, s in named], x, names=[n for n, _ in named], loss_fn=lambda o: o.square().sum()
+    )
     assert isinstance(costs, ChainCosts) and len(costs) == 7
     assert [s.name for s in costs.stages] == [n for n, _ in named]
     assert costs.input_bytes == 8 * 12 * F32
-    assert [s.output_bytes for s in costs.stages] == [8 * 12 * F32] + [8 * 32 * F32] * 5 + [8 * 4 * F32]
+    assert [s.output_bytes for s in costs.stages] == [8 * 12 * F32] + [8 * 32 * F32] * 5 + [
+        8 * 4 * F32
+    ]
     assert costs.stages[3].saved_bytes == 8 * 32 * F32  # ReLU: its output
     assert costs.stages[5].forward_peak_bytes == 8 * 32 * F32  # one temporary beyond the output
     assert all(s.forward_s > 0 and s.forward_grad_s > 0 for s in costs.stages)
@@ -83,8 +96,10 @@ def test_profiling_does_not_change_the_model():
     profile_chain([s for _, s in named], x)
     torch.testing.assert_close(torch.get_rng_state(), rng, rtol=0, atol=0)
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, state[k], rtol=0, atol=0)  # incl. running stats, num_batches_tracked
-    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(
+            v, state[k], rtol=0, atol=0
+        )  # incl. running stats, num_batches_tracked
+    for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
     assert model.training
 
@@ -103,7 +118,9 @@ def test_cache_hit_miss_and_corruption(tmp_path, monkeypatch):
 
     real_measure = profiler._measure
     monkeypatch.setattr(profiler, "_measure", no_measuring)
-    hit = profile_chain(stages, torch.randn(8, 3, 4), cache_dir=tmp_path)  # same key, other data: hit
+    hit = profile_chain(
+        stages, torch.randn(8, 3, 4), cache_dir=tmp_path
+    )  # same key, other data: hit
     assert hit == first
 
     with pytest.raises(AssertionError, match="re-profiled"):  # another shape is a miss
@@ -116,4 +133,6 @@ def test_cache_hit_miss_and_corruption(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="corrupt profile cache"):
         again = profile_chain(stages, x, cache_dir=tmp_path, repeats=1)
     assert len(again) == 7
-    assert json.loads(files[0].read_text())["costs"]["stages"][0]["output_bytes"] == 8 * 12 * F32  # rewritten
+    assert (
+        json.loads(files[0].read_text())["costs"]["stages"][0]["output_bytes"] == 8 * 12 * F32
+    )  # rewritten

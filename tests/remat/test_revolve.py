@@ -1,7 +1,7 @@
 """Revolve DP: known values, an independent search of the checkpointing game, schedules."""
 import heapq
 import time
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -13,7 +13,7 @@ from waggle_trainer.remat.simulate import simulate
 def recursive_opt(l, c, uf=1.0, ub=1.0):
     """The recurrence, top-down and memoised (written independently of the table)."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def opt(l, c):
         if l == 0:
             return ub
@@ -92,7 +92,9 @@ def uniform_chain(n, uf, ub):
     return ChainCosts(10, st, loss_s=ub)
 
 
-@pytest.mark.parametrize("l,c", [(1, 1), (2, 1), (5, 2), (10, 2), (20, 3), (33, 4), (50, 5), (12, 13)])
+@pytest.mark.parametrize(
+    "l,c", [(1, 1), (2, 1), (5, 2), (10, 2), (20, 3), (33, 4), (50, 5), (12, 13)]
+)
 def test_schedule_valid_and_costs_opt(l, c):
     uf, ub = 1.25, 0.5
     table = RevolveTable(l, c, uf, ub)
@@ -120,8 +122,15 @@ def test_subproblem_schedules_and_argmin():
         t.cost(21, 3)
 
 
-@pytest.mark.parametrize("bad", [dict(length=-1, slots=1), dict(length=3, slots=0),
-                                 dict(length=3, slots=1, uf=-1.0), dict(length=2.5, slots=1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(length=-1, slots=1),
+        dict(length=3, slots=0),
+        dict(length=3, slots=1, uf=-1.0),
+        dict(length=2.5, slots=1),
+    ],
+)
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):
         RevolveTable(**bad)

@@ -3,7 +3,11 @@ import pytest
 
 from waggle_trainer.remat.costs import ChainCosts, StageCost
 from waggle_trainer.remat.revolve import revolve_schedule
-from waggle_trainer.remat.sequential import no_checkpoint_schedule, segment_starts, sequential_schedule
+from waggle_trainer.remat.sequential import (
+    no_checkpoint_schedule,
+    segment_starts,
+    sequential_schedule,
+)
 from waggle_trainer.remat.simulate import InvalidSchedule, simulate
 
 
@@ -71,7 +75,16 @@ def test_end_state_rules():
         simulate((("FA", 0),), two_stage())
     with pytest.raises(InvalidSchedule, match="never backwarded"):
         simulate((("FA", 0), ("FA", 1), ("LOSS", 2), ("BW", 1)), two_stage())
-    leftover = (("FC", 0), ("FN", 1), ("FC", 0), ("FA", 1), ("LOSS", 2), ("BW", 1), ("FA", 0), ("BW", 0))
+    leftover = (
+        ("FC", 0),
+        ("FN", 1),
+        ("FC", 0),
+        ("FA", 1),
+        ("LOSS", 2),
+        ("BW", 1),
+        ("FA", 0),
+        ("BW", 0),
+    )
     with pytest.raises(InvalidSchedule):
         simulate(leftover, two_stage())
 
@@ -88,7 +101,9 @@ def test_segment_starts_follow_torch_split():
 
 
 def chain(n, out=100, saved=250):
-    return ChainCosts(1000, tuple(StageCost(f"s{i}", 1.0, 1.5, 2.0, out, saved, 10, 20) for i in range(n)), 0.5)
+    return ChainCosts(
+        1000, tuple(StageCost(f"s{i}", 1.0, 1.5, 2.0, out, saved, 10, 20) for i in range(n)), 0.5
+    )
 
 
 def test_sequential_and_revolve_schedules_are_valid():

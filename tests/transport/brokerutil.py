@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 
 import pika
@@ -43,30 +42,6 @@ def ensure_broker_running(timeout: float = 90) -> None:
             return
         time.sleep(0.5)
     raise RuntimeError("RabbitMQ did not come back")
-
-
-class Collector:
-    """on_update callback that keeps what arrived, thread-safe."""
-
-    def __init__(self):
-        self.updates = []
-        self.lock = threading.Lock()
-
-    def __call__(self, decoded):
-        with self.lock:
-            self.updates.append(decoded)
-
-    def ids(self):
-        with self.lock:
-            return [u.envelope.update_id for u in self.updates]
-
-    def wait_for(self, n: int, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if len(self.ids()) >= n:
-                return True
-            time.sleep(0.05)
-        return len(self.ids()) >= n
 
 
 def wait_until(pred, timeout: float, step: float = 0.05) -> bool:

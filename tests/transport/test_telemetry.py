@@ -8,11 +8,18 @@ import logging
 import pika
 import pytest
 import torch
-
 from brokerutil import BROKER, wait_until
-from waggle_trainer.transport import (AmqpSettings, CodecSettings, Outbox, Telemetry,
-                                      TelemetryPublisher, UpdateEncoder, UpdatePublisher,
-                                      make_message)
+
+from waggle_trainer.transport import (
+    AmqpSettings,
+    CodecSettings,
+    Outbox,
+    Telemetry,
+    TelemetryPublisher,
+    UpdateEncoder,
+    UpdatePublisher,
+    make_message,
+)
 
 
 @pytest.mark.parametrize("name", ["train.loss", "sys.edge_training.up", "mem.peak_bytes",

@@ -163,7 +163,6 @@ def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
         optimizer=t.optimizer,
         learning_rate=t.learning_rate,
         momentum=t.momentum,
-        weight_decay=t.weight_decay,
         replan_threshold=m.replan_threshold,
         cache_dir=state_dir / "profiles",
         seed=t.seed,

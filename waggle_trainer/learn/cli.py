@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from waggle_trainer.common import ARCHES, STRATEGIES, format_size, parse_budget
+from waggle_trainer.common import (
+    ARCHES,
+    CLASSES_MIN,
+    DEFAULT_CLASSES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
+    STRATEGIES,
+    Progress,
+    format_size,
+    format_sizes_apart,
+    parse_budget,
+    usable_directory,
+)
 
 EXIT_USAGE = 2
+#: The budget was not met: no plan fits it, the measured peak broke it, or the loss
+#: diverged (the run did not do what it promised).
 EXIT_DOES_NOT_FIT = 1
+
+DATA_NOTE = ("data: synthetic (random images and random labels each step, no camera or "
+             "teacher): the loss measures nothing, the run measures memory and time")
 
 
 class UsageError(Exception):
@@ -37,8 +56,10 @@ def _positive(value: str) -> int:
 def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
     p.add_argument("--arch", choices=ARCHES, default="resnet18")
     p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
-    p.add_argument("--image", type=_positive, default=224, help="image side in pixels (default 224)")
-    p.add_argument("--classes", type=_positive, default=1000, help="output classes (default 1000)")
+    p.add_argument("--image", type=_positive, default=224,
+                   help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)")
+    p.add_argument("--classes", type=_positive, default=DEFAULT_CLASSES,
+                   help=f"output classes, >= 2 (default {DEFAULT_CLASSES}, as the config)")
     p.add_argument("--budget", type=_budget_arg, default="auto",
                    help='activation memory: "auto" (free memory here) or a size such as 800MiB')
     p.add_argument("--safety-margin", type=float, default=0.1,
@@ -61,39 +82,52 @@ def register(sub) -> None:
     p.set_defaults(handler=_bench)
 
     p = sub.add_parser("run", help="the main job: a memory-planned training run of the student")
-    p.add_argument("--config", type=Path, default=None, help="node config file (default: embedded defaults)")
+    p.add_argument(
+        "--config", type=Path, default=None, help="node config file (default: embedded defaults)"
+    )
     p.add_argument("--steps", type=_positive, default=10, help="measured steps (default 10)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_run)
 
 
 def _cache_dir(args) -> Path:
+    """``--cache-dir`` (an existing directory, or a new one in an existing directory),
+    else the state directory's ``profiles/``; ValueError naming the problem."""
     if args.cache_dir is not None:
-        return args.cache_dir
+        return usable_directory(args.cache_dir, "--cache-dir")
     from waggle_trainer.config import default_state_dir
 
-    return default_state_dir() / "profiles"
+    return usable_directory(default_state_dir() / "profiles", "profile cache", create_parents=True)
 
 
 def _spec(args, **over):
     from waggle_trainer.learn.planned_training import RunSpec
 
-    if not 0 <= args.safety_margin < 1:
-        raise UsageError(f"--safety-margin: {args.safety_margin} is out of range (0 <= f < 1)")
-    fields = dict(arch=args.arch, batch=args.batch, image=args.image, classes=args.classes,
-                  budget=args.budget, safety_margin=args.safety_margin,
-                  cache_dir=_cache_dir(args))
+    fields = dict(
+        arch=args.arch,
+        batch=args.batch,
+        image=args.image,
+        classes=args.classes,
+        budget=args.budget,
+        safety_margin=args.safety_margin,
+    )
     fields.update(over)
-    return RunSpec(**fields)
+    spec = RunSpec(**fields)  # checks the values before the cache directory is touched
+    return dataclasses.replace(spec, cache_dir=_cache_dir(args))
+
+
+def _profiling_progress(spec) -> Progress:
+    return Progress(f"profiling {spec.arch} (batch {spec.batch}, {spec.image} px)", "stages")
 
 
 def strategy_table(costs, budget_bytes: int) -> dict:
-    """Each strategy's plan at ``budget_bytes`` (or why it does not fit)."""
+    """Each strategy's plan at ``budget_bytes`` (or why it does not fit), from plain
+    training to the fastest."""
     from waggle_trainer.remat.planner import InfeasibleBudget, Planner
 
     planner = Planner(costs)
-    rows = {}
-    for strategy in ("none", "sequential", "revolve", "optimal"):
+    rows: dict[str, dict[str, Any]] = {}
+    for strategy in reversed(STRATEGIES):
         minimum = planner.min_feasible_budget(strategy)
         try:
             p = planner.plan(budget_bytes, strategy)
@@ -101,27 +135,42 @@ def strategy_table(costs, budget_bytes: int) -> dict:
             rows[strategy] = {"feasible": False, "min_feasible_bytes": minimum}
             continue
         rows[strategy] = {
-            "feasible": True, "min_feasible_bytes": minimum,
+            "feasible": True,
+            "min_feasible_bytes": minimum,
             "predicted_peak_bytes": p.predicted_peak_bytes,
-            "predicted_time_s": p.predicted_time_s, "time_ratio": p.time_ratio,
+            "predicted_time_s": p.predicted_time_s,
+            "time_ratio": p.time_ratio,
             "detail": p.detail,
         }
     return rows
 
 
-def _print_table(rows: dict, out=sys.stdout) -> None:
-    print(f"{'strategy':<12}{'fits':<6}{'predicted peak':>16}{'time ratio':>12}{'min feasible':>15}  detail",
-          file=out)
+def _print_table(rows: dict, mark: str | None = None, out=None) -> None:
+    """The strategy table; the row of ``mark`` (the plan that runs) starts with ``*``."""
+    out = sys.stdout if out is None else out
+    print(
+        f"  {'strategy':<12}{'fits':<6}{'predicted peak':>16}{'time ratio':>12}"
+        f"{'min feasible':>15}  detail",
+        file=out,
+    )
     for name, r in rows.items():
+        star = "* " if name == mark else "  "
         if r["feasible"]:
-            detail = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in (r["detail"] or {}).items())
-            print(f"{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
-                  f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
-                  file=out)
+            detail = ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in (r["detail"] or {}).items()
+            )
+            print(
+                f"{star}{name:<12}{'yes':<6}{format_size(r['predicted_peak_bytes']):>16}"
+                f"{r['time_ratio']:>11.2f}x{format_size(r['min_feasible_bytes']):>15}  {detail}",
+                file=out,
+            )
         else:
-            print(f"{name:<12}{'no':<6}{'-':>16}{'-':>12}{format_size(r['min_feasible_bytes']):>15}",
-                  file=out)
+            print(
+                f"{star}{name:<12}{'no':<6}{'-':>16}{'-':>12}"
+                f"{format_size(r['min_feasible_bytes']):>15}",
+                file=out,
+            )
 
 
 def _plan(args) -> int:
@@ -132,29 +181,51 @@ def _plan(args) -> int:
         return EXIT_USAGE
     from waggle_trainer.learn.planned_training import profiled_resnet, resolve_budget
 
-    model, _, costs = profiled_resnet(spec.arch, spec.classes, spec.batch, spec.image, spec.cache_dir)
+    model, _, costs = profiled_resnet(
+        spec.arch,
+        spec.classes,
+        spec.batch,
+        spec.image,
+        spec.cache_dir,
+        progress=_profiling_progress(spec),
+    )
     budget = resolve_budget(model, spec)
     rows = strategy_table(costs, budget.activation_budget_bytes)
     chosen = "optimal" if rows["optimal"]["feasible"] else None
     if args.json:
-        print(json.dumps({"arch": spec.arch, "batch": spec.batch, "image": spec.image,
-                          "budget_bytes": budget.activation_budget_bytes,
-                          "budget": budget.to_dict(), "strategies": rows, "chosen": chosen,
-                          "min_feasible_bytes": rows["optimal"]["min_feasible_bytes"]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "arch": spec.arch,
+                    "batch": spec.batch,
+                    "image": spec.image,
+                    "budget_bytes": budget.activation_budget_bytes,
+                    "budget": budget.to_dict(),
+                    "strategies": rows,
+                    "chosen": chosen,
+                    "min_feasible_bytes": rows["optimal"]["min_feasible_bytes"],
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{spec.arch}, batch {spec.batch}, {spec.image} px, {len(costs)} stages")
         if spec.budget == "auto":
             print("\n".join(budget.lines()))
         print(f"activation budget {format_size(budget.activation_budget_bytes)}\n")
-        _print_table(rows)
+        _print_table(rows, mark=chosen)
         print()
         if chosen:
             r = rows[chosen]
-            print(f"would use: {chosen} (predicted peak {format_size(r['predicted_peak_bytes'])}, "
-                  f"{r['time_ratio']:.2f}x the time of plain training)")
+            print(
+                f"would use: {chosen} (predicted peak {format_size(r['predicted_peak_bytes'])}, "
+                f"{r['time_ratio']:.2f}x the time of plain training)"
+            )
         else:
-            print(f"nothing fits: the minimum feasible budget is "
-                  f"{format_size(rows['optimal']['min_feasible_bytes'])}")
+            budget_s, min_s = format_sizes_apart(
+                budget.activation_budget_bytes, rows["optimal"]["min_feasible_bytes"]
+            )
+            print(f"nothing fits: the budget {budget_s} is below the minimum feasible {min_s}")
     return 0 if chosen else EXIT_DOES_NOT_FIT
 
 
@@ -163,36 +234,86 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
     from waggle_trainer.remat.planner import InfeasibleBudget
 
     try:
-        training = PlannedTraining.build(spec)
+        training = PlannedTraining.build(spec, progress=_profiling_progress(spec))
     except InfeasibleBudget as exc:
         print(f"waggle-trainer {prog}: {exc}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
-    result = measure(training, steps)
+    r = measure(training, steps)
+    failures = _failures(r)
     if as_json:
-        print(json.dumps(result.to_dict(), indent=2))
-        return 0
-    r = result
-    print(f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: "
-          f"strategy {r.strategy}, "
-          f"activation budget {format_size(r.budget_bytes)}")
+        print(json.dumps(r.to_dict(), indent=2))
+    else:
+        _report(r, training, spec)
+    for line in failures:
+        print(f"waggle-trainer {prog}: {line}", file=sys.stderr)
+    return EXIT_DOES_NOT_FIT if failures else 0
+
+
+def _failures(r) -> list[str]:
+    """What the run promised and did not do, one line each."""
+    out = []
+    if not r.budget_kept:
+        growth, budget = format_sizes_apart(r.peak_rss_growth_bytes, r.budget_bytes)
+        out.append(
+            f"the budget was not kept: a step's memory grew by {growth}, more than the "
+            f"activation budget {budget}"
+        )
+    if r.diverged_at is not None:
+        out.append(
+            f"training diverged: the loss is {r.losses[r.diverged_at - 1]} at measured "
+            f"step {r.diverged_at} (lower the learning rate)"
+        )
+    return out
+
+
+def _report(r, training, spec) -> None:
+    print(
+        f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: strategy {r.strategy}, "
+        f"activation budget {format_size(r.budget_bytes)}"
+    )
+    print(DATA_NOTE)
     if spec.budget == "auto":
         print("\n".join(training.budget.lines()))
     print()
-    _print_table(strategy_table(training.chain.costs, r.budget_bytes))
+    if r.plan_budget_bytes != r.budget_bytes:
+        print(
+            f"strategies at {format_size(r.plan_budget_bytes)}, the budget the plan that ran "
+            f"was made for (* marks it):"
+        )
+    else:
+        print("strategies at this budget (* marks the plan that ran):")
+    _print_table(strategy_table(training.chain.costs, r.plan_budget_bytes), mark=r.strategy)
     print()
-    print(f"plan: predicted peak {format_size(r.predicted_peak_bytes)}, "
-          f"{r.predicted_time_ratio:.2f}x the time of plain training "
-          f"(minimum feasible {format_size(r.min_feasible_bytes)})")
-    print(f"measured over {r.steps} steps: median step {r.median_step_s:.3f} s, "
-          f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
-          f"{format_size(r.peak_rss_growth_bytes)} "
-          f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted)")
+    print(
+        f"plan that ran: {r.strategy}, predicted peak {format_size(r.predicted_peak_bytes)}, "
+        f"{r.predicted_time_ratio:.2f}x the time of plain training "
+        f"(minimum feasible {format_size(r.min_feasible_bytes)})"
+    )
+    print(
+        f"measured over {r.steps} steps: median step {r.median_step_s:.3f} s, "
+        f"peak RSS {format_size(r.peak_rss_bytes)}, growth over baseline "
+        f"{format_size(r.peak_rss_growth_bytes)} "
+        f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted, "
+        f"{'within' if r.budget_kept else 'OVER'} the budget)"
+    )
     if r.calibration_bytes:
-        print(f"calibration: the first measured step needed {format_size(r.calibration_bytes)} beyond "
-              f"the prediction; re-planned within the budget minus that")
-    print(f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f}; re-plans {r.replans}; "
-          f"allocator {r.allocator_mode}")
-    return 0
+        need = (
+            f"calibration: a measured step needed {format_size(r.calibration_bytes)} beyond "
+            f"the prediction; "
+        )
+        print(
+            need
+            + {
+                "re-planned": "re-planned for the budget minus that "
+                f"({format_size(r.plan_budget_bytes)})",
+                "no smaller plan": "no smaller plan exists, the plan was kept",
+                "infeasible": "no plan fits the budget minus that, so the smallest plan ran",
+            }.get(r.calibration, r.calibration)
+        )
+    print(
+        f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f} (synthetic data); re-plans {r.replans}; "
+        f"allocator {r.allocator_mode}"
+    )
 
 
 def _bench(args) -> int:
@@ -216,14 +337,29 @@ def _run(args) -> int:
         return EXIT_USAGE
     if args.log_level is None:
         setup_logging(cfg.node.log_level)
+    try:
+        profiles = usable_directory(
+            usable_directory(cfg.state.dir, "state.dir") / "profiles", "state.dir"
+        )
+    except ValueError as exc:
+        where = args.config or "<defaults>"
+        print(f"{where}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     from waggle_trainer.learn.task import task_from_config
 
     spec = RunSpec(
-        arch=cfg.student.arch, batch=cfg.training.batch_size, image=cfg.student.input_height,
-        width=cfg.student.input_width, classes=max(2, task_from_config(cfg).num_classes),
-        strategy=cfg.memory.strategy, budget=cfg.memory.budget,
-        safety_margin=cfg.memory.safety_margin, optimizer=cfg.training.optimizer,
-        learning_rate=cfg.training.learning_rate, momentum=cfg.training.momentum,
-        replan_threshold=cfg.memory.replan_threshold, cache_dir=cfg.state.dir / "profiles",
+        arch=cfg.student.arch,
+        batch=cfg.training.batch_size,
+        image=cfg.student.input_height,
+        width=cfg.student.input_width,
+        classes=max(CLASSES_MIN, task_from_config(cfg).num_classes),
+        strategy=cfg.memory.strategy,
+        budget=cfg.memory.budget,
+        safety_margin=cfg.memory.safety_margin,
+        optimizer=cfg.training.optimizer,
+        learning_rate=cfg.training.learning_rate,
+        momentum=cfg.training.momentum,
+        replan_threshold=cfg.memory.replan_threshold,
+        cache_dir=profiles,
     )
     return _train(spec, args.steps, args.json, "run")

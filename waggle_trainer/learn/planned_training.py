@@ -2,8 +2,9 @@
 that fits the memory free on this machine, with its plan and measurements.
 
 This is what ``waggle-trainer run`` (until the daemon exists), ``bench`` and the
-benchmarks drive.  Inputs are fresh random batches each step: a fixed batch drives
-the loss to 0 and the gradients subnormal, and CPU steps then take 30x longer.
+benchmarks drive.  The data is synthetic: fresh random images and random labels each
+step (a fixed batch drives the loss to 0 and the gradients subnormal, which makes CPU
+kernels far slower), so the loss measures nothing; the run measures memory and time.
 
 Peak memory is measured as resident set size (RSS) sampled by a thread every
 millisecond, so it sees the transient peaks of a step; ``growth`` is the peak over
@@ -15,9 +16,11 @@ plan's ``predicted_peak_bytes`` predicts.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,16 @@ import psutil
 import torch
 from torch import nn
 
-from waggle_trainer.common import OPTIMIZER_NAMES
+from waggle_trainer.common import (
+    CLASSES_MIN,
+    DEFAULT_CLASSES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
+    Arch,
+    OptimizerName,
+    Strategy,
+    batch_too_small,
+)
 from waggle_trainer.remat import allocator
 from waggle_trainer.remat.budget import (
     BudgetBreakdown,
@@ -35,7 +47,8 @@ from waggle_trainer.remat.budget import (
 )
 from waggle_trainer.remat.chain import build_resnet, named_stages
 from waggle_trainer.remat.executor import CheckpointedSequential
-from waggle_trainer.remat.planner import InfeasibleBudget
+from waggle_trainer.remat.optim import make_optimizer
+from waggle_trainer.remat.planner import InfeasibleBudget, Plan
 from waggle_trainer.remat.profiler import profile_chain
 from waggle_trainer.remat.schedule import recomputes
 
@@ -46,26 +59,39 @@ log = logging.getLogger(__name__)
 class RunSpec:
     """What to train and under which memory budget."""
 
-    arch: str = "resnet18"
+    arch: Arch = "resnet18"
     batch: int = 8
     image: int = 224
-    classes: int = 1000
-    strategy: str = "optimal"
+    classes: int = DEFAULT_CLASSES
+    strategy: Strategy = "optimal"
     budget: int | str = "auto"  # bytes of activation memory, or "auto"
     safety_margin: float = 0.1
-    optimizer: str = "sgd"
+    optimizer: OptimizerName = "sgd"
     learning_rate: float = 0.01
     momentum: float = 0.9
-    weight_decay: float = 0.0
     replan_threshold: float = 0.1
     cache_dir: Path | None = None
     seed: int = 0
     width: int | None = None  # input width when it differs from ``image`` (the height)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "image", "classes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        """The limits of the config file, named as the command line's flags."""
+        if self.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if not IMAGE_SIZE_MIN <= self.image <= IMAGE_SIZE_MAX:
+            raise ValueError(f"--image {self.image} is out of range "
+                             f"({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)")
+        if self.classes < CLASSES_MIN:
+            raise ValueError(f"--classes {self.classes} is out of range (at least {CLASSES_MIN}: "
+                             "one class has nothing to learn)")
+        if self.width is not None and not IMAGE_SIZE_MIN <= self.width <= IMAGE_SIZE_MAX:
+            raise ValueError(f"--width {self.width} is out of range "
+                             f"({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)")
+        why = batch_too_small(self.batch, self.image, self.width)
+        if why:
+            raise ValueError(f"--batch {self.batch} is too small for --image {self.image} ({why})")
+        if not 0 <= self.safety_margin < 1:
+            raise ValueError(f"--safety-margin {self.safety_margin} is out of range (0 <= f < 1)")
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -80,12 +106,15 @@ def allocator_mode_for(plan) -> str:
     """The allocator mode a plan needs (see :mod:`waggle_trainer.remat.allocator`).
 
     ``"mmap"`` (a fixed mmap threshold) makes what a checkpointing plan frees really
-    go back to the kernel, at the price of page faults (resnet50 b8 steps about 1.6x
-    slower here).  When the plan recomputes nothing and the budget has room for
-    glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted peak), there is
-    nothing to make real and glibc's defaults are kept: ``"default"``.
+    go back to the kernel, at the price of page faults (slower steps; measured in
+    ``bench/results/allocator.md``).  When the plan recomputes nothing and the budget
+    has room for glibc's own fragmentation (``ROOM_FOR_GLIBC`` times the predicted
+    peak), there is nothing to make real and glibc's defaults are kept: ``"default"``.
     """
-    if not recomputes(plan.schedule) and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes:
+    if (
+        not recomputes(plan.schedule)
+        and plan.budget_bytes >= ROOM_FOR_GLIBC * plan.predicted_peak_bytes
+    ):
         return "default"
     return "mmap"
 
@@ -116,7 +145,7 @@ class RssSampler:
             self.peak = self.current()
             return self.peak
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> RssSampler:
         self._thread.start()
         return self
 
@@ -125,27 +154,30 @@ class RssSampler:
         self._thread.join()
 
 
-def profiled_resnet(arch: str, classes: int, batch: int, image: int, cache_dir: Path | None):
+Progress = Callable[[int, int], None]
+
+
+def profiled_resnet(
+    arch: str,
+    classes: int,
+    batch: int,
+    image: int,
+    cache_dir: Path | None,
+    progress: Progress | None = None,
+):
     """A fresh ResNet in training mode, its stages and their profile (cached in
     ``cache_dir``) for ``batch`` images of ``image`` px: ``(model, stages, costs)``."""
     model = build_resnet(arch, classes).train()
     named = named_stages(model)
     stages = [m for _, m in named]
-    costs = profile_chain(stages, torch.empty(batch, 3, image, image), cache_dir=cache_dir,
-                          names=[n for n, _ in named])
+    costs = profile_chain(
+        stages,
+        torch.empty(batch, 3, image, image),
+        cache_dir=cache_dir,
+        names=[n for n, _ in named],
+        progress=progress,
+    )
     return model, stages, costs
-
-
-def make_optimizer(model: nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
-    """The optimiser ``spec`` names (one of ``OPTIMIZER_NAMES``) for ``model``'s parameters."""
-    params, lr, wd = model.parameters(), spec.learning_rate, spec.weight_decay
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    if spec.optimizer != "sgd":
-        raise ValueError(f"unknown optimizer {spec.optimizer!r} (allowed: {', '.join(OPTIMIZER_NAMES)})")
-    return torch.optim.SGD(params, lr=lr, momentum=spec.momentum, weight_decay=wd)
 
 
 def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
@@ -153,10 +185,13 @@ def resolve_budget(model: nn.Module, spec: RunSpec) -> BudgetBreakdown:
     state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum)
     if spec.budget != "auto":
         return BudgetBreakdown(
-            free_bytes=int(spec.budget), safety_margin_bytes=0,
+            free_bytes=int(spec.budget),
+            safety_margin_bytes=0,
             training_state_bytes=state.total_bytes,
-            training_state_resident_bytes=state.total_bytes, reserve_bytes=0,
-            activation_budget_bytes=int(spec.budget), limited_by="given",
+            training_state_resident_bytes=state.total_bytes,
+            reserve_bytes=0,
+            activation_budget_bytes=int(spec.budget),
+            limited_by="given",
         )
     # Parameters and buffers exist already; gradients and optimiser state arrive
     # with the first step and must fit too.
@@ -180,18 +215,22 @@ class PlannedTraining:
     replans: int = 0
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
+    #: What calibration did: "" (nothing to do), "re-planned", "no smaller plan"
+    #: (the plan for the budget minus the overhead is the one already running) or
+    #: "infeasible" (nothing fits the budget minus the overhead: the smallest plan runs).
+    calibration: str = ""
 
-    def calibrate(self, rss: "RssSampler", rounds: int = 3, batch=None) -> int:
+    def calibrate(self, rss: RssSampler, rounds: int = 3, batch=None) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
         budget and re-plan, so that the real peak stays within the budget.
 
         The profile sees tensors, not the allocator's heap for small blocks or the
-        scratch buffers of oneDNN kernels: 15-30 MiB here.  Repeats (up to ``rounds``
-        steps) while the measured peak exceeds the budget by more than 5% and a smaller
-        plan exists.  Only when memory is tight (allocator mode ``mmap``; under glibc's
-        defaults the budget has room by construction).  ``batch()`` makes a training
-        batch ``(x, y)`` (default :meth:`batch`: random data).  Returns the overshoot in
-        bytes.
+        scratch buffers of oneDNN kernels.  Repeats (up to ``rounds`` steps) while the
+        measured peak exceeds the budget and a smaller plan exists.  Only when memory is
+        tight (allocator mode ``mmap``; under glibc's defaults the budget has room by
+        construction).  ``batch()`` makes a training batch ``(x, y)`` (default
+        :meth:`batch`: random data).  Records what it did in :attr:`calibration`; returns
+        the overshoot in bytes.
         """
         batch = batch or self.batch
         if self.allocator_mode != "mmap":
@@ -202,52 +241,85 @@ class PlannedTraining:
             base = rss.reset()
             self.step(*batch())
             growth = rss.peak - base
-            overshoot = growth - self.chain.plan.predicted_peak_bytes
-            if growth <= budget * 1.05 or overshoot <= self.overshoot_bytes:
+            overshoot = growth - self._plan.predicted_peak_bytes
+            if growth <= budget or overshoot <= self.overshoot_bytes:
                 break
-            schedule = self.chain.plan.schedule
+            schedule = self._plan.schedule
             self.overshoot_bytes = overshoot
-            self._replan_within(budget)
-            if self.chain.plan.schedule == schedule:  # nothing smaller fits
-                log.warning("measured step peak %d MiB exceeds the budget %d MiB; no smaller plan",
-                            growth >> 20, budget >> 20)
+            if not self._replan_within(budget):
+                self.calibration = "infeasible"
                 break
+            if self._plan.schedule == schedule:
+                self.calibration = "no smaller plan"
+                break
+            self.calibration = "re-planned"
         return self.overshoot_bytes
 
-    def _replan_within(self, budget_bytes: int) -> None:
+    @property
+    def _plan(self) -> Plan:
+        assert self.chain.plan is not None  # profiled at build
+        return self.chain.plan
+
+    def _replan_within(self, budget_bytes: int) -> bool:
+        """Re-plan for ``budget_bytes`` minus the measured overhead; when nothing fits
+        that, run the smallest plan there is and return False."""
         try:
             self.chain.replan(max(0, budget_bytes - self.overshoot_bytes))
+            return True
         except InfeasibleBudget as exc:
-            log.warning("keeping the current plan: measured overhead %d MiB leaves too little (%s)",
-                        self.overshoot_bytes >> 20, exc)
+            log.warning(
+                "measured overhead %s leaves too little for any plan (%s); "
+                "running the smallest plan",
+                _mib(self.overshoot_bytes),
+                exc,
+            )
+            self.chain.replan(exc.min_bytes)
+            return False
 
     def _configure_allocator(self) -> None:
         """Switch to the mode the current plan needs (only ever towards "mmap":
         glibc's dynamic threshold cannot be restored once fixed)."""
-        wanted = allocator_mode_for(self.chain.plan)
+        wanted = allocator_mode_for(self._plan)
         if wanted != self.allocator_mode and self.allocator_mode != "mmap":
             allocator.configure_allocator(wanted)
             self.allocator_mode = wanted
-            log.info("allocator: %s (plan recomputes: %s)", wanted, wanted == "mmap")
+            log.debug(
+                "allocator mode %s chosen: the plan %s",
+                wanted,
+                "recomputes activations or leaves glibc no room"
+                if wanted == "mmap"
+                else "recomputes nothing and the budget has room",
+            )
         allocator.trim()
 
     @classmethod
-    def build(cls, spec: RunSpec) -> "PlannedTraining":
+    def build(cls, spec: RunSpec, *, progress: Progress | None = None) -> PlannedTraining:
+        """Build the student, resolve the budget, profile (``progress(done, total)``
+        while measuring) and plan."""
         torch.manual_seed(spec.seed)
-        return cls.for_model(build_resnet(spec.arch, spec.classes).train(), spec)
+        model = build_resnet(spec.arch, spec.classes).train()
+        return cls.for_model(model, spec, progress=progress)
 
     @classmethod
-    def for_model(cls, model: nn.Module, spec: RunSpec, loss_fn=None) -> PlannedTraining:
+    def for_model(
+        cls, model: nn.Module, spec: RunSpec, loss_fn=None, *, progress: Progress | None = None
+    ) -> PlannedTraining:
         """``model`` (a chain :mod:`waggle_trainer.remat.chain` can split) planned for
         batches of ``spec.input_shape`` within ``spec.budget``; ``loss_fn(output, y)``
         (default cross-entropy)."""
         budget = resolve_budget(model, spec)
         chain = CheckpointedSequential(
-            model, budget_bytes=budget.activation_budget_bytes, strategy=spec.strategy,
-            sample_input=torch.empty(*spec.input_shape), cache_dir=spec.cache_dir,
+            model,
+            budget_bytes=budget.activation_budget_bytes,
+            strategy=spec.strategy,
+            cache_dir=spec.cache_dir,
         )
+        chain.profile(torch.empty(*spec.input_shape), progress=progress)
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
-        training = cls(spec, model, chain, make_optimizer(model, spec), budget, watcher=watcher)
+        optimizer = make_optimizer(
+            model.parameters(), spec.optimizer, lr=spec.learning_rate, momentum=spec.momentum
+        )
+        training = cls(spec, model, chain, optimizer, budget, watcher=watcher)
         if loss_fn is not None:
             training.loss_fn = loss_fn
         training._configure_allocator()
@@ -263,17 +335,25 @@ class PlannedTraining:
             return False
         state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum)
         self.budget = activation_budget(
-            state, free=change.current_bytes, safety_fraction=self.spec.safety_margin,
+            state,
+            free=change.current_bytes,
+            safety_fraction=self.spec.safety_margin,
             state_resident_bytes=state.total_bytes,
         )
-        old = self.chain.plan
-        self._replan_within(self.budget.activation_budget_bytes)
-        plan = self.chain.plan
+        old = self._plan
+        fits = self._replan_within(self.budget.activation_budget_bytes)
+        plan = self._plan
         self.replans += 1
         self._configure_allocator()
-        log.info("free memory moved %+.0f%%: re-planned %s for %d MiB (peak %d -> %d MiB)",
-                 100 * change.fraction, plan.strategy, self.budget.activation_budget_bytes >> 20,
-                 old.predicted_peak_bytes >> 20, plan.predicted_peak_bytes >> 20)
+        log.info(
+            "free memory moved %+.0f%%: re-planned %s for %s (peak %s -> %s)%s",
+            100 * change.fraction,
+            plan.strategy,
+            _mib(self.budget.activation_budget_bytes),
+            _mib(old.predicted_peak_bytes),
+            _mib(plan.predicted_peak_bytes),
+            "" if fits else "; nothing fits the new budget, the smallest plan runs",
+        )
         return True
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +368,10 @@ class PlannedTraining:
         return float(loss.detach())
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 @dataclass(frozen=True)
 class RunResult:
     """What a planned run measured, beside what its plan predicted (bytes, seconds)."""
@@ -296,8 +380,9 @@ class RunResult:
     batch: int
     image: int
     width: int | None
-    strategy: str
+    strategy: Strategy
     budget_bytes: int
+    plan_budget_bytes: int  # what the final plan was made for (budget minus calibration)
     predicted_peak_bytes: int
     predicted_time_ratio: float
     min_feasible_bytes: int
@@ -311,10 +396,22 @@ class RunResult:
     replans: int
     allocator_mode: str
     calibration_bytes: int
+    calibration: str
     budget_breakdown: dict
+    data: str = "synthetic"  # random images and labels: the loss measures nothing
+
+    @property
+    def budget_kept(self) -> bool:
+        """The promise: a step's measured growth stayed within the activation budget."""
+        return self.peak_rss_growth_bytes <= self.budget_bytes
+
+    @property
+    def diverged_at(self) -> int | None:
+        """The first measured step whose loss is not finite (1-based), or None."""
+        return next((i + 1 for i, v in enumerate(self.losses) if not math.isfinite(v)), None)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "budget_kept": self.budget_kept, "diverged_at": self.diverged_at}
 
 
 def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunResult:
@@ -336,16 +433,28 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
             del x, y
             training.maybe_replan()
         peak = rss.peak
-    plan = training.chain.plan
+    plan = training._plan
     return RunResult(
-        arch=training.spec.arch, batch=training.spec.batch, image=training.spec.image,
-        width=training.spec.width, strategy=plan.strategy,
+        arch=training.spec.arch,
+        batch=training.spec.batch,
+        image=training.spec.image,
+        width=training.spec.width,
+        strategy=plan.strategy,
         budget_bytes=training.budget.activation_budget_bytes,
-        predicted_peak_bytes=plan.predicted_peak_bytes, predicted_time_ratio=plan.time_ratio,
-        min_feasible_bytes=plan.min_feasible_bytes, steps=steps,
-        median_step_s=statistics.median(times), step_times_s=times,
-        baseline_rss_bytes=baseline, peak_rss_bytes=peak,
-        peak_rss_growth_bytes=peak - baseline, losses=losses, replans=training.replans,
-        allocator_mode=training.allocator_mode, calibration_bytes=training.overshoot_bytes,
+        plan_budget_bytes=plan.budget_bytes,
+        predicted_peak_bytes=plan.predicted_peak_bytes,
+        predicted_time_ratio=plan.time_ratio,
+        min_feasible_bytes=plan.min_feasible_bytes,
+        steps=steps,
+        median_step_s=statistics.median(times),
+        step_times_s=times,
+        baseline_rss_bytes=baseline,
+        peak_rss_bytes=peak,
+        peak_rss_growth_bytes=peak - baseline,
+        losses=losses,
+        replans=training.replans,
+        allocator_mode=training.allocator_mode,
+        calibration_bytes=training.overshoot_bytes,
+        calibration=training.calibration,
         budget_breakdown=training.budget.to_dict(),
     )

@@ -10,83 +10,27 @@ heaps that can only shrink from the top.  The threshold starts at 128 KiB but is
 plan that frees activations early leaves holes that stay resident.  Checkpointing
 then barely lowers the process's peak, and the peak is what the OOM killer sees.
 
-Measured (``bench/allocator.py``, torch 2.14.1, 2 threads, batch 8, 224 px, SGD
-momentum, 5 steps on fresh random data, each configuration in a fresh process and a
-fresh memory cgroup, 2 interleaved rounds; ``bench/results/allocator.md``).  Peak
-RSS growth over the post-import baseline, and the cgroup's peak charge, in MB;
-ckpt = ``checkpoint_sequential`` with 4 segments:
-
-=========================  ========  ========  ========  ========
-configuration              r18 plain r18 ckpt  r50 plain r50 ckpt
-=========================  ========  ========  ========  ========
-glibc defaults   RSS        479       424       1204      832
-                 cgroup     848       783       1630      1250
-mmap 128 KiB     RSS        328       268        919      602
-                 cgroup     697       627       1345      1020
-mmap 1 MiB       RSS        336       285        925      618
-                 cgroup     705       647       1350      1036
-mmap 4 MiB       RSS        350       322        971      658
-MALLOC_ARENA_MAX=2 RSS      472       426       1241      868
-malloc_trim per step RSS    428       416       1072      846
-jemalloc 5.3     RSS        342       291        956      626
-                 cgroup     714       656       1384      1047
-=========================  ========  ========  ========  ========
-
-(The ``MALLOC_MMAP_THRESHOLD_`` environment variable and ``mallopt`` give identical
-numbers.)  So: under glibc's defaults, checkpointing resnet50 saves 372 MB of RSS
-growth; with a fixed 1 MiB threshold it saves 307 MB *on top of* plain's own 279 MB
-reduction (ckpt at 0.51x of default plain instead of 0.69x).  ``MALLOC_ARENA_MAX``
-does nothing here (torch's intra-op threads do not allocate activations), and
-``malloc_trim`` after a step cannot lower the peak inside the step.  Predicted
-plain step growth (``waggle-trainer memory``): resnet18 b8 307 MB, resnet50 b8
-900 MB, i.e. with the 1 MiB threshold RSS follows the tensor-level need within 10%.
-
-The price is page faults: every block of 1 MiB or more is a fresh mapping, zeroed by
-the kernel on first touch (~0.4-0.9 GB/s in this VM vs 1-7 GB/s from the heap).
-A 128 KiB threshold also maps oneDNN's many medium scratch buffers and made
-resnet50 steps 2-3x slower; 1 MiB keeps nearly all of the saving at a lower cost.
-
-Step times, resnet50 batch 8 (median of steps 2-5; the 2 cores are shared with
-other jobs, so only runs from quiet rounds are quoted, from
-``bench/results/allocator.md`` round 1 and ``allocator_resnet50_timing.md`` round 0):
-
-======================  ===========  ===========  ==========================
-configuration           plain s      ckpt(4) s    RSS growth plain / ckpt MB
-======================  ===========  ===========  ==========================
-glibc defaults          1.31 - 1.44  1.61 - 1.91  1201 / 925 (0.77x)
-mmap 1 MiB              2.21 - 2.35  3.11 - 3.47   925 / 613 (0.51x)
-mmap 4 MiB              1.87         3.17          973 / 658
-mmap 128 KiB            2.73         3.34          919 / 602
-jemalloc (defaults)     1.95 - 2.21  2.58 - 2.84   951 / 632
-jemalloc, no decay      1.21         1.88         1053 / 737 (0.61x)
-======================  ===========  ===========  ==========================
-
-So the fixed threshold costs about 1.6-1.7x step time on resnet50 in this VM
-(resnet18: 0.69 s plain either way in the quiet round, 1.05 vs 0.82 s ckpt):
-the memory that checkpointing frees is given back, and taken again with page
-faults.  jemalloc with decay switched off (``MALLOC_CONF=dirty_decay_ms:-1,
-muzzy_decay_ms:-1``) is as fast as glibc and keeps about half of the saving.
+What it costs and saves on this project's test machine (tables, commands, commit,
+CPU) is in ``bench/results/allocator.md``; in short: a fixed 1 MiB threshold makes
+the RSS growth of a step follow the tensor-level need (so checkpointing's saving is
+real), at the price of page faults (every large block is a fresh, zeroed mapping),
+which makes CPU steps slower; a 128 KiB threshold also maps oneDNN's scratch
+buffers and costs far more.  ``MALLOC_ARENA_MAX`` does nothing for activations, and
+``malloc_trim`` after a step cannot lower the peak inside it.
 
 Choice: ``configure_allocator()`` defaults to ``mode="mmap"`` with a 1 MiB
-threshold and a 16 MiB trim threshold: only this setting makes the process's peak
-follow the plan (RSS growth within 3-10% of the predicted step need, above), so
-that it fits where plain training is killed; the step-time cost is the price.
-The training run picks the mode from its plan
-(``waggle_trainer.learn.planned_training.allocator_mode_for``): ``"mmap"`` when
-the plan recomputes anything, glibc's defaults when nothing is recomputed and the
-budget has twice the predicted need.  jemalloc (``LD_PRELOAD``, Debian
-``libjemalloc2``) with its default decay gives about the same memory at a similar
-cost; where it is preloaded, ``configure_allocator`` detects it and leaves glibc
-alone, and :func:`trim` purges jemalloc's arenas instead.
+threshold and a 16 MiB trim threshold.  The training run picks the mode from its
+plan (``waggle_trainer.learn.planned_training.allocator_mode_for``): ``"mmap"``
+when the plan recomputes anything or memory is tight, glibc's defaults when nothing
+is recomputed and the budget has room.  jemalloc (``LD_PRELOAD``, Debian
+``libjemalloc2``) gives about the same memory at a similar cost; where it is
+preloaded, ``configure_allocator`` detects it and leaves glibc alone, and
+:func:`trim` purges jemalloc's arenas instead.
 
 Huge pages: with ``THP_MEM_ALLOC_ENABLE=1`` in the environment *before torch is
 imported* (the command line sets it), PyTorch 2 MiB-aligns tensors of 2 MiB or
-more and ``madvise``-s them ``MADV_HUGEPAGE``; fresh mappings then take 512x
-fewer page faults.  resnet50 b8 plain steps, alternating processes (2 rounds):
-glibc defaults 1.33-2.02 s, mmap 2.36-2.54 s (4.9M minor faults), mmap + THP
-1.87-2.15 s (1.4M faults), same peak RSS (1937-1940 MB).  Under glibc's defaults
-THP adds ~150 MB of peak RSS (2181-2198 -> 2334-2345 MB) at no speed gain, which
-is why the default mode is only chosen with room to spare.
+more and ``madvise``-s them ``MADV_HUGEPAGE``, so fresh mappings take 512x fewer
+page faults.
 
 API
 ---

@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from waggle_trainer.common import format_size, parse_size
+
+from .optim import state_multiple
 
 __all__ = [
     "CgroupLocation",
@@ -59,7 +61,6 @@ __all__ = [
     "BudgetBreakdown",
     "BudgetChange",
     "BudgetWatcher",
-    "OPTIMIZERS",
     "find_memory_cgroup",
     "read_cgroup_memory",
     "free_memory",
@@ -173,7 +174,7 @@ def find_memory_cgroup(
     except OSError:
         return None
 
-    for hid, ctrls, path in groups:
+    for _, ctrls, path in groups:
         if "memory" not in ctrls:
             continue
         for m in mounts:
@@ -269,8 +270,8 @@ class CgroupMemory:
 def _read_level(version: int, d: Path) -> CgroupLevel:
     stat = _read_stat(d / "memory.stat")
     if version == 2:
-        limits = [_read_int_file(d / "memory.max"), _read_int_file(d / "memory.high")]
-        limits = [x for x in limits if x is not None]
+        read = [_read_int_file(d / "memory.max"), _read_int_file(d / "memory.high")]
+        limits = [x for x in read if x is not None]
         limit = min(limits) if limits else None
         usage = _read_int_file(d / "memory.current")
         inactive = stat.get("inactive_file", 0)
@@ -353,13 +354,6 @@ def free_memory_bytes(location: CgroupLocation | None = None) -> int:
 
 # ------------------------------------------------------------------ training state
 
-# Optimiser state as multiples of the trainable parameters' bytes.
-OPTIMIZERS: dict[str, int] = {
-    "sgd": 0,  # plain SGD keeps nothing
-    "sgd-momentum": 1,  # one momentum buffer
-    "adam": 2,  # exp_avg, exp_avg_sq
-    "adamw": 2,
-}
 
 
 @dataclass(frozen=True)
@@ -382,17 +376,6 @@ class TrainingState:
         )
 
 
-def _optimizer_multiple(optimizer: str, momentum: float | None) -> tuple[str, int]:
-    key = optimizer.lower()
-    if key == "sgd" and momentum:
-        key = "sgd-momentum"
-    if key not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {optimizer!r} (allowed: {', '.join(OPTIMIZERS)})"
-        )
-    return key, OPTIMIZERS[key]
-
-
 def training_state_bytes(
     model, optimizer: str = "sgd-momentum", *, momentum: float | None = None
 ) -> TrainingState:
@@ -404,7 +387,7 @@ def training_state_bytes(
     ``sgd``, ``sgd-momentum``, ``adam``, ``adamw``; ``sgd`` with a non-zero
     ``momentum`` is ``sgd-momentum`` (the config's ``optimizer``/``momentum``).
     """
-    key, mult = _optimizer_multiple(optimizer, momentum)
+    key, mult = state_multiple(optimizer, momentum)
     if isinstance(model, bool) or not (isinstance(model, int) or hasattr(model, "parameters")):
         raise TypeError(f"expected an nn.Module or a byte count, got {type(model).__name__}")
     if isinstance(model, int):
@@ -448,10 +431,11 @@ class BudgetBreakdown:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        to_come = self.training_state_bytes - self.training_state_resident_bytes
         return [
             f"free memory        {format_size(self.free_bytes):>12}  ({self.limited_by})",
             f"- safety margin    {format_size(self.safety_margin_bytes):>12}",
-            f"- training state   {format_size(self.training_state_bytes - self.training_state_resident_bytes):>12}"
+            f"- training state   {format_size(to_come):>12}"
             f"  (of {format_size(self.training_state_bytes)}; the rest already resident)",
             f"- other reserve    {format_size(self.reserve_bytes):>12}",
             f"= activations      {format_size(self.activation_budget_bytes):>12}",
@@ -479,8 +463,11 @@ def activation_budget(
     """
     if not 0 <= safety_fraction < 1:
         raise ValueError(f"safety_fraction must be in [0, 1), got {safety_fraction}")
-    for name, v in (("min_safety_bytes", min_safety_bytes), ("reserve_bytes", reserve_bytes),
-                    ("state_resident_bytes", state_resident_bytes)):
+    for name, v in (
+        ("min_safety_bytes", min_safety_bytes),
+        ("reserve_bytes", reserve_bytes),
+        ("state_resident_bytes", state_resident_bytes),
+    ):
         if v < 0:
             raise ValueError(f"{name} must be >= 0, got {v}")
     if free is None:
@@ -553,6 +540,7 @@ class BudgetWatcher:
         self._last_read = now
         current = int(self.reader())
         ref = self.reference_bytes
+        assert ref is not None  # set in __post_init__
         if abs(current - ref) > self.threshold * max(ref, 1):
             self.reference_bytes = current
             return BudgetChange(ref, current)
@@ -562,4 +550,3 @@ class BudgetWatcher:
         """Take ``free_bytes`` (or a fresh read) as the reference."""
         self.reference_bytes = int(self.reader()) if free_bytes is None else int(free_bytes)
         self._last_read = self.clock()
-

@@ -27,17 +27,22 @@ a custom stage that writes into its input is detected by the executor and reject
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import nn
 
-__all__ = ["OutOfPlace", "named_stages", "chain_stages", "build_resnet", "RESNET_ARCHS"]
+from waggle_trainer.common import ARCHES
 
-RESNET_ARCHS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
+__all__ = [
+    "OutOfPlace", "named_stages", "chain_stages", "input_needs_grad", "build_resnet",
+    "RESNET_ARCHS",
+]
+
+#: What :func:`build_resnet` builds: the student/teacher architectures of the config
+#: (:data:`waggle_trainer.common.ARCHES`) and the rest of torchvision's ResNet family.
+RESNET_ARCHS: tuple[str, ...] = ARCHES + (
     "resnext50_32x4d",
     "resnext101_32x8d",
     "resnext101_64x4d",
@@ -60,7 +65,7 @@ class OutOfPlace(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inner = self.inner
+        inner: Any = self.inner
         previous = inner.inplace
         inner.inplace = False
         try:
@@ -97,7 +102,11 @@ def _raw_stages(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
         for layer in ("layer1", "layer2", "layer3", "layer4"):
             for i, block in enumerate(getattr(module, layer)):
                 out.append((join(f"{layer}.{i}"), block))
-        out += [(join("avgpool"), module.avgpool), (join("flatten"), nn.Flatten(1)), (join("fc"), module.fc)]
+        out += [
+            (join("avgpool"), module.avgpool),
+            (join("flatten"), nn.Flatten(1)),
+            (join("fc"), module.fc),
+        ]
         return out
     if _is_plain_sequential(module):
         out = []
@@ -127,6 +136,15 @@ def named_stages(module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, OutOfPlace(stage) if _is_inplace(stage) else stage) for name, stage in stages]
 
 
+def input_needs_grad(stages: Sequence[nn.Module], input_requires_grad: bool) -> list[bool]:
+    """For each stage, whether its input needs a gradient: the chain's input does, or
+    an earlier stage has a trainable parameter."""
+    out = [input_requires_grad]
+    for stage in list(stages)[:-1]:
+        out.append(out[-1] or any(p.requires_grad for p in stage.parameters()))
+    return out
+
+
 def chain_stages(module: nn.Module) -> list[nn.Module]:
     """The stages of :func:`named_stages` without names."""
     return [stage for _, stage in named_stages(module)]
@@ -138,7 +156,9 @@ def build_resnet(arch: str, num_classes: int = 1000) -> nn.Module:
     ``arch`` is one of :data:`RESNET_ARCHS`, e.g. ``"resnet18"``.
     """
     if arch not in RESNET_ARCHS:
-        raise ValueError(f"unknown ResNet architecture {arch!r}; choose one of {', '.join(RESNET_ARCHS)}")
+        raise ValueError(
+            f"unknown ResNet architecture {arch!r}; choose one of {', '.join(RESNET_ARCHS)}"
+        )
     import torchvision.models as models
 
     return getattr(models, arch)(weights=None, num_classes=num_classes)

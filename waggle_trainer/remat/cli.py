@@ -27,6 +27,24 @@ def register(sub) -> None:
     register_memory(sub)
 
 
+#: The largest Revolve table (and one-slot schedule) the command computes: about a
+#: second on a small machine; the table grows as l^2 c.
+MAX_TABLE_WORK = 5_000_000
+
+
+def table_work(length: int, slots: int) -> int:
+    """Additions of the Revolve table (or actions of the one-slot schedule)."""
+    return length * length * max(1, slots - 1) // 2
+
+
+def max_length(slots: int) -> int:
+    """The largest ``--length`` whose table stays within :data:`MAX_TABLE_WORK`."""
+    n = math.isqrt(2 * MAX_TABLE_WORK // max(1, slots - 1))
+    while n > 0 and table_work(n, min(slots, n + 1)) > MAX_TABLE_WORK:
+        n -= 1
+    return n
+
+
 def _fail(flag: str, allowed: str, value) -> int:
     print(f"waggle-trainer revolve: error: {flag} must be {allowed} (got {value})", file=sys.stderr)
     return 2
@@ -44,6 +62,11 @@ def _revolve(args) -> int:
             return _fail(flag, "a finite number >= 0", v)
     # slots beyond length+1 cannot be used: Opt[l, c] is the same for every c >= l+1
     slots = min(args.slots, args.length + 1)
+    if table_work(args.length, slots) > MAX_TABLE_WORK:
+        return _fail("--length", f"at most {max_length(slots)} with --slots {args.slots} "
+                     f"(the table takes length^2 x (slots - 1) / 2 steps, and with one slot the "
+                     f"schedule has length^2 / 2 actions; the limit is {MAX_TABLE_WORK:,})",
+                     args.length)
     table = RevolveTable(args.length, slots, args.uf, args.ub)
     schedule = table.schedule()
     cost = table.cost()

@@ -62,7 +62,7 @@ class ChainCosts:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ChainCosts":
+    def from_dict(cls, data: dict) -> ChainCosts:
         return cls(
             input_bytes=int(data["input_bytes"]),
             stages=tuple(StageCost(**s) for s in data["stages"]),

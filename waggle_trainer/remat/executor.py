@@ -34,17 +34,21 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from waggle_trainer.common import STRATEGIES
+from waggle_trainer.common import STRATEGIES, Strategy
 
-from .chain import named_stages
+from .budget import BudgetBreakdown, activation_budget, training_state_bytes
+from .chain import input_needs_grad, named_stages
+from .costs import ChainCosts
+from .planner import Plan, Planner
 from .profiler import profile_chain
 from .schedule import BW, FA, FC, FN, LOSS, OPS, recomputes
 
@@ -109,9 +113,7 @@ class _Run:
         self.stored: set[int] = set()
         self.tapes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.deltas: dict[int, torch.Tensor | None] = {}
-        self.needs_grad = [x.requires_grad]
-        for stage in self.stages[:-1]:
-            self.needs_grad.append(self.needs_grad[-1] or any(p.requires_grad for p in stage.parameters()))
+        self.needs_grad = input_needs_grad(self.stages, x.requires_grad)
         self.done = False
 
     def _forward(self, op: str, j: int) -> None:
@@ -139,7 +141,8 @@ class _Run:
                     self.acts[j + 1] = stage(a)
         if a._version != version:
             raise RuntimeError(
-                f"stage {j} ({type(stage).__name__}) modified its input in place; checkpointing needs "
+                f"stage {j} ({type(stage).__name__}) modified its input in place; "
+                "checkpointing needs "
                 "stages that leave their input intact (use inplace=False inside it)"
             )
         if op == FN and j != 0 and j not in self.stored:
@@ -176,7 +179,9 @@ class _Run:
 
     def backward(self, delta: torch.Tensor) -> torch.Tensor | None:
         if self.done:
-            raise RuntimeError("CheckpointedSequential: backward through the same forward twice is not supported")
+            raise RuntimeError(
+                "CheckpointedSequential: backward through the same forward twice is not supported"
+            )
         self.done = True
         self.deltas[self.n] = delta
         try:
@@ -200,7 +205,9 @@ class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, delta: torch.Tensor):
         if torch.is_grad_enabled():
-            raise RuntimeError("CheckpointedSequential does not support double backward (create_graph=True)")
+            raise RuntimeError(
+                "CheckpointedSequential does not support double backward (create_graph=True)"
+            )
         dx = ctx.run.backward(delta.contiguous())
         return (None, dx) + (None,) * ctx.n_params
 
@@ -222,56 +229,96 @@ def run_schedule(stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> torc
 
 
 class CheckpointedSequential(nn.Module):
-    """``module`` trained under the checkpointing schedule that fits ``budget_bytes``.
+    """``module`` trained under the checkpointing schedule that fits a memory budget.
 
-    ``module`` is an ``nn.Sequential`` or a torchvision ResNet (see :mod:`.chain`);
-    ``forward(x)`` returns what ``module(x)`` returns, and the backward recomputes
-    dropped activations as planned.  ``budget_bytes`` bounds activation memory in
+    ``forward(x)`` returns what ``module(x)`` returns; in training mode with autograd
+    on, the forward keeps only the activations the plan stores and the backward
+    recomputes the others, so a step's activations stay within ``budget_bytes`` in
     the planner's memory model (input, checkpoints, tapes, gradients of activations
     and transient peaks; not parameters, their gradients or optimiser state).
+    Gradients, BatchNorm statistics and dropout equal plain training's.
 
-    ``strategy``: ``"optimal"`` (heterogeneous chains, Beaumont et al.),
-    ``"revolve"`` (Griewank & Walther, equal steps), ``"sequential"`` (the best
-    ``checkpoint_sequential`` segmentation) or ``"none"`` (plain ``module(x)``).
+    Args:
+        module: an ``nn.Sequential`` or a torchvision ResNet (split into stages by
+            :func:`.chain.named_stages`).
+        budget_bytes: bytes of activation memory, or ``"auto"``: the memory free on
+            this node now (psutil and the cgroup limit) minus a 10% safety margin and
+            the gradients and SGD-momentum buffer the module will add (see
+            :func:`.budget.activation_budget`; ``.budget`` holds the breakdown).
+        strategy: ``"optimal"`` (heterogeneous chains, Beaumont et al.; fastest at
+            every budget), ``"revolve"`` (Griewank & Walther, equal steps),
+            ``"sequential"`` (the best ``checkpoint_sequential`` segmentation) or
+            ``"none"`` (plain ``module(x)``).
+        sample_input: profile and plan now, for inputs shaped like it; without it,
+            the first training input is profiled.  The plan then serves inputs of any
+            shape.
+        cache_dir: where profiles are cached (keyed by architecture, shape, torch
+            and machine); None profiles every time.
+        loss_fn: optional map of the output to a scalar, timed into the profile.
 
-    The chain is profiled once per wrapper, on ``sample_input``'s shape when given
-    (at construction) or else on the first training input's shape (cached in
-    ``cache_dir`` when given); the schedule is then used for inputs of any shape.
-    ``.plan`` is the planner's ``Plan`` (``strategy``, ``predicted_peak_bytes``,
-    ``time_ratio`` relative to no checkpointing, ``min_feasible_bytes``);
-    :meth:`replan` re-plans for a new budget without re-profiling.  A budget below
-    the minimum feasible raises the planner's ``InfeasibleBudget`` (a
-    ``ValueError`` stating the minimum).
+    Raises:
+        ValueError: an unknown strategy.
+        InfeasibleBudget: (a ``ValueError``) when the plan is made, if the budget is
+            below the strategy's minimum feasible peak; the message states it.
+        TypeError: a module that is neither a Sequential nor a torchvision ResNet.
 
-    In eval mode or under ``torch.no_grad()`` the module simply runs.  Exactness,
-    RNG, BatchNorm and in-place caveats: see :mod:`waggle_trainer.remat.executor`.
+    Example::
+
+        model = torchvision.models.resnet18(num_classes=10)
+        chain = CheckpointedSequential(model, budget_bytes=64 * 2**20,
+                                       sample_input=torch.empty(8, 3, 224, 224))
+        print(chain.plan.strategy, chain.plan.predicted_peak_bytes, chain.plan.time_ratio)
+        loss = F.cross_entropy(chain(images), labels)
+        loss.backward()  # recomputes what the plan dropped
+
+    ``.plan`` is the planner's :class:`.planner.Plan` (``strategy``,
+    ``predicted_peak_bytes``, ``time_ratio`` against plain training,
+    ``min_feasible_bytes``); :meth:`replan` re-plans for a new budget without
+    re-profiling.
+
+    **CPU memory.**  The saving is real only if freed activations go back to the
+    kernel.  glibc keeps freed tensor memory in its heaps, so on CPU configure the
+    allocator first (:func:`.allocator.configure_allocator`, mode ``"mmap"``, as
+    ``waggle-trainer run`` does when its plan recomputes); otherwise the process's
+    peak barely moves even though fewer activations are alive at once.
+
+    In eval mode or under ``torch.no_grad()`` the module simply runs.  RNG,
+    BatchNorm, in-place and unsupported uses: see :mod:`waggle_trainer.remat.executor`.
     """
 
     def __init__(
         self,
         module: nn.Module,
         *,
-        budget_bytes: int,
-        strategy: str = "optimal",
+        budget_bytes: int | Literal["auto"],
+        strategy: Strategy = "optimal",
         sample_input: torch.Tensor | None = None,
         cache_dir: str | os.PathLike | None = None,
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+            raise ValueError(
+                f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
         self.module = module
         named = named_stages(module)
         # A plain list: the stages are the module's own submodules, not registered twice.
         self._stage_names = [name for name, _ in named]
         self._stages = [stage for _, stage in named]
-        self.strategy = strategy
+        self.strategy: Strategy = strategy
+        self.budget: BudgetBreakdown | None = None
+        if budget_bytes == "auto":
+            self.budget = _auto_budget(module)
+            budget_bytes = self.budget.activation_budget_bytes
+        elif isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int):
+            raise TypeError(f'budget_bytes must be an int or "auto", got {budget_bytes!r}')
         self.budget_bytes = int(budget_bytes)
         self.cache_dir = cache_dir
         self.loss_fn = loss_fn
-        self.costs = None
-        self.plan = None
-        self._planner = None
+        self.costs: ChainCosts | None = None
+        self.plan: Plan | None = None
+        self._planner: Planner | None = None
         if sample_input is not None:
             self.profile(sample_input)
 
@@ -279,14 +326,25 @@ class CheckpointedSequential(nn.Module):
     def stages(self) -> list[nn.Module]:
         return list(self._stages)
 
-    def profile(self, sample_input: torch.Tensor) -> None:
-        """(Re-)profile the chain for inputs shaped like ``sample_input``, then plan."""
+    def profile(
+        self, sample_input: torch.Tensor, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """(Re-)profile the chain for inputs shaped like ``sample_input``, then plan.
+
+        ``progress(done, total)`` is called while stages are measured (see
+        :func:`.profiler.profile_chain`).
+        """
         self.costs = profile_chain(
-            self._stages, sample_input, loss_fn=self.loss_fn, cache_dir=self.cache_dir, names=self._stage_names
+            self._stages,
+            sample_input,
+            loss_fn=self.loss_fn,
+            cache_dir=self.cache_dir,
+            names=self._stage_names,
+            progress=progress,
         )
         self.replan(self.budget_bytes)
 
-    def replan(self, budget_bytes: int):
+    def replan(self, budget_bytes: int) -> Plan | None:
         """Plan for a new activation budget from the cached profile; returns the Plan.
 
         Before the first profile, only records the budget.  On ``InfeasibleBudget``
@@ -294,8 +352,6 @@ class CheckpointedSequential(nn.Module):
         """
         if self.costs is not None:
             if self._planner is None or self._planner.costs is not self.costs:
-                from .planner import Planner
-
                 self._planner = Planner(self.costs)
             self.plan = self._planner.plan(int(budget_bytes), self.strategy)
         self.budget_bytes = int(budget_bytes)
@@ -306,6 +362,7 @@ class CheckpointedSequential(nn.Module):
             return self.module(x)
         if self.plan is None:
             self.profile(x)
+        assert self.plan is not None
         if self.strategy == "none" or not recomputes(self.plan.schedule):
             # Nothing is recomputed: the model's own forward is the same computation,
             # without per-stage overhead and with its in-place activations.
@@ -313,4 +370,15 @@ class CheckpointedSequential(nn.Module):
         return run_schedule(self._stages, self.plan.schedule, x)
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, stages={len(self._stages)}"
+        return (
+            f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, "
+            f"stages={len(self._stages)}"
+        )
+
+
+def _auto_budget(module: nn.Module) -> BudgetBreakdown:
+    """Free memory now minus a 10% margin and the training state still to come."""
+    state = training_state_bytes(module, "sgd", momentum=0.9)
+    return activation_budget(
+        state, safety_fraction=0.1, state_resident_bytes=state.parameter_bytes + state.buffer_bytes
+    )

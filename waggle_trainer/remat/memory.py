@@ -36,8 +36,15 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
-from waggle_trainer.common import ARCHES, format_size
-from waggle_trainer.remat.budget import OPTIMIZERS, training_state_bytes
+from waggle_trainer.common import (
+    ARCHES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
+    batch_too_small,
+    format_size,
+)
+from waggle_trainer.remat.budget import training_state_bytes
+from waggle_trainer.remat.optim import STATE_NAMES, make_optimizer, state_multiple
 
 __all__ = [
     "REFERENCE_MB",
@@ -72,8 +79,8 @@ REFERENCE_IMAGE_MB: dict[int, tuple[float, float]] = {
     1500: (2628.70, 10944.42),
 }
 
-MIN_IMAGE = 64
-MAX_IMAGE = 4096
+#: Output classes of the models measured here: the study's ImageNet head.
+STUDY_CLASSES = 1000
 
 
 def check_shape(arch: str, batch: int, image: int, optimizer: str = "sgd-momentum") -> None:
@@ -82,12 +89,17 @@ def check_shape(arch: str, batch: int, image: int, optimizer: str = "sgd-momentu
         raise ValueError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHES)})")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if isinstance(image, bool) or not isinstance(image, int) or not MIN_IMAGE <= image <= MAX_IMAGE:
+    if (isinstance(image, bool) or not isinstance(image, int)
+            or not IMAGE_SIZE_MIN <= image <= IMAGE_SIZE_MAX):
         raise ValueError(
-            f"image must be an integer from {MIN_IMAGE} to {MAX_IMAGE} pixels, got {image!r}"
+            f"image must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} pixels, "
+            f"got {image!r}"
         )
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r} (allowed: {', '.join(OPTIMIZERS)})")
+    why = batch_too_small(batch, image)
+    if why:
+        raise ValueError(f"batch {batch} is too small for image {image} ({why})")
+    if optimizer not in STATE_NAMES:
+        raise ValueError(f"unknown optimizer {optimizer!r} (allowed: {', '.join(STATE_NAMES)})")
 
 
 @dataclass(frozen=True)
@@ -131,7 +143,8 @@ def _build(arch: str, num_classes: int):
     return build_resnet(arch, num_classes)
 
 
-def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None, num_classes: int = 1000):
+def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None,
+                  num_classes: int = STUDY_CLASSES, progress=None):
     """Profiled :class:`ChainCosts` of ``arch`` on this machine (runs it for real)."""
     import torch
     import torch.nn.functional as F
@@ -145,6 +158,7 @@ def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None, num_clas
     return profile_chain(
         chain_stages(model), torch.empty(batch, 3, image, image),
         loss_fn=lambda out: F.cross_entropy(out, target), repeats=1, cache_dir=cache_dir,
+        progress=progress,
     )
 
 
@@ -179,7 +193,7 @@ def predict_step_memory(
     image: int,
     optimizer: str = "sgd-momentum",
     *,
-    num_classes: int = 1000,
+    num_classes: int = STUDY_CLASSES,
     costs=None,
 ) -> StepMemory:
     """Predict a plain training step's memory (see the module docstring).
@@ -261,14 +275,12 @@ def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: s
 
     configure_allocator(allocator_mode)
     torch.manual_seed(0)
-    model = _build(arch, 1000)
+    model = _build(arch, STUDY_CLASSES)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if optimizer.startswith("adam"):
-        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        opt = cls(params, lr=1e-3)
-    else:
-        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9 if optimizer == "sgd-momentum" else 0)
+    key, _ = state_multiple(optimizer)
+    name = "sgd" if key == "sgd-momentum" else key
+    opt = make_optimizer(params, name, lr=0.01, momentum=0.9 if key == "sgd-momentum" else 0.0)
     if allocator_mode == "trim":
         trim()
     cpu = torch._C._autograd.DeviceType.CPU
@@ -280,7 +292,7 @@ def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: s
         for _ in range(2):
             # fresh random data each step: a fixed batch drives gradients subnormal
             x = torch.randn(batch, 3, image, image)
-            y = torch.randint(0, 1000, (batch,))
+            y = torch.randint(0, STUDY_CLASSES, (batch,))
             t0 = time.perf_counter()
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
@@ -346,6 +358,23 @@ def measure_step_memory(
 # ------------------------------------------------------------------ the table
 
 
+def _reference_cells() -> list[tuple[str, int, int, float]]:
+    cells: list[tuple[str, int, int, float]] = []
+    for batch, vals in REFERENCE_MB.items():
+        for arch, ref in zip(ARCHES, vals, strict=True):
+            cells.append((arch, batch, 224, ref))
+    for image, (r18, r50) in REFERENCE_IMAGE_MB.items():
+        if image == 224:
+            continue  # already in the batch table
+        cells.append(("resnet18", 1, image, r18))
+        cells.append(("resnet50", 1, image, r50))
+    return cells
+
+
+#: ``(arch, batch, image, reference MB)`` of every cell of the study's tables.
+REFERENCE_CELLS = _reference_cells()
+
+
 def reference_rows(
     *,
     measure: bool = False,
@@ -360,17 +389,8 @@ def reference_rows(
     (MeasuredStep dict) for cells whose predicted total is at most
     ``measure_limit_bytes``.
     """
-    cells = []
-    for batch, vals in REFERENCE_MB.items():
-        for arch, ref in zip(ARCHES, vals):
-            cells.append((arch, batch, 224, ref))
-    for image, (r18, r50) in REFERENCE_IMAGE_MB.items():
-        if image == 224:
-            continue  # already in the batch table
-        cells.append(("resnet18", 1, image, r18))
-        cells.append(("resnet50", 1, image, r50))
     rows = []
-    for arch, batch, image, ref in cells:
+    for arch, batch, image, ref in REFERENCE_CELLS:
         pred = predict_step_memory(arch, batch, image, optimizer)
         row = {"arch": arch, "batch": batch, "image": image, "reference_mb": ref,
                "predicted": pred.to_dict(), "measured": None}
@@ -386,7 +406,8 @@ def format_rows(rows: list[dict]) -> list[str]:
     """Markdown table lines for :func:`reference_rows`."""
     out = [
         "| arch | batch | image | reference MB | predicted MB | pred/ref | activations MB "
-        "| predicted step growth MB | measured RSS growth MB | measured tensor peak MB | meas/pred |",
+        "| predicted step growth MB | measured RSS growth MB | measured tensor peak MB "
+        "| meas/pred |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -402,7 +423,8 @@ def format_rows(rows: list[dict]) -> list[str]:
             meas = "- | - | -"
         out.append(
             f"| {r['arch']} | {r['batch']} | {r['image']} | {r['reference_mb']:.2f} | {tot:.0f} "
-            f"| {tot / r['reference_mb']:.2f} | {p['activation_bytes'] / MB:.0f} | {grow:.0f} | {meas} |"
+            f"| {tot / r['reference_mb']:.2f} | {p['activation_bytes'] / MB:.0f} | {grow:.0f} "
+            f"| {meas} |"
         )
     return out
 
@@ -419,18 +441,24 @@ def describe(pred: StepMemory, measured: MeasuredStep | None = None) -> list[str
         f"  input batch       {format_size(pred.input_bytes):>12}",
         f"  activations       {format_size(pred.activation_bytes):>12}  ({pred.source})",
         f"  workspace         {format_size(pred.workspace_bytes):>12}  "
-        + ("(profiled transients + gradients)" if pred.source.startswith("profiled")
-           else "(estimate: 2x the largest saved tensor)"),
+        + (
+            "(profiled transients + gradients)"
+            if pred.source.startswith("profiled")
+            else "(estimate: 2x the largest saved tensor)"
+        ),
         f"  total             {format_size(pred.total_bytes):>12}",
-        f"  step growth       {format_size(pred.step_growth_bytes):>12}  (total - parameters - buffers)",
+        f"  step growth       {format_size(pred.step_growth_bytes):>12}"
+        "  (total - parameters - buffers)",
     ]
     if measured is not None:
         g = measured.rss_growth_bytes
         lines += [
             f"measured (fresh process, allocator {measured.allocator!r}, 2 steps):",
-            f"  baseline RSS      {format_size(measured.baseline_rss_bytes):>12}  (after import + model)",
+            f"  baseline RSS      {format_size(measured.baseline_rss_bytes):>12}"
+            "  (after import + model)",
             f"  peak RSS          {format_size(measured.peak_rss_bytes):>12}",
-            f"  RSS growth        {format_size(g):>12}  ({g / max(1, pred.step_growth_bytes):.2f}x predicted step growth)",
+            f"  RSS growth        {format_size(g):>12}"
+            f"  ({g / max(1, pred.step_growth_bytes):.2f}x predicted step growth)",
             f"  tensor peak       {format_size(measured.tensor_peak_bytes):>12}"
             f"  ({measured.tensor_peak_bytes / max(1, pred.step_growth_bytes):.2f}x)",
             f"  step time         {measured.step_s:>10.3f} s",

@@ -5,7 +5,14 @@ from __future__ import annotations
 import json
 import sys
 
-ARCH_HELP = "resnet18, resnet34, resnet50, resnet101 or resnet152"
+from waggle_trainer.common import (
+    ARCHES,
+    IMAGE_SIZE_MAX,
+    IMAGE_SIZE_MIN,
+    Progress,
+    parse_size,
+    usable_directory,
+)
 
 
 def register_memory(sub) -> None:
@@ -18,9 +25,11 @@ def register_memory(sub) -> None:
             "with --table the study's reference table beside this machine's numbers."
         ),
     )
-    p.add_argument("--arch", default="resnet18", help=f"{ARCH_HELP} (default resnet18)")
+    p.add_argument("--arch", default="resnet18",
+                   help=f"{', '.join(ARCHES)} (default resnet18; 1000 classes, as the study)")
     p.add_argument("--batch", default="8", help="batch size, >= 1 (default 8)")
-    p.add_argument("--image", default="224", help="image side in pixels, 64..4096 (default 224)")
+    p.add_argument("--image", default="224",
+                   help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)")
     p.add_argument("--optimizer", default="sgd-momentum",
                    help="sgd, sgd-momentum, adam or adamw (default sgd-momentum)")
     p.add_argument("--measure", action="store_true",
@@ -47,8 +56,6 @@ def _int(name: str, value: str) -> int:
 
 
 def _memory(args) -> int:
-    from waggle_trainer.common import parse_size
-
     try:
         batch = _int("batch", args.batch)
         image = _int("image", args.image)
@@ -61,11 +68,13 @@ def _memory(args) -> int:
         from waggle_trainer.remat.memory import check_shape
 
         check_shape(args.arch, batch, image, args.optimizer)
+        cache_dir = usable_directory(args.cache_dir, "--cache-dir") if args.cache_dir else None
     except ValueError as exc:
         print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
         return 2
 
-    from waggle_trainer.remat.memory import (  # noqa: I001 - torch is imported here, lazily
+    from waggle_trainer.remat.memory import (
+        REFERENCE_CELLS,
         describe,
         format_rows,
         measure_step_memory,
@@ -74,9 +83,13 @@ def _memory(args) -> int:
     )
 
     if args.table:
-        progress = None if args.json else (
-            lambda r: print(f"  {r['arch']} b{r['batch']} {r['image']}px done", file=sys.stderr)
-        )
+        bar = Progress("memory table", "cells")
+        done = [0]
+
+        def progress(row: dict) -> None:
+            done[0] += 1
+            bar(done[0], len(REFERENCE_CELLS))
+
         rows = reference_rows(measure=args.measure, measure_limit_bytes=limit,
                               optimizer=args.optimizer, progress=progress)
         if args.json:
@@ -89,7 +102,8 @@ def _memory(args) -> int:
     if args.profile:
         from waggle_trainer.remat.memory import profile_costs
 
-        costs = profile_costs(args.arch, batch, image, cache_dir=args.cache_dir)
+        costs = profile_costs(args.arch, batch, image, cache_dir=cache_dir,
+                              progress=Progress(f"profiling {args.arch}", "stages"))
     pred = predict_step_memory(args.arch, batch, image, args.optimizer, costs=costs)
     measured = None
     if args.measure:

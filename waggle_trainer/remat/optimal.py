@@ -32,9 +32,10 @@ smallest peak (ties broken by time), which gives the exact minimum feasible budg
 from __future__ import annotations
 
 from operator import add
+from typing import Any
 
 from .costs import ChainCosts
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["OptimalSolver", "min_memory_schedule", "DEFAULT_RESOLUTION"]
 
@@ -56,7 +57,7 @@ class _Chain:
 
     def __init__(self, costs: ChainCosts):
         st = costs.stages
-        self.n = n = len(st)
+        self.n = len(st)
         self.x = [costs.input_bytes] + [s.output_bytes for s in st] + [0]  # x[n+1] = 0
         self.T = [s.saved_bytes for s in st]
         self.fp = [s.forward_peak_bytes for s in st]
@@ -116,8 +117,9 @@ class OptimalSolver:
         n, x, T, P = c.n, c.x, c.T, c.P
         X = [_ceil(v, u) for v in x]
         TT = [_ceil(v, u) for v in T]
-        lo = [[None] * (n + 1) for _ in range(n + 1)]
-        V = [[None] * (n + 1) for _ in range(n + 1)]  # C(s, t, m) + P[s] for m in lo..
+        lo: list[list[Any]] = [[None] * (n + 1) for _ in range(n + 1)]
+        # C(s, t, m) + P[s] for m in lo..
+        V: list[list[Any]] = [[None] * (n + 1) for _ in range(n + 1)]
         hifa = [[0] * (n + 1) for _ in range(n + 1)]
         lo2 = [[INF] * (n + 1) for _ in range(n + 1)]
         lo1: list[list[list[int] | None]] = [[None] * (n + 1) for _ in range(n + 1)]
@@ -182,7 +184,8 @@ class OptimalSolver:
                     if l1 > hi:
                         continue
                     sp = s + 1 + i
-                    v = list(map(add, window(sp, t, l1 - X[sp], hi - X[sp]), window(s, sp - 1, l1, hi)))
+                    right = window(sp, t, l1 - X[sp], hi - X[sp])
+                    v = list(map(add, right, window(s, sp - 1, l1, hi)))
                     cands.append([INF] * (l1 - L) + v if l1 > L else v)
                 lo[s][t] = L
                 best = list(map(min, *cands)) if len(cands) > 1 else cands[0]
@@ -219,6 +222,8 @@ class OptimalSolver:
 
     def cost_ns(self, m: int) -> int | None:
         """The DP's time in nanoseconds with ``m`` units, or None if infeasible."""
+        if self.max_units is None:  # no schedule fits any budget
+            return None
         v = self._get(0, self.chain.n, min(m, self.max_units))
         return None if v >= INF else v
 
@@ -234,7 +239,7 @@ class OptimalSolver:
         if self._get(0, n, m) >= INF:
             return None
         X, TT, get = self._X, self._TT, self._get
-        out: list[tuple[str, int]] = []
+        out: list[Action] = []
         stack: list[tuple] = [(0, n, m)]
         while stack:
             item = stack.pop()
@@ -267,6 +272,8 @@ class OptimalSolver:
     def breakpoints(self, lo_units: int, hi_units: int) -> list[int]:
         """Units in ``(lo_units, hi_units]`` where the DP's time drops (ascending)."""
         n = self.chain.n
+        if self.max_units is None:
+            return []
         hi_units = min(hi_units, self.max_units)
         res = []
         prev = self._get(0, n, lo_units)
@@ -293,20 +300,24 @@ def min_memory_schedule(costs: ChainCosts) -> tuple[Schedule, int]:
     for length in range(1, n + 1):
         for s in range(0, n - length + 1):
             t = s + length
-            best = (max(c.req_fa(s, t), T[s] + mem[s + 1][t], c.req_bw(s)),
-                    c.fa[s] + c.b[s] + tim[s + 1][t])
+            best = (
+                max(c.req_fa(s, t), T[s] + mem[s + 1][t], c.req_bw(s)),
+                c.fa[s] + c.b[s] + tim[s + 1][t],
+            )
             choice = 0
             fr = x[t + 1] + x[s + 1] + c.fp[s]
             for sp in range(s + 1, t + 1):
                 if sp > s + 1:
                     fr = max(fr, c.req_fwd_step(s, sp - 1, t))
-                cand = (max(fr, x[sp] + mem[sp][t], mem[s][sp - 1]),
-                        P[sp] - P[s] + tim[sp][t] + tim[s][sp - 1])
+                cand = (
+                    max(fr, x[sp] + mem[sp][t], mem[s][sp - 1]),
+                    P[sp] - P[s] + tim[sp][t] + tim[s][sp - 1],
+                )
                 if cand < best:
                     best, choice = cand, sp
             mem[s][t], tim[s][t] = best
             ch[s][t] = choice
-    out: list[tuple[str, int]] = []
+    out: list[Action] = []
     stack: list[tuple] = [(0, n)]
     while stack:
         item = stack.pop()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from waggle_trainer.common import STRATEGIES
+from waggle_trainer.common import STRATEGIES, Strategy, format_sizes_apart
 
 from .costs import ChainCosts
 from .optimal import DEFAULT_RESOLUTION, OptimalSolver, min_memory_schedule
@@ -49,9 +49,10 @@ class InfeasibleBudget(ValueError):
     """The budget is below the smallest peak the strategy can reach."""
 
     def __init__(self, strategy: str, budget_bytes: int, min_bytes: int):
+        budget, minimum = format_sizes_apart(budget_bytes, min_bytes)
+        exact = "" if minimum.endswith(" bytes") else f" ({min_bytes} bytes)"
         super().__init__(
-            f"strategy {strategy!r}: budget {budget_bytes / MiB:.1f} MiB is below the minimum "
-            f"feasible {min_bytes / MiB:.1f} MiB ({min_bytes} bytes)"
+            f"strategy {strategy!r}: budget {budget} is below the minimum feasible {minimum}{exact}"
         )
         self.strategy = strategy
         self.budget_bytes = budget_bytes
@@ -62,7 +63,7 @@ class InfeasibleBudget(ValueError):
 class Plan:
     """A schedule with its predictions; peaks include the input, times in seconds."""
 
-    strategy: str
+    strategy: Strategy
     schedule: Schedule
     budget_bytes: int
     predicted_peak_bytes: int
@@ -158,7 +159,7 @@ class Planner:
         return self._sequential
 
     # -------------------------------------------------------------- queries
-    def min_feasible_budget(self, strategy: str = "optimal") -> int:
+    def min_feasible_budget(self, strategy: Strategy = "optimal") -> int:
         """Smallest budget (bytes, input included) at which ``strategy`` has a plan."""
         _check_strategy(strategy)
         if strategy == "none":
@@ -168,7 +169,7 @@ class Planner:
         cands = self.revolve_candidates() if strategy == "revolve" else self.sequential_candidates()
         return min(c.sim.peak_bytes for c in cands)
 
-    def plan(self, budget_bytes: int, strategy: str = "optimal") -> Plan:
+    def plan(self, budget_bytes: int, strategy: Strategy = "optimal") -> Plan:
         """The fastest plan of ``strategy`` whose predicted peak fits ``budget_bytes``.
 
         Raises :class:`InfeasibleBudget` below :meth:`min_feasible_budget`.
@@ -178,6 +179,7 @@ class Planner:
         lowest = self.min_feasible_budget(strategy)
         if budget < lowest:
             raise InfeasibleBudget(strategy, budget, lowest)
+        chosen: _Cand | None
         if strategy == "none":
             chosen = self._none
         elif strategy == "revolve":
@@ -208,21 +210,36 @@ class Planner:
             levels = [m0] + solver.breakpoints(m0, m0 + self.n + 2)[:_PROBES]
             for m in levels:
                 sched = solver.schedule_units(m)
-                cands.append(_Cand(sched, simulate(sched, self.costs), {"source": "dp", "dp_units": m, **extra}))
+                if sched is None:  # pragma: no cover - m >= min_units always has one
+                    continue
+                detail = {"source": "dp", "dp_units": m, **extra}
+                cands.append(_Cand(sched, simulate(sched, self.costs), detail))
         cands.append(self._min_memory())
         cands.append(_Cand(self._none.schedule, self._none.sim, {"source": "none"}))
-        cands.extend(_Cand(c.schedule, c.sim, {"source": "revolve", **c.detail}) for c in self.revolve_candidates())
-        cands.extend(_Cand(c.schedule, c.sim, {"source": "sequential", **c.detail}) for c in self.sequential_candidates())
+        cands.extend(
+            _Cand(c.schedule, c.sim, {"source": "revolve", **c.detail})
+            for c in self.revolve_candidates()
+        )
+        cands.extend(
+            _Cand(c.schedule, c.sim, {"source": "sequential", **c.detail})
+            for c in self.sequential_candidates()
+        )
         best = _fastest(cands, budget)
+        assert best is not None  # the minimum-memory schedule fits (checked by plan())
         return _Cand(best.schedule, best.sim, {**extra, **best.detail})
 
 
-def plan(costs: ChainCosts, budget_bytes: int, strategy: str = "optimal", *,
-         resolution: int = DEFAULT_RESOLUTION) -> Plan:
+def plan(
+    costs: ChainCosts,
+    budget_bytes: int,
+    strategy: Strategy = "optimal",
+    *,
+    resolution: int = DEFAULT_RESOLUTION,
+) -> Plan:
     """One-off :meth:`Planner.plan`; keep a :class:`Planner` to re-plan cheaply."""
     return Planner(costs, resolution=resolution).plan(budget_bytes, strategy)
 
 
-def min_feasible_budget(costs: ChainCosts, strategy: str = "optimal") -> int:
+def min_feasible_budget(costs: ChainCosts, strategy: Strategy = "optimal") -> int:
     """One-off :meth:`Planner.min_feasible_budget`."""
     return Planner(costs).min_feasible_budget(strategy)

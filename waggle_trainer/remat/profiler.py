@@ -35,17 +35,22 @@ import tempfile
 import time
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from waggle_trainer.common import cpu_model
+
+from .chain import input_needs_grad
 from .costs import ChainCosts, StageCost
 
 __all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
+
+_cpu_model = cpu_model  # the former name here; bench/adaptation.py (learning) imports it
 
 FORMAT_VERSION = 2  # 2: backward peaks include the largest weight-gradient transient
 
@@ -127,23 +132,13 @@ def saved_bytes(stage: nn.Module, inp: torch.Tensor) -> tuple[torch.Tensor, int]
     return out, sum(storages.values())
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith(("model name", "hardware", "cpu model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _fingerprint(stages: Sequence[nn.Module]) -> str:
     lines = []
     for j, stage in enumerate(stages):
         for name, m in stage.named_modules():
             t = type(m)
-            lines.append(f"{j}/{name}:{t.__module__}.{t.__qualname__}({m.extra_repr()}) train={m.training}")
+            kind = f"{t.__module__}.{t.__qualname__}"
+            lines.append(f"{j}/{name}:{kind}({m.extra_repr()}) train={m.training}")
             for pname, p in m.named_parameters(recurse=False):
                 lines.append(f"  p {pname} {tuple(p.shape)} {p.dtype} grad={p.requires_grad}")
             for bname, b in m.named_buffers(recurse=False):
@@ -162,9 +157,11 @@ def profile_key(stages: Sequence[nn.Module], sample_input: torch.Tensor, loss_fn
         "device": sample_input.device.type,
         "torch": torch.__version__,
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
-        "loss": None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
+        "loss": None
+        if loss_fn is None
+        else getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__),
     }
 
 
@@ -178,11 +175,13 @@ def _grad_inputs(stage: nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
     return ([inp] if inp.requires_grad else []) + [p for p in stage.parameters() if p.requires_grad]
 
 
-def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
+def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool, tick=None):
     """One pass over the chain; returns per-stage dicts and the loss time."""
     rows = []
     a = x
     for j, stage in enumerate(stages):
+        if tick is not None:
+            tick()
         row: dict = {}
         mode = LiveBytes() if measure_memory else None
         # forward without autograd
@@ -221,8 +220,10 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
                     grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
                 # + the largest weight gradient: training accumulates into an existing
                 # ``.grad``, so each new gradient is a transient until it is added.
-                largest = max((p.numel() * p.element_size() for p in wrt[1 if inp.requires_grad else 0:]),
-                              default=0)
+                largest = max(
+                    (p.numel() * p.element_size() for p in wrt[1 if inp.requires_grad else 0 :]),
+                    default=0,
+                )
                 row["backward_peak_bytes"] = max(mode.peak - mode.live, 0) + largest
             else:
                 grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
@@ -242,23 +243,37 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool):
     return rows, loss_s
 
 
-def _measure(stages, names, sample_input, loss_fn, repeats) -> ChainCosts:
-    needs_grad = [bool(sample_input.requires_grad)]
-    for stage in stages[:-1]:
-        needs_grad.append(needs_grad[-1] or any(p.requires_grad for p in stage.parameters()))
+def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> ChainCosts:
+    needs_grad = input_needs_grad(stages, bool(sample_input.requires_grad))
+    total = len(stages) * (1 + repeats)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        if progress is not None:
+            progress(done, total)
+        done += 1
+
     buffers = {id(b): b for stage in stages for b in stage.buffers()}
     saved = [(b, b.detach().clone()) for b in buffers.values()]
     devices = [sample_input.device.index or 0] if sample_input.is_cuda else []
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices):
-            memory_rows, _ = _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, measure_memory=True)
-            timed = [_sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False) for _ in range(repeats)]
+            memory_rows, _ = _sweep(
+                stages, _fresh(sample_input), needs_grad, loss_fn, measure_memory=True, tick=tick
+            )
+            timed = [
+                _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False, tick)
+                for _ in range(repeats)
+            ]
     finally:
+        if progress is not None:
+            progress(total, total)
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
-    med = lambda key, j: statistics.median(rows[j][key] for rows, _ in timed)  # noqa: E731
+    med = lambda key, j: statistics.median(rows[j][key] for rows, _ in timed)
     stage_costs = tuple(
         StageCost(
             name=names[j],
@@ -276,7 +291,11 @@ def _measure(stages, names, sample_input, loss_fn, repeats) -> ChainCosts:
         input_bytes=sample_input.untyped_storage().nbytes(),
         stages=stage_costs,
         loss_s=statistics.median(loss for _, loss in timed),
-        meta={"repeats": repeats, "profile_s": round(time.perf_counter() - started, 3), "created": time.time()},
+        meta={
+            "repeats": repeats,
+            "profile_s": round(time.perf_counter() - started, 3),
+            "created": time.time(),
+        },
     )
 
 
@@ -288,6 +307,7 @@ def profile_chain(
     repeats: int = 3,
     cache_dir: str | os.PathLike | None = None,
     names: Sequence[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ChainCosts:
     """Profile ``stages`` (a chain, see :mod:`.chain`) for inputs like ``sample_input``.
 
@@ -297,13 +317,19 @@ def profile_chain(
     (0 without it).  Stages are profiled in their current ``training`` mode.  The
     model's parameters, gradients, buffers and the global RNG are unchanged after.
     ``meta`` of the result holds the cache key fields and ``stage_names``.
+    ``progress(done, total)`` is called before each stage is measured and once with
+    ``done == total`` at the end (not at all on a cache hit).
     """
     stages = list(stages)
     if not stages:
         raise ValueError("cannot profile an empty chain")
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    names = list(names) if names is not None else [f"{j}:{type(s).__name__}" for j, s in enumerate(stages)]
+    names = (
+        list(names)
+        if names is not None
+        else [f"{j}:{type(s).__name__}" for j, s in enumerate(stages)]
+    )
     key = profile_key(stages, sample_input, loss_fn)
     path = None
     if cache_dir is not None:
@@ -319,9 +345,15 @@ def profile_chain(
                     raise ValueError("wrong number of stages")
                 return costs
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                warnings.warn(f"ignoring corrupt profile cache {path} ({exc}); re-profiling", RuntimeWarning)
-    costs = _measure(stages, names, sample_input, loss_fn, repeats)
-    costs = ChainCosts(costs.input_bytes, costs.stages, costs.loss_s, {**costs.meta, **key, "stage_names": names})
+                warnings.warn(
+                    f"ignoring corrupt profile cache {path} ({exc}); re-profiling",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    costs = _measure(stages, names, sample_input, loss_fn, repeats, progress)
+    costs = ChainCosts(
+        costs.input_bytes, costs.stages, costs.loss_s, {**costs.meta, **key, "stage_names": names}
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)

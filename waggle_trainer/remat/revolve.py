@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["RevolveTable", "revolve_cost", "revolve_schedule", "forward_steps"]
 
@@ -63,10 +63,8 @@ class RevolveTable:
                 row[1] = uf + 2 * ub
             for l in range(2, L + 1):
                 # candidates for i = 1 .. l-1: i*uf + prev[l-i] + row[i-1]
-                cand = [
-                    s + p + r
-                    for s, p, r in zip(steps[1:l], prev[l - 1 : 0 : -1], row[0 : l - 1])
-                ]
+                terms = zip(steps[1:l], prev[l - 1 : 0 : -1], row[0 : l - 1], strict=True)
+                cand = [s + p + r for s, p, r in terms]
                 best = min(cand)
                 row[l] = best
                 arg[l] = cand.index(best) + 1
@@ -88,7 +86,9 @@ class RevolveTable:
         l = self.length if l is None else l
         c = self.slots if c is None else c
         if not (0 <= l <= self.length and 1 <= c <= self.slots):
-            raise ValueError(f"(l={l}, c={c}) is outside the table (l <= {self.length}, 1 <= c <= {self.slots})")
+            raise ValueError(
+                f"(l={l}, c={c}) is outside the table (l <= {self.length}, 1 <= c <= {self.slots})"
+            )
         return l, c
 
     def schedule(self, l: int | None = None, c: int | None = None) -> Schedule:
@@ -96,7 +96,7 @@ class RevolveTable:
         slot included); the chain's last action is ``BW 0`` and ``LOSS`` is ``(LOSS, l)``."""
         l, c = self._lc(l, c)
         n = l
-        out: list[tuple[str, int]] = []
+        out: list[Action] = []
         # explicit stack: ("rev", s, l, c) or ("act", op, j); processed LIFO
         stack: list[tuple] = [("rev", 0, l, c)]
 

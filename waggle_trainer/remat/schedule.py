@@ -21,15 +21,19 @@ directly preceded by ``FA j`` somewhere after the previous ``BW``.
 
 from __future__ import annotations
 
-FN = "FN"
-FC = "FC"
-FA = "FA"
-LOSS = "LOSS"
-BW = "BW"
+from typing import Final, Literal, get_args
 
-OPS = (FN, FC, FA, LOSS, BW)
+#: The five actions (see above).
+Op = Literal["FN", "FC", "FA", "LOSS", "BW"]
+FN: Final = "FN"
+FC: Final = "FC"
+FA: Final = "FA"
+LOSS: Final = "LOSS"
+BW: Final = "BW"
 
-Action = tuple[str, int]
+OPS: tuple[Op, ...] = get_args(Op)
+
+Action = tuple[Op, int]
 Schedule = tuple[Action, ...]
 
 

@@ -9,7 +9,7 @@ un-checkpointed.  ``segments == 1`` is plain training (strategy ``none``).
 
 from __future__ import annotations
 
-from .schedule import BW, FA, FC, FN, LOSS, Schedule
+from .schedule import BW, FA, FC, FN, LOSS, Action, Schedule
 
 __all__ = ["segment_starts", "sequential_schedule", "no_checkpoint_schedule"]
 
@@ -26,14 +26,16 @@ def segment_starts(n: int, segments: int) -> tuple[int, ...]:
 
 def no_checkpoint_schedule(n: int) -> Schedule:
     """Plain training: ``FA 0..n-1, LOSS, BW n-1..0``."""
-    return tuple([(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)])
+    return tuple(
+        [(FA, j) for j in range(n)] + [(LOSS, n)] + [(BW, j) for j in range(n - 1, -1, -1)]
+    )
 
 
 def sequential_schedule(n: int, segments: int) -> Schedule:
     """The action sequence ``checkpoint_sequential`` performs with ``segments`` segments."""
     starts = segment_starts(n, segments)
     bounds = list(starts) + [n]
-    out: list[tuple[str, int]] = []
+    out: list[Action] = []
     for k in range(len(starts) - 1):  # checkpointed segments, no autograd
         a, b = bounds[k], bounds[k + 1]
         out.append((FC, a))

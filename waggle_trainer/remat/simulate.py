@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .costs import ChainCosts
-from .schedule import BW, FA, FC, FN, LOSS, OPS, Schedule
+from .schedule import BW, FA, FC, LOSS, OPS, Schedule
 
 __all__ = ["InvalidSchedule", "SimResult", "simulate", "validate"]
 
@@ -131,9 +131,12 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
                 raise InvalidSchedule("BW before LOSS", i, action)
             if j != next_bw:
                 what = "twice" if j > next_bw else "out of order"
-                raise InvalidSchedule(f"stage {j} backwarded {what} (expected BW {next_bw})", i, action)
+                msg = f"stage {j} backwarded {what} (expected BW {next_bw})"
+                raise InvalidSchedule(msg, i, action)
             if j not in tapes:
-                raise InvalidSchedule(f"BW {j} needs a live tape of stage {j} (no FA {j} since)", i, action)
+                raise InvalidSchedule(
+                    f"BW {j} needs a live tape of stage {j} (no FA {j} since)", i, action
+                )
             if j + 1 not in deltas:
                 raise InvalidSchedule(f"BW {j} needs delta[{j + 1}]", i, action)
             peak = max(peak, cur + x[j] + s.backward_peak_bytes)
@@ -155,7 +158,9 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
         if h is None:
             raise InvalidSchedule(f"{op} {j} needs a[{j}] live", i, action)
         if j + 1 in live:
-            raise InvalidSchedule(f"{op} {j} recomputes a[{j + 1}], which is already live", i, action)
+            raise InvalidSchedule(
+                f"{op} {j} recomputes a[{j + 1}], which is already live", i, action
+            )
         if op == FA:
             if j in tapes:
                 raise InvalidSchedule(f"FA {j}: tape of stage {j} already live", i, action)
@@ -176,7 +181,9 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
             if not h & _STORED:
                 ckpts += 1
                 if slots is not None and ckpts > slots:
-                    raise InvalidSchedule(f"FC {j}: {ckpts} live checkpoints exceed the {slots} slots", i, action)
+                    raise InvalidSchedule(
+                        f"FC {j}: {ckpts} live checkpoints exceed the {slots} slots", i, action
+                    )
                 max_ckpts = max(max_ckpts, ckpts)
             live[j] = (h & ~_PENDING) | _STORED
         else:
@@ -187,7 +194,9 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
         raise InvalidSchedule(f"stages {next_bw}..0 are never backwarded")
     left = sorted(k for k in live if k > 0)
     if left:
-        raise InvalidSchedule(f"a[{left[0]}] is still live at the end (computed but never consumed)")
+        raise InvalidSchedule(
+            f"a[{left[0]}] is still live at the end (computed but never consumed)"
+        )
     return SimResult(peak, time, max_ckpts, n_fwd, n_fa)
 
 

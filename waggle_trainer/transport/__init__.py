@@ -3,7 +3,9 @@
 The daemon uses, in order: :class:`UpdateEncoder` (delta -> signed blob),
 :class:`Outbox` (disk spool), :class:`UpdatePublisher` (thread draining the
 outbox), :class:`Telemetry` + :class:`TelemetryPublisher` (wagglemsg metrics).
-The server uses :class:`UpdateConsumer` / :class:`UpdateDecoder`.  The wire
+Between rounds it takes a new global version from :class:`ModelSubscriber`
+(signed by the server, verified here; see :mod:`.model_wire`).  The server
+(``waggle_trainer.server``) uses :class:`UpdateDecoder`.  The wire
 format is described in ``docs/protocol.md``; its names and limits are in
 :mod:`.wire`.
 
@@ -27,22 +29,25 @@ __all__ = [
     "Envelope",
     "ErrorFeedback",
     "FatalAmqpError",
+    "ModelSubscriber",
+    "ModelVersion",
     "Outbox",
     "OutboxEntry",
     "OutboxFull",
     "Reassembler",
-    "SeenUpdates",
     "Telemetry",
     "TelemetryPublisher",
     "TelemetryRoute",
     "TensorSpec",
-    "UpdateConsumer",
     "UpdateDecoder",
     "UpdateEncoder",
     "UpdatePublisher",
     "UpdateRejected",
     "apply_delta",
+    "decode_model",
+    "drop_unaccepted",
     "load_key",
+    "load_verify_key",
     "make_message",
     "peek_envelope",
     "reference_spec",
@@ -50,7 +55,8 @@ __all__ = [
     "validate_name",
     "weight_delta",
 ]  # fmt: skip
-_SUBMODULES = ("amqp", "chunks", "codec", "consumer", "outbox", "publisher", "telemetry")
+_SUBMODULES = ("amqp", "chunks", "codec", "outbox", "publisher", "telemetry", "model_wire",
+               "model_subscriber")
 
 
 def __getattr__(name: str) -> Any:
@@ -87,7 +93,8 @@ if TYPE_CHECKING:
         reference_spec,
         weight_delta,
     )
-    from .consumer import SeenUpdates, UpdateConsumer
+    from .model_subscriber import ModelSubscriber, drop_unaccepted
+    from .model_wire import ModelVersion, decode_model, load_verify_key
     from .outbox import Outbox, OutboxEntry, OutboxFull
     from .publisher import UpdatePublisher
     from .telemetry import (

@@ -10,7 +10,8 @@ from __future__ import annotations
 # -- exchanges, queues, routing ------------------------------------------------
 UPDATE_EXCHANGE = "waggle.train.updates"  # topic; routing key update.<node_id>
 UPDATE_BINDING_KEY = "update.*"
-SERVER_QUEUE = "waggle.train.updates.server"
+SERVER_QUEUE = "waggle.train.updates.quorum"  # quorum queue (docs/protocol.md: arguments)
+LEGACY_SERVER_QUEUE = "waggle.train.updates.server"  # the classic queue it replaced
 DEAD_LETTER_EXCHANGE = "waggle.train.dead"  # fanout
 DEAD_LETTER_QUEUE = "waggle.train.dead"
 
@@ -18,6 +19,22 @@ DEAD_LETTER_QUEUE = "waggle.train.dead"
 def update_routing_key(node_id: str) -> str:
     """The routing key a node publishes its update chunks with."""
     return f"update.{node_id}"
+
+
+# -- global model versions (server -> nodes) --------------------------------------
+MODEL_EXCHANGE = "waggle.train.models"  # topic; routing key model.<model>
+MODEL_CONTENT_TYPE = "application/vnd.waggle.model"
+MODEL_MESSAGE_TYPE = "waggle.model.chunk"
+
+
+def model_routing_key(model: str) -> str:
+    """The routing key a model version is broadcast with."""
+    return f"model.{model}"
+
+
+def node_model_queue(node_id: str) -> str:
+    """A node's own durable queue of broadcast versions."""
+    return f"{MODEL_EXCHANGE}.{node_id}"
 
 
 # -- telemetry (wagglemsg) ---------------------------------------------------------
