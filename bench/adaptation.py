@@ -301,7 +301,8 @@ def main() -> int:
     log(f"arm A (factory, no adaptation): AP50 person {ap_a:.3f}")
     budget, plan_info = forced_budget(cfg_a, teacher, state_dir)
     log(
-        f"budget {format_size(budget)} (plain training needs {format_size(plan_info['plain_peak_bytes'])}, "
+        f"budget {format_size(budget)} (plain training needs "
+        f"{format_size(plan_info['plain_peak_bytes'])}, "
         f"smallest feasible {format_size(plan_info['min_feasible_bytes'])})"
     )
 

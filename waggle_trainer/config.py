@@ -475,11 +475,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _trainable_shape(self) -> Config:
-        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        """The whole ResNet (stride 32: a classify student, ``waggle-trainer run``) must
+        be trainable at the student's input size and batch."""
+        s = self.student
+        why = batch_too_small(self.training.batch_size, s.input_height, s.input_width)
         if why:
             raise ValueError(
                 f"training.batch_size: {self.training.batch_size} is too small for "
-                f"student.image_size {self.student.image_size} ({why})"
+                f"the student input {s.input_width}x{s.input_height} ({why})"
             )
         return self
 

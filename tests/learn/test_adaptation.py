@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from waggle_trainer.learn.adaptation import AdaptationLoop, RoundResult
+from waggle_trainer.learn.agreement import iou_matrix
 from waggle_trainer.learn.student import StudentError, save_student
 
 from .adapt_util import ClipTeacher, Frame, clip, tiny_config
@@ -271,4 +273,10 @@ def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(tmp_path, state):
     assert len(rounds) >= 3
     first, last = rounds[0].agreement_before, loop.last_agreement
     assert first < 0.1
+    # the adapted student on a frame twice as large: its best box in that frame's pixels
+    frame, truth = frames[-1]
+    big = cv2.resize(frame.image, (192, 128), interpolation=cv2.INTER_NEAREST)
+    [found] = loop.predict([big], score_threshold=0.2)
+    assert len(found.scores) >= 1
+    assert iou_matrix(found.boxes[:1], truth.boxes * 2).max() >= 0.3, (found, truth)
     assert last > first + 0.25, [(r.agreement_before, r.agreement_after) for r in rounds]

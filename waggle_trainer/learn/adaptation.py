@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from waggle_trainer.common import CLASSES_MIN
 from waggle_trainer.learn.agreement import mean_ap50, mean_kl, top1_agreement
 from waggle_trainer.learn.classify import distillation_loss
 from waggle_trainer.learn.detection import (
@@ -156,7 +157,8 @@ def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
         batch=t.batch_size,
         image=spec.input_height,
         width=spec.input_width,
-        classes=spec.task.num_classes,
+        # only RunSpec's random batches use ``classes``; the loop brings its own
+        classes=max(CLASSES_MIN, spec.task.num_classes),
         strategy=m.strategy,
         budget=m.budget,
         safety_margin=m.safety_margin,

@@ -379,7 +379,6 @@ class RunResult:
     arch: str
     batch: int
     image: int
-    width: int | None
     strategy: Strategy
     budget_bytes: int
     plan_budget_bytes: int  # what the final plan was made for (budget minus calibration)
@@ -399,6 +398,7 @@ class RunResult:
     calibration: str
     budget_breakdown: dict
     data: str = "synthetic"  # random images and labels: the loss measures nothing
+    width: int | None = None  # input width when it differs from ``image`` (the height)
 
     @property
     def budget_kept(self) -> bool:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from waggle_trainer.common import Arch
 from waggle_trainer.learn.task import Task
 from waggle_trainer.remat.chain import build_resnet
 
@@ -54,7 +55,7 @@ class StudentError(ValueError):
 class StudentSpec:
     """What a student is; saved in its weights file's metadata."""
 
-    arch: str
+    arch: Arch
     task: Task
     input_width: int
     input_height: int
@@ -242,21 +243,3 @@ def load_student(path: str | Path, spec: StudentSpec) -> nn.Module:
     model = build_student(spec)
     apply_weights(model, tensors, str(path))
     return model
-
-
-def spec_from_file(path: str | Path) -> StudentSpec:
-    """The spec a student file describes (files written by :func:`save_student`)."""
-    _, meta = read_student_file(path)
-    if meta.get("format") != FORMAT:
-        raise StudentError(f"{path}: not a waggle-trainer student file (no '{FORMAT}' metadata)")
-    try:
-        return StudentSpec(
-            meta["arch"],
-            Task(meta["kind"], tuple(json.loads(meta["classes"]))),
-            int(meta["input_width"]),
-            int(meta["input_height"]),
-            int(meta["head_stride"]),
-            int(meta.get("trunk_stride", 32)),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise StudentError(f"{path}: bad student metadata ({exc})") from None
