@@ -13,6 +13,7 @@ import torch
 from waggle_trainer.learn.adaptation import AdaptationLoop, RoundResult
 from waggle_trainer.learn.agreement import iou_matrix
 from waggle_trainer.learn.student import StudentError, save_student
+from waggle_trainer.learn.teachers import SoftLabels
 
 from .adapt_util import ClipTeacher, Frame, clip, tiny_config
 
@@ -280,3 +281,38 @@ def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(tmp_path, state):
     assert len(found.scores) >= 1
     assert iou_matrix(found.boxes[:1], truth.boxes * 2).max() >= 0.3, (found, truth)
     assert last > first + 0.25, [(r.agreement_before, r.agreement_after) for r in rounds]
+
+
+class ColourTeacher:
+    """A frame-level teacher: is the frame's first rectangle left or right of centre?"""
+
+    kind = "classify"
+    classes = ("left", "right")
+
+    def __init__(self, frames) -> None:
+        self.truth = {id(f.image): d for f, d in frames}
+
+    def label(self, images):
+        out = []
+        for im in images:
+            box = self.truth[id(im)].boxes[0]
+            right = float((box[0] + box[2]) / 2 > im.shape[1] / 2)
+            out.append(SoftLabels(np.array([0.9 - 0.8 * right, 0.1 + 0.8 * right], np.float32)))
+        return out
+
+
+def test_a_classify_task_trains_on_soft_labels(tmp_path, state):
+    frames = clip(12)
+    cfg = tiny_config(
+        tmp_path,
+        training={"batch_size": 2, "steps_per_round": 2},
+        adaptation={"new_samples_per_round": 4, "holdout_fraction": 0.25},
+    )
+    loop = AdaptationLoop(cfg, ColourTeacher(frames), state_dir=state)
+    assert loop.task.kind == "classify" and loop.student.fc.out_features == 2
+    rounds = feed_all(loop, frames)
+    assert rounds and all(0.0 <= r.agreement_after <= 1.0 for r in rounds)
+    assert all(r.mean_kl is not None and r.mean_kl >= 0 for r in rounds)
+    assert "mean_kl" in rounds[-1].metrics()
+    [probs] = loop.predict([frames[0][0].image])
+    assert probs.shape == (2,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)

@@ -243,6 +243,8 @@ def _status(loop, last) -> str:
 
 
 def _summary(loop, first, last, elapsed: float, source) -> dict:
+    from waggle_trainer.remat.schedule import recomputes
+
     stats = loop.stats()
     plan = loop.training.chain.plan
     out = {
@@ -267,6 +269,7 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
         "agreement_first": first.agreement_before if first else None,
         "agreement_last": loop.last_agreement,
         "strategy": plan.strategy if plan is not None else None,
+        "recomputes": plan is not None and recomputes(plan.schedule),
         "budget_bytes": loop.training.budget.activation_budget_bytes,
         "predicted_peak_bytes": plan.predicted_peak_bytes if plan is not None else None,
         "measured_peak_bytes": last.measured_peak_bytes if last else None,
@@ -294,7 +297,9 @@ def _print_summary(s: dict, format_size) -> None:
             f"{s['agreement_last']:.3f}"
         )
         print(
-            f"memory plan {s['strategy']}: activation budget {format_size(s['budget_bytes'])}, "
+            f"memory plan {s['strategy']} "
+            f"({'checkpointing' if s['recomputes'] else 'nothing recomputed'}): "
+            f"activation budget {format_size(s['budget_bytes'])}, "
             f"predicted peak {format_size(s['predicted_peak_bytes'])}, measured "
             f"{format_size(s['measured_peak_bytes'])} (last round)"
         )
