@@ -359,15 +359,18 @@ def main() -> int:
 
 
 def write_results(args, rows, plan_info, teacher_ms, total) -> None:
-    from provenance import commit
+    from provenance import commit, provenance
 
     command = "python bench/adaptation.py " + " ".join(sys.argv[1:])
     cpu = cpu_model()
     lines = [
         "# Viewpoint adaptation on vtest.avi (student vs. teacher)",
         "",
-        f"Command: `{command}`; commit {commit()}; CPU {cpu}, {args.threads} torch threads "
-        f"({os.cpu_count()} cores, shared); whole run {total / 60:.1f} min.",
+        *provenance(
+            args.threads,
+            f"{os.cpu_count()} cores, shared; whole run "
+            f"{total / 60:.1f} min; state directory {args.state_dir}.",
+        ),
         "",
         f"Stream vtest {args.stream}, evaluation vtest {args.eval} (never trained on). "
         "AP50 (person) against the teacher's boxes. A = factory student (TUD street-level "
