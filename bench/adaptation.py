@@ -388,7 +388,8 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
             f"{r['teacher_calls']} / {r['frames']} ({r['teacher_calls_per_frame']:.2f}) | "
             f"{r['rounds']} ({r['rolled_back']}) | {r['loop_fps']:.2f} | "
             f"{100 * r['overhead_fraction']:.1f}% | {100 * r['evaluate_fraction']:.1f}% | "
-            f"{r['strategy']}: {r['recomputed_forwards']} of {r['stages']} stages recomputed, "
+            f"{r['strategy']}: {r['recomputed_forwards']} stage forwards recomputed "
+            f"({r['stages']} stages), "
             f"{r['predicted_time_ratio']:.2f}x time | {format_size(r['budget_bytes'])} | "
             f"{format_size(r['predicted_peak_bytes'])} | {format_size(r['measured_peak_bytes'])} |"
         )
