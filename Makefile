@@ -12,10 +12,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
 	touch $(STAMP)
 
-# The main job on embedded defaults: a memory-planned training run of the student
-# on this machine (no camera, broker or weights needed), plan and measurements printed.
+# The main job: the node daemon on deploy/demo.toml (a real street clip as the camera,
+# the reference teacher, a student adapting under a budget that forces checkpointing,
+# updates to the outbox and to a local broker if one answers) for 100 s.
+DEMO := .demo
 run: $(STAMP)
-	$(BIN)/waggle-trainer run $(ARGS)
+	@mkdir -p $(DEMO) && chmod 700 $(DEMO)
+	@test -s $(DEMO)/hmac.key || (umask 077 && head -c 32 /dev/urandom > $(DEMO)/hmac.key)
+	$(BIN)/waggle-trainer run --config deploy/demo.toml --duration 100 $(ARGS)
 
 # Lint and types (configuration in pyproject.toml); part of `make test`.
 check: $(STAMP)

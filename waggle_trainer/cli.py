@@ -21,6 +21,7 @@ EXIT_BROKEN_PIPE = 141
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = (
     "waggle_trainer.config_cli",
+    "waggle_trainer.node.cli",
     "waggle_trainer.learn.cli",
     "waggle_trainer.learn.adapt_cli",
     "waggle_trainer.remat.cli",

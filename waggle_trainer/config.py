@@ -444,6 +444,12 @@ class TelemetrySection(_Section):
         return v
 
 
+class DaemonSection(_Section):
+    global_model_file: Path | None = Field(
+        None, description="safetensors file with a new global model, adopted between rounds")
+    stop_flush_s: float = Field(10.0, ge=0, le=60)
+
+
 def default_state_dir() -> Path:
     """systemd's ``$STATE_DIRECTORY``; else /var/lib/waggle-trainer when it is ours to
     write (root); else ``$XDG_STATE_HOME/waggle-trainer`` for a developer's run."""
@@ -471,6 +477,7 @@ class Config(_Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    daemon: DaemonSection = Field(default_factory=DaemonSection)
     state: StateSection = Field(default_factory=StateSection)
 
     @model_validator(mode="after")

@@ -126,30 +126,6 @@ def test_bench_usage_errors_exit_2(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_run_uses_the_config_file(tmp_path):
-    cfg = tmp_path / "node.toml"
-    cfg.write_text(
-        f'[student]\narch = "resnet18"\ninput_width = 64\ninput_height = 32\n'
-        f'[training]\nbatch_size = 2\n[memory]\nbudget = "200MiB"\n'
-        f'[state]\ndir = "{tmp_path / "state"}"\n'
-    )
-    r = cli("run", "--config", str(cfg), "--steps", "1", "--json")
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == ""  # no stray log line; no progress (stderr is not a terminal)
-    out = json.loads(r.stdout)
-    assert out["data"] == "synthetic"
-    assert (out["arch"], out["batch"], out["width"], out["image"], out["budget_bytes"]) == (
-        "resnet18",
-        2,
-        64,
-        32,
-        200 * 2**20,
-    )
-    assert list((tmp_path / "state" / "profiles").glob("profile-*.json")), (
-        "profile not cached in the state dir"
-    )
-
-
 def test_run_with_a_bad_config_exits_2(tmp_path):
     cfg = tmp_path / "node.toml"
     cfg.write_text("[training]\nbatch_size = -1\n")

@@ -1,4 +1,5 @@
-"""Subcommands that train: ``plan``, ``bench`` and ``run``."""
+"""Subcommands that measure training: ``plan`` and ``bench`` (``run`` is the node daemon:
+:mod:`waggle_trainer.node.cli`)."""
 
 from __future__ import annotations
 
@@ -80,14 +81,6 @@ def register(sub) -> None:
     _model_args(p, strategy=True)
     p.add_argument("--steps", type=_positive, default=5, help="measured steps (default 5)")
     p.set_defaults(handler=_bench)
-
-    p = sub.add_parser("run", help="the main job: a memory-planned training run of the student")
-    p.add_argument(
-        "--config", type=Path, default=None, help="node config file (default: embedded defaults)"
-    )
-    p.add_argument("--steps", type=_positive, default=10, help="measured steps (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(handler=_run)
 
 
 def _cache_dir(args) -> Path:
@@ -323,43 +316,3 @@ def _bench(args) -> int:
         print(f"waggle-trainer bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return _train(spec, args.steps, args.json, "bench")
-
-
-def _run(args) -> int:
-    from waggle_trainer.common import setup_logging
-    from waggle_trainer.config import ConfigError, default_config, load_config
-    from waggle_trainer.learn.planned_training import RunSpec
-
-    try:
-        cfg = load_config(args.config) if args.config else default_config()
-    except ConfigError as exc:
-        print("\n".join(exc.lines()), file=sys.stderr)
-        return EXIT_USAGE
-    if args.log_level is None:
-        setup_logging(cfg.node.log_level)
-    try:
-        profiles = usable_directory(
-            usable_directory(cfg.state.dir, "state.dir") / "profiles", "state.dir"
-        )
-    except ValueError as exc:
-        where = args.config or "<defaults>"
-        print(f"{where}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from waggle_trainer.learn.task import task_from_config
-
-    spec = RunSpec(
-        arch=cfg.student.arch,
-        batch=cfg.training.batch_size,
-        image=cfg.student.input_height,
-        width=cfg.student.input_width,
-        classes=max(CLASSES_MIN, task_from_config(cfg).num_classes),
-        strategy=cfg.memory.strategy,
-        budget=cfg.memory.budget,
-        safety_margin=cfg.memory.safety_margin,
-        optimizer=cfg.training.optimizer,
-        learning_rate=cfg.training.learning_rate,
-        momentum=cfg.training.momentum,
-        replan_threshold=cfg.memory.replan_threshold,
-        cache_dir=profiles,
-    )
-    return _train(spec, args.steps, args.json, "run")

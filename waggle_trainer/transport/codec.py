@@ -183,6 +183,22 @@ class ErrorFeedback:
         res = self._pending if self._pending_base is not None else self._committed
         return math.sqrt(sum(float(r.pow(2).sum()) for r in res.values()))
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Tensors (``committed/<name>``, ``pending/<name>``) and the pending base
+        version: what a node saves to resume with the same residual."""
+        tensors = {f"committed/{k}": v for k, v in self._committed.items()}
+        tensors.update({f"pending/{k}": v for k, v in self._pending.items()})
+        return tensors, self._pending_base
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor],
+                        pending_base: str | None) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._committed = {k[len("committed/"):]: v for k, v in tensors.items()
+                           if k.startswith("committed/")}
+        self._pending = {k[len("pending/"):]: v for k, v in tensors.items()
+                         if k.startswith("pending/")}
+        self._pending_base = pending_base
+
 
 @dataclass
 class Envelope:
@@ -374,21 +390,28 @@ class UpdateEncoder:
 
     def encode(self, weights: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *,
                base_version: str, round: int, samples: int,
-               metrics: Mapping[str, float] | None = None) -> EncodedUpdate:
-        """Encode ``weights - base`` (floating tensors of ``base``)."""
+               metrics: Mapping[str, float] | None = None,
+               update_id: str | None = None) -> EncodedUpdate:
+        """Encode ``weights - base`` (floating tensors of ``base``).  ``update_id``:
+        a caller-chosen id (a node derives it from its id and round, so a retried
+        round keeps its id); default a random UUID."""
         with _torch_threads(self.torch_threads):
             return self.encode_delta(weight_delta(weights, base), base_version=base_version,
-                                     round=round, samples=samples, metrics=metrics)
+                                     round=round, samples=samples, metrics=metrics,
+                                     update_id=update_id)
 
     def encode_delta(self, delta: Mapping[str, torch.Tensor], *, base_version: str,
                      round: int, samples: int,
-                     metrics: Mapping[str, float] | None = None) -> EncodedUpdate:
+                     metrics: Mapping[str, float] | None = None,
+                     update_id: str | None = None) -> EncodedUpdate:
         """Encode a ready-made delta (name -> tensor)."""
         with _torch_threads(self.torch_threads):
-            return self._encode(delta, str(base_version), int(round), int(samples), metrics)
+            return self._encode(delta, str(base_version), int(round), int(samples), metrics,
+                                update_id)
 
     def _encode(self, delta: Mapping[str, torch.Tensor], base_version: str, round: int,
-                samples: int, metrics: Mapping[str, float] | None) -> EncodedUpdate:
+                samples: int, metrics: Mapping[str, float] | None,
+                update_id: str | None = None) -> EncodedUpdate:
         s = self.settings
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         for metric, value in metrics.items():
@@ -430,7 +453,8 @@ class UpdateEncoder:
         raw = st_save(tensors, metadata=meta)
         payload = _compress(raw, s)
         env = Envelope(
-            update_id=str(uuid.uuid4()), node_id=self.node_id, vsn=self.vsn, model=self.model,
+            update_id=update_id or str(uuid.uuid4()), node_id=self.node_id, vsn=self.vsn,
+            model=self.model,
             base_version=base_version, round=round, samples=samples, metrics=metrics,
             created_ns=time.time_ns(),
             encoding={"dtype": s.dtype, "topk": s.topk, "compression": s.compression},

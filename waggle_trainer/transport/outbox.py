@@ -140,14 +140,21 @@ class Outbox:
             name = f"{env.created_ns:020d}-{env.update_id}{SUFFIX}"
             path = self.dir / name
             tmp = self.dir / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk: leave no partial file behind
+                tmp.unlink(missing_ok=True)
+                raise
             _fsync_dir(self.dir)
             entry = OutboxEntry(env.update_id, env.model, env.base_version, env.round,
                                 env.created_ns, size, path)
+            old = self._entries.get(env.update_id)
+            if old is not None and old.path != path:  # the same update written again
+                old.path.unlink(missing_ok=True)
             self._entries[env.update_id] = entry
             return entry
 

@@ -12,11 +12,17 @@ the update stays in the outbox, an ERROR is logged and it is retried after
 ``unroutable_retry_s``.  A connection that drops mid-update means the whole
 update is sent again later: the consumer absorbs duplicate chunks and
 de-duplicates whole updates by their id.
+
+``releasable`` (optional) is asked for every waiting entry; False keeps it in
+the outbox unsent for now (the node daemon holds an update until the training
+state that produced it is on disk, so a crash never sends an update whose
+round the node will train again).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pika
 import pika.exceptions as px
@@ -43,7 +49,8 @@ class UpdatePublisher(AmqpWorker):
     def __init__(self, amqp: AmqpSettings, outbox: Outbox, *, node_id: str,
                  exchange: str = UPDATE_EXCHANGE, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  declare_exchange: bool = True, unroutable_retry_s: float = 30.0,
-                 nack_retry_s: float = 5.0, poll_s: float = 0.2):
+                 nack_retry_s: float = 5.0, poll_s: float = 0.2,
+                 releasable: Callable[[OutboxEntry], bool] | None = None):
         super().__init__(amqp)
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size {chunk_size} is out of range ({MIN_CHUNK_SIZE}.."
@@ -57,6 +64,7 @@ class UpdatePublisher(AmqpWorker):
         self.unroutable_retry_s = unroutable_retry_s
         self.nack_retry_s = nack_retry_s
         self.poll_s = poll_s
+        self.releasable = releasable
         self.user_id = amqp.broker_user()
         self._hold: dict[str, float] = {}  # update id -> monotonic time before which to skip
         self.published_updates = 0
@@ -119,6 +127,8 @@ class UpdatePublisher(AmqpWorker):
             ids = {e.update_id for e in pending}
             self._hold = {k: v for k, v in self._hold.items() if k in ids}
         for e in pending:
+            if self.releasable is not None and not self.releasable(e):
+                continue
             if self._hold.get(e.update_id, 0.0) <= now:
                 return e
         return None
