@@ -12,7 +12,6 @@ from typing import Any
 
 from waggle_trainer.common import (
     ARCHES,
-    CLASSES_MIN,
     DEFAULT_CLASSES,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
