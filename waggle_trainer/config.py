@@ -38,7 +38,6 @@ from pydantic import (
 
 from waggle_trainer.common import (
     CLASSES_MIN,
-    DEFAULT_CLASSES,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
     SIZE_HELP,
@@ -315,8 +314,20 @@ class TaskSection(_Section):
 class StudentSection(_Section):
     arch: Arch = "resnet18"
     weights: Path | None = None
-    num_classes: int = Field(DEFAULT_CLASSES, ge=CLASSES_MIN)
-    image_size: int = Field(224, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    input_width: int = Field(384, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    input_height: int = Field(288, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    head_stride: Literal[4, 8] = 4
+    trunk_stride: Literal[16, 32] = 16
+    score_threshold: float = Field(0.3, gt=0, lt=1)
+    max_detections: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> StudentSection:
+        for key in ("input_width", "input_height"):
+            v = getattr(self, key)
+            if v % 32:
+                raise ValueError(f"student.{key}: {v} is not a multiple of 32 (the trunk's stride)")
+        return self
 
 
 class TrainingSection(_Section):
@@ -325,8 +336,30 @@ class TrainingSection(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
-    buffer_size: int = Field(256, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    hflip: StrictBool = True
+    seed: int = Field(0, ge=0)
+
+
+class AdaptationSection(_Section):
+    buffer_size: int = Field(256, ge=2)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    new_samples_per_round: int = Field(16, ge=1)
+    teacher_stride_min: int = Field(2, ge=1)
+    teacher_stride_max: int = Field(32, ge=1)
+    stride_agreement: float = Field(0.6, ge=0, le=1)
+    rollback_margin: float = Field(0.05, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    hard_label_confidence: float = Field(0.9, gt=0, le=1)
+    hard_label_weight: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _stride_bounds(self) -> AdaptationSection:
+        if self.teacher_stride_max < self.teacher_stride_min:
+            raise ValueError(
+                f"adaptation.teacher_stride_max: {self.teacher_stride_max} is below "
+                f"teacher_stride_min ({self.teacher_stride_min})"
+            )
+        return self
 
 
 class MemorySection(_Section):
@@ -460,6 +493,7 @@ class Config(_Section):
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     student: StudentSection = Field(default_factory=StudentSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    adaptation: AdaptationSection = Field(default_factory=AdaptationSection)
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
@@ -469,11 +503,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _trainable_shape(self) -> Config:
-        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        """The whole ResNet (stride 32: a classify student, ``waggle-trainer run``) must
+        be trainable at the student's input size and batch."""
+        s = self.student
+        why = batch_too_small(self.training.batch_size, s.input_height, s.input_width)
         if why:
             raise ValueError(
                 f"training.batch_size: {self.training.batch_size} is too small for "
-                f"student.image_size {self.student.image_size} ({why})"
+                f"the student input {s.input_width}x{s.input_height} ({why})"
             )
         return self
 

@@ -285,19 +285,24 @@ def test_size_targets_on_a_convnet():
 
 
 @pytest.mark.slow
-def test_resnet18_encode_and_sign_under_a_second():
-    import time
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(0)
-    base = torchvision.models.resnet18(weights=None).state_dict()
+def test_encode_runs_on_one_torch_thread_and_restores_the_count(monkeypatch):
+    """The codec's elementwise work runs on one intra-op thread (its speed is measured
+    in bench/transport.py, not here); the caller's thread count comes back."""
+    seen = []
+    real_abs = torch.Tensor.abs
+
+    def spy(self):
+        seen.append(torch.get_num_threads())
+        return real_abs(self)
+
+    torch.set_num_threads(2)
+    monkeypatch.setattr(torch.Tensor, "abs", spy)
+    base = {"w": torch.zeros(64, 64), "b": torch.zeros(64)}
     new = perturbed(base, scale=1e-3)
-    enc = encoder(CodecSettings("fp16", "zstd"))
-    best = float("inf")
-    for r in range(3):
-        t = time.perf_counter()
-        enc.encode(new, base, base_version="1", round=r, samples=1)
-        best = min(best, time.perf_counter() - t)
-    assert best < 1.0
+    enc = encoder(CodecSettings("int8", "zstd"))
+    enc.encode(new, base, base_version="1", round=0, samples=1)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
 
 
 # ----------------------------------------------------------------- convergence
