@@ -118,13 +118,15 @@ SourceFactory = Callable[[Config], FrameSource]
 def default_loop(cfg: Config, state_dir: Path) -> Loop:
     """The real adaptation loop with the configured teacher."""
     from waggle_trainer.learn.adaptation import AdaptationLoop
+    from waggle_trainer.learn.student import StudentError
     from waggle_trainer.learn.teachers import TeacherError, load_teacher
+    from waggle_trainer.remat.planner import InfeasibleBudget
 
     try:
         teacher = load_teacher(cfg)
-    except TeacherError as exc:
+        return AdaptationLoop(cfg, teacher, state_dir=state_dir)
+    except (TeacherError, StudentError, InfeasibleBudget) as exc:
         raise StartupError(str(exc)) from None
-    return AdaptationLoop(cfg, teacher, state_dir=state_dir)
 
 
 def default_source(cfg: Config) -> FrameSource:
