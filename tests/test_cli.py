@@ -52,7 +52,7 @@ def test_check_config_errors_exit_2_without_traceback(tmp_path):
     assert r.stdout.splitlines() == [
         f"{bad}: training.batch_size: 0 is out of range (must be >= 1)",
         f"{bad}: nope: unknown section (allowed: node, camera, task, teacher, student, training, "
-        "memory, transport, telemetry, daemon, state)",
+        "adaptation, memory, transport, telemetry, daemon, state)",
     ]
     assert "Traceback" not in r.stderr + r.stdout
 

@@ -57,14 +57,12 @@ def test_memory_uses_the_same_image_limits(capsys):
     capsys.readouterr()
 
 
-def test_classes_default_is_the_configs():
+def test_classes_default_is_shared():
     from waggle_trainer.cli import build_parser
-    from waggle_trainer.config import default_config
     from waggle_trainer.learn.planned_training import RunSpec
 
     args = build_parser().parse_args(["plan"])
-    assert args.classes == DEFAULT_CLASSES == default_config().student.num_classes
-    assert RunSpec().classes == DEFAULT_CLASSES
+    assert args.classes == DEFAULT_CLASSES == RunSpec().classes
 
 
 @pytest.mark.parametrize("argv", [
@@ -109,7 +107,7 @@ def test_check_config_empty_path(capsys):
 
 
 @pytest.mark.parametrize("text", [
-    "[student]\nimage_size = 32\n[training]\nbatch_size = 1\n",
+    "[student]\ninput_width = 32\ninput_height = 32\n[training]\nbatch_size = 1\n",
     "[memory]\nsafety_margin = 1.0\n",
     "[training]\nlearning_rate = inf\n",
 ])

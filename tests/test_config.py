@@ -56,7 +56,7 @@ def test_example_values_are_the_defaults():
             got = getattr(sec, key)
             if hasattr(got, "get_secret_value"):
                 got = got.get_secret_value()
-            if isinstance(value, str) and key in ("chunk_size", "outbox_max_bytes"):
+            if isinstance(value, str) and key in ("chunk_size", "outbox_max_bytes", "max_bytes"):
                 value = parse_size(value)
             assert str(got) == str(value), f"{section}.{key}: example {value!r} != default {got!r}"
 
@@ -199,7 +199,9 @@ def test_node_id_alternative_file_name(tmp_path):
 def test_sending_requires_a_node_id(tmp_path):
     path = write(tmp_path, "[transport]\nenabled = true\n")
     [line] = problems(path)
-    assert line.startswith(f"{path}: node.id: required when transport or telemetry is enabled")
+    assert line.startswith(
+        f"{path}: node.id: required when transport, telemetry or models is enabled"
+    )
 
 
 def test_bad_env_node_id_is_reported_once(tmp_path, monkeypatch):
@@ -228,8 +230,8 @@ def test_render_masks_secrets(tmp_path):
     [
         # ResNet's last stage is 1x1 at 32 px: BatchNorm needs more than one value per channel
         (
-            "[student]\nimage_size = 32\n[training]\nbatch_size = 1\n",
-            "training.batch_size: 1 is too small for student.image_size 32",
+            "[student]\ninput_width = 32\ninput_height = 32\n[training]\nbatch_size = 1\n",
+            "training.batch_size: 1 is too small for the student input 32x32",
         ),
         (
             "[memory]\nsafety_margin = 1.0\n",
@@ -237,8 +239,7 @@ def test_render_masks_secrets(tmp_path):
         ),
         ("[training]\nlearning_rate = inf\n", "training.learning_rate: inf is not a finite number"),
         ("[training]\nlearning_rate = nan\n", "training.learning_rate: nan is not a finite number"),
-        ("[student]\nnum_classes = 1\n", "student.num_classes: 1 is out of range (must be >= 2)"),
-        ("[student]\nimage_size = 7\n", "student.image_size: 7 is out of range (must be >= 32)"),
+        ("[student]\ninput_width = 7\n", "student.input_width: 7 is out of range (must be >= 32)"),
         (
             '[training]\noptimizer = "rmsprop"\n',
             "training.optimizer: 'rmsprop' is not allowed (one of 'sgd', 'adam' or 'adamw')",
@@ -251,12 +252,14 @@ def test_what_run_cannot_run_is_refused(tmp_path, text, expected):
     assert line.startswith(f"{path}: {expected}"), line
 
 
-@pytest.mark.parametrize("batch, image", [(2, 32), (1, 33), (1, 64)])
-def test_smallest_runnable_shapes_are_accepted(tmp_path, batch, image):
+@pytest.mark.parametrize("batch, width, height", [(2, 32, 32), (1, 64, 32), (1, 64, 64)])
+def test_smallest_runnable_shapes_are_accepted(tmp_path, batch, width, height):
     cfg = load_config(
-        write(tmp_path, f"[student]\nimage_size = {image}\n[training]\nbatch_size = {batch}\n")
+        write(tmp_path, f"[student]\ninput_width = {width}\ninput_height = {height}\n"
+                        f"[training]\nbatch_size = {batch}\n")
     )
-    assert (cfg.training.batch_size, cfg.student.image_size) == (batch, image)
+    s = cfg.student
+    assert (cfg.training.batch_size, s.input_width, s.input_height) == (batch, width, height)
 
 
 def test_adamw_is_accepted(tmp_path):

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "waggle_trainer.config_cli",
     "waggle_trainer.node.cli",
     "waggle_trainer.learn.cli",
+    "waggle_trainer.learn.adapt_cli",
     "waggle_trainer.remat.cli",
     "waggle_trainer.server.cli",
 )

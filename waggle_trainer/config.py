@@ -38,7 +38,6 @@ from pydantic import (
 
 from waggle_trainer.common import (
     CLASSES_MIN,
-    DEFAULT_CLASSES,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
     SIZE_HELP,
@@ -58,6 +57,7 @@ from waggle_trainer.transport.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
+    MODEL_EXCHANGE,
     NODE_EXCHANGE,
     TELEMETRY_EXCHANGE,
     UPDATE_EXCHANGE,
@@ -315,8 +315,20 @@ class TaskSection(_Section):
 class StudentSection(_Section):
     arch: Arch = "resnet18"
     weights: Path | None = None
-    num_classes: int = Field(DEFAULT_CLASSES, ge=CLASSES_MIN)
-    image_size: int = Field(224, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    input_width: int = Field(384, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    input_height: int = Field(288, ge=IMAGE_SIZE_MIN, le=IMAGE_SIZE_MAX)
+    head_stride: Literal[4, 8] = 4
+    trunk_stride: Literal[16, 32] = 16
+    score_threshold: float = Field(0.3, gt=0, lt=1)
+    max_detections: int = Field(100, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> StudentSection:
+        for key in ("input_width", "input_height"):
+            v = getattr(self, key)
+            if v % 32:
+                raise ValueError(f"student.{key}: {v} is not a multiple of 32 (the trunk's stride)")
+        return self
 
 
 class TrainingSection(_Section):
@@ -325,8 +337,30 @@ class TrainingSection(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     optimizer: OptimizerName = "sgd"
     steps_per_round: int = Field(20, ge=1)
-    buffer_size: int = Field(256, ge=1)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    hflip: StrictBool = True
+    seed: int = Field(0, ge=0)
+
+
+class AdaptationSection(_Section):
+    buffer_size: int = Field(256, ge=2)
+    holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    new_samples_per_round: int = Field(16, ge=1)
+    teacher_stride_min: int = Field(2, ge=1)
+    teacher_stride_max: int = Field(32, ge=1)
+    stride_agreement: float = Field(0.6, ge=0, le=1)
+    rollback_margin: float = Field(0.05, ge=0, le=1)
+    temperature: float = Field(2.0, gt=0)
+    hard_label_confidence: float = Field(0.9, gt=0, le=1)
+    hard_label_weight: float = Field(0.5, ge=0)
+
+    @model_validator(mode="after")
+    def _stride_bounds(self) -> AdaptationSection:
+        if self.teacher_stride_max < self.teacher_stride_min:
+            raise ValueError(
+                f"adaptation.teacher_stride_max: {self.teacher_stride_max} is below "
+                f"teacher_stride_min ({self.teacher_stride_min})"
+            )
+        return self
 
 
 class MemorySection(_Section):
@@ -414,6 +448,25 @@ class TelemetrySection(_Section):
         return v
 
 
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,255}$")
+
+
+class ModelsSection(_Section):
+    enabled: StrictBool = False
+    server_public_key: Path = WAGGLE_ETC / "train-server.pub"
+    exchange: str = MODEL_EXCHANGE
+    queue: str = ""
+    max_bytes: Size = 2**30
+
+    @field_validator("queue")
+    @classmethod
+    def _queue_name(cls, v: str) -> str:
+        if v and not _QUEUE_RE.match(v):
+            raise ValueError(f"{v!r} is not a queue name (1-255 of A-Z a-z 0-9 _ . : -; "
+                             "empty: waggle.train.models.<node id>)")
+        return v
+
+
 class DaemonSection(_Section):
     global_model_file: Path | None = Field(
         None, description="safetensors file with a new global model, adopted between rounds")
@@ -443,19 +496,24 @@ class Config(_Section):
     teacher: TeacherSection = Field(default_factory=TeacherSection)
     student: StudentSection = Field(default_factory=StudentSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    adaptation: AdaptationSection = Field(default_factory=AdaptationSection)
     memory: MemorySection = Field(default_factory=MemorySection)
     transport: TransportSection = Field(default_factory=TransportSection)
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     state: StateSection = Field(default_factory=StateSection)
 
     @model_validator(mode="after")
     def _trainable_shape(self) -> Config:
-        why = batch_too_small(self.training.batch_size, self.student.image_size)
+        """The whole ResNet (stride 32: a classify student, ``waggle-trainer run``) must
+        be trainable at the student's input size and batch."""
+        s = self.student
+        why = batch_too_small(self.training.batch_size, s.input_height, s.input_width)
         if why:
             raise ValueError(
                 f"training.batch_size: {self.training.batch_size} is too small for "
-                f"student.image_size {self.student.image_size} ({why})"
+                f"the student input {s.input_width}x{s.input_height} ({why})"
             )
         return self
 
@@ -471,10 +529,21 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _identity_when_sending(self) -> Config:
-        if (self.transport.enabled or self.telemetry.enabled) and not self.node.id:
+        sending = self.transport.enabled or self.telemetry.enabled or self.models.enabled
+        if sending and not self.node.id:
             raise ValueError(
-                "node.id: required when transport or telemetry is enabled "
+                "node.id: required when transport, telemetry or models is enabled "
                 "(set it, write /etc/waggle/node-id, or set WAGGLE_NODE_ID)"
+            )
+        return self
+
+
+    @model_validator(mode="after")
+    def _one_source_of_global_models(self) -> Config:
+        if self.models.enabled and self.daemon.global_model_file is not None:
+            raise ValueError(
+                "daemon.global_model_file: not with models.enabled = true (global models "
+                "come from the server's broadcast then; remove one of the two)"
             )
         return self
 
@@ -617,6 +686,34 @@ def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
     return []
 
 
+def _model_key_problems(cfg: Config) -> list[tuple[str, str]]:
+    """With ``[models]`` enabled, the server's public key must load now."""
+    m = cfg.models
+    if not m.enabled:
+        return []
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    path = m.server_public_key
+    hint = ("the server's Ed25519 public key, PEM: `waggle-trainer server-keygen PATH` "
+            "writes it as PATH.pub")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [("models.server_public_key", f"{path}: not found ({hint})")]
+    except IsADirectoryError:
+        return [("models.server_public_key", f"{path}: is a directory ({hint})")]
+    except OSError as e:
+        return [("models.server_public_key", f"{path}: cannot be read: {e.strerror}")]
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        return [("models.server_public_key", f"{path}: not a PEM public key ({hint})")]
+    if not isinstance(key, Ed25519PublicKey):
+        return [("models.server_public_key", f"{path}: not an Ed25519 key ({hint})")]
+    return []
+
+
 def config_from_dict(data: dict, source: str = "<config>") -> Config:
     """Validate a parsed TOML document; raises ConfigError listing every problem."""
     resolved, origins = _node_identity(data)
@@ -625,7 +722,7 @@ def config_from_dict(data: dict, source: str = "<config>") -> Config:
     except ValidationError as exc:
         problems = [describe_error(e) for e in exc.errors()]
         raise ConfigError(source, problems, origins) from None
-    problems = _tls_file_problems(cfg)
+    problems = _tls_file_problems(cfg) + _model_key_problems(cfg)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -82,3 +82,71 @@ def test_updates_delivered_and_metrics_reported(node, names, tmp_path):
     assert last["train.round"] == 4 and last["train.rollbacks"] == 1
     assert last["train.outbox.updates"] == 0 and last["train.plan.strategy"] == "none"
     assert 0 <= last["train.publish.last_confirmed_age_s"] < 30
+
+
+def test_run_takes_the_node_route_and_only_checks_exchanges(node, names, tmp_path):
+    """[telemetry] route = "node" and [transport] declare_exchanges = false reach the
+    daemon's connections: metrics to the node broker's to-validator (routing key =
+    scope, app_id), updates to an exchange the daemon did not declare."""
+    import uuid
+
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    node_id = f"n{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(BROKER)
+    ch = conn.channel()
+    # the operator's exchange, declared unlike the daemon would (not durable): a declare
+    # from the daemon would be refused (406), a passive check is not
+    ch.exchange_declare(names.exchange, exchange_type="topic", durable=False)
+    ch.queue_declare(names.queue, durable=True)
+    ch.queue_bind(names.queue, names.exchange, routing_key="update.*")
+    ch.exchange_declare("to-validator", "fanout", durable=True)  # the node broker's
+    tq = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(tq, "to-validator")
+    path, cfg = node(
+        node={"id": node_id, "vsn": "W0N"},
+        transport={
+            "enabled": True,
+            "exchange": names.exchange,
+            "hmac_key_file": str(key),
+            "declare_exchanges": False,
+        },
+        telemetry={
+            "enabled": True,
+            "route": "node",
+            "host": "127.0.0.1",
+            "username": "guest",
+            "password": "guest",
+            "scope": "node",
+            "app_id": "pod-1",
+            "interval_s": 0.5,
+        },
+        daemon={"stop_flush_s": 30.0},
+    )
+    try:
+        d = make_daemon(cfg, path, reject_every=0, max_rounds=2)
+        assert d.run() == 0
+        assert d.publisher.published_updates == 2 and len(d.outbox) == 0
+        got = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and "train.round" not in {m["name"] for _, m in got}:
+            method, props, body = ch.basic_get(tq, auto_ack=True)
+            if method is None:
+                time.sleep(0.1)
+                continue
+            msg = json.loads(body)
+            if msg["meta"].get("node") == node_id:  # other tests may share to-validator
+                got.append((method.routing_key, msg))
+                assert props.app_id == "pod-1" and props.delivery_mode == 2
+        assert "train.round" in {m["name"] for _, m in got}
+        assert {rk for rk, _ in got} == {"node"}
+        assert ch.queue_declare(names.queue, passive=True).method.message_count == 2
+    finally:
+        ch.queue_delete(tq)
+        try:
+            ch.exchange_delete("to-validator", if_unused=True)  # unless another run uses it
+        except pika.exceptions.ChannelClosedByBroker:
+            pass
+        if conn.is_open:
+            conn.close()

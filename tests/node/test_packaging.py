@@ -80,16 +80,37 @@ def test_compose_refers_to_existing_files_and_a_valid_node_config(monkeypatch):
 
 
 def test_definitions_give_a_node_beehive_permissions():
+    """The demo node's user may configure nothing, write the update and metrics
+    exchanges, and read only its own model queue: the queue the daemon's subscriber
+    checks (declare_exchanges = false), bound for the model it trains."""
+    yaml = pytest.importorskip("yaml")
+    from waggle_trainer.config import default_config
+    from waggle_trainer.transport.wire import MODEL_EXCHANGE, model_routing_key, node_model_queue
+
     d = json.loads(DEFINITIONS.read_text())
     exchanges = {x["name"] for x in d["exchanges"]}
     queues = {q["name"] for q in d["queues"]}
     for b in d["bindings"]:
         assert b["source"] in exchanges and b["destination"] in queues, b
-    perm = next(p for p in d["permissions"] if p["user"] == "node-demo")
-    names = exchanges | queues | {"amq.default", "waggle.train.model.node-other"}
+    node_id = yaml.safe_load(COMPOSE.read_text())["services"]["node"]["environment"][
+        "WAGGLE_NODE_ID"
+    ]
+    own = node_model_queue(node_id)
+    assert own in queues
+    arch = default_config().student.arch  # docker/node.toml keeps the default student
+    assert {
+        "source": MODEL_EXCHANGE,
+        "vhost": "/",
+        "destination": own,
+        "destination_type": "queue",
+        "routing_key": model_routing_key(arch),
+        "arguments": {},
+    } in d["bindings"]
+    perm = next(p for p in d["permissions"] if p["user"] == node_id)
+    names = exchanges | queues | {"amq.default", node_model_queue("node-other")}
     assert not [n for n in names if re.fullmatch(perm["configure"], n)]  # configure nothing
     assert {n for n in names if re.fullmatch(perm["write"], n)} == {
         "waggle.train.updates",
         "waggle.msg",
     }
-    assert {n for n in names if re.fullmatch(perm["read"], n)} == {"waggle.train.model.node-demo"}
+    assert {n for n in names if re.fullmatch(perm["read"], n)} == {own}

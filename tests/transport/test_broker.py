@@ -49,30 +49,38 @@ def make_update(n: int, round: int = 1, node="n1", enc=None):
 # ---------------------------------------------------------------------- (e)
 
 
-def test_unroutable_update_stays_in_the_outbox_and_is_logged(names, tmp_path, caplog):
+def test_unroutable_update_stays_in_the_outbox_and_is_logged_once(names, tmp_path, caplog):
     outbox = Outbox(tmp_path, 1 << 30)
     pub = UpdatePublisher(fast(), outbox, node_id="n1", exchange=names.exchange,
-                          unroutable_retry_s=0.5)
-    u, _ = make_update(1000)
+                          unroutable_retry_s=0.2)
+    enc = encoder()
+    u, _ = make_update(1000, round=1, enc=enc)
+    u2 = enc.encode_delta({"w": torch.randn(10)}, base_version="2", round=2, samples=8)
     try:
-        with caplog.at_level(logging.ERROR, logger="waggle_trainer.transport"):
+        with caplog.at_level(logging.INFO, logger="waggle_trainer.transport"):
             pub.start()
             pub.submit(u)
-            assert wait_until(lambda: pub.unroutable >= 2, 10)  # retried, not dropped
-        assert u.update_id in outbox and len(outbox) == 1
-        assert pub.published_updates == 0 and pub.fatal_error is None
-        assert any("unroutable" in r.getMessage() and u.update_id in r.getMessage()
-                   for r in caplog.records if r.levelno == logging.ERROR)
-        # once something is bound, the kept update goes out
-        conn = pika.BlockingConnection(BROKER)
-        ch = conn.channel()
-        ch.queue_declare(names.queue, durable=True)
-        ch.queue_bind(names.queue, names.exchange, "update.*")
-        assert pub.wait_idle(10)
+            pub.submit(u2)
+            assert wait_until(lambda: pub.unroutable >= 6, 10)  # retried, not dropped
+            assert u.update_id in outbox and len(outbox) == 2
+            assert pub.published_updates == 0 and pub.fatal_error is None
+            errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            # one line for the episode, not one per update and retry
+            assert len(errors) == 1 and "unroutable" in errors[0] and u.update_id in errors[0]
+            assert pub.unroutable_episodes == 1
+            # once something is bound, the kept updates go out
+            conn = pika.BlockingConnection(BROKER)
+            ch = conn.channel()
+            ch.queue_declare(names.queue, durable=True)
+            ch.queue_bind(names.queue, names.exchange, "update.*")
+            assert pub.wait_idle(10)
         m, props, body = ch.basic_get(names.queue, auto_ack=True)
         conn.close()
         assert props.message_id == f"{u.update_id}:0" and body == u.blob
         assert props.user_id == "guest" and props.delivery_mode == 2
+        again = [r.getMessage() for r in caplog.records if "routable again" in r.getMessage()]
+        assert len(again) == 1 and f"after {pub.unroutable} unroutable" in again[0]
+        assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
     finally:
         pub.stop()
 

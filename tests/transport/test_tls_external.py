@@ -30,14 +30,22 @@ from waggle_trainer.transport import (
     UpdateEncoder,
     UpdatePublisher,
 )
-from waggle_trainer.transport.chunks import parse_headers
+from waggle_trainer.transport.chunks import parse_headers, split
+from waggle_trainer.transport.model_subscriber import ModelSubscriber
+from waggle_trainer.transport.wire import (
+    MODEL_EXCHANGE,
+    MODEL_MESSAGE_TYPE,
+    model_routing_key,
+    node_model_queue,
+)
 
 pytestmark = pytest.mark.broker
 
 NODE_ID = "000048B02D15BC7C"
 NODE_USER = f"node-{NODE_ID}"
 UPDATES, METRICS, OTHER = "waggle.train.updates", "waggle.msg", "other.exchange"
-MODEL_QUEUE = f"waggle.train.model.{NODE_USER}"
+MODEL_QUEUE = node_model_queue(NODE_ID)  # the queue the daemon's subscriber reads
+OTHER_MODEL_QUEUE = node_model_queue("0000000000000002")
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -88,18 +96,24 @@ def _definitions() -> dict:
                 "read": f"^{MODEL_QUEUE.replace('.', chr(92) + '.')}$",
             },
         ],
-        "exchanges": [exchange(UPDATES), exchange(METRICS), exchange(OTHER)],
+        "exchanges": [
+            exchange(UPDATES),
+            exchange(METRICS),
+            exchange(OTHER),
+            exchange(MODEL_EXCHANGE),
+        ],
         "queues": [
             queue("server.updates"),
             queue("beehive.metrics"),
             queue("other.q"),
             queue(MODEL_QUEUE),
-            queue("waggle.train.model.node-0000000000000002"),
+            queue(OTHER_MODEL_QUEUE),
         ],
         "bindings": [
             bind(UPDATES, "server.updates", "update.*"),
             bind(METRICS, "beehive.metrics", "#"),
             bind(OTHER, "other.q", "#"),
+            bind(MODEL_EXCHANGE, MODEL_QUEUE, model_routing_key("m")),
         ],
     }
 
@@ -375,13 +389,60 @@ def test_node_user_reads_only_its_own_model_queue(tls_broker):
         ch = conn.channel()
         assert wait_until(lambda: ch.basic_get(MODEL_QUEUE, auto_ack=True)[2] == b"model v2", 5)
         with pytest.raises(px.ChannelClosedByBroker) as info:
-            conn.channel().basic_get("waggle.train.model.node-0000000000000002")
+            conn.channel().basic_get(OTHER_MODEL_QUEUE)
         assert info.value.reply_code == 403
         with pytest.raises(px.ChannelClosedByBroker) as info:
             conn.channel().queue_declare("node.made.this")
         assert info.value.reply_code == 403
     finally:
         conn.close()
+
+
+def test_model_subscriber_checks_its_queue_and_receives_versions(tls_broker, tmp_path, caplog):
+    """configure ^$: the daemon's subscriber (declare_exchanges = false) only checks
+    the exchange and its queue, which the operator's definitions created and bound."""
+    from waggle_trainer.server.signing import generate_signing_key, load_signing_key
+    from waggle_trainer.transport.model_wire import encode_model, load_verify_key
+
+    generate_signing_key(tmp_path / "server.pem")
+    state = {"w": torch.randn(8, 4), "b": torch.zeros(8)}
+    env, blob = encode_model(
+        state, model="m", version="2", parent="1", accepts=["2", "1"],
+        key=load_signing_key(tmp_path / "server.pem"),
+    )
+    admin = connect(tls_broker, "admin")
+    for c in split(env.broadcast_id, blob, 1000):
+        admin.channel().basic_publish(
+            MODEL_EXCHANGE, model_routing_key("m"), c.body,
+            pika.BasicProperties(delivery_mode=2, message_id=c.message_id,
+                                 headers=c.headers(), type=MODEL_MESSAGE_TYPE),
+        )
+    admin.close()
+
+    def subscriber(declare: bool) -> ModelSubscriber:
+        return ModelSubscriber(
+            settings(tls_broker), node_id=NODE_ID, model="m",
+            verify_key=load_verify_key(tmp_path / "server.pem.pub"), current_version="1",
+            declare=declare,
+        )
+
+    sub = subscriber(declare=False)
+    assert sub.queue == MODEL_QUEUE
+    try:
+        sub.start()
+        assert sub.wait_for("2", 15), sub.last_error
+    finally:
+        sub.stop()
+    mv = sub.take()
+    assert mv.version == "2" and torch.equal(mv.state["w"], state["w"])
+    assert sub.fatal_error is None and sub.connect_attempts == 1
+    # declaring (declare_exchanges = true) is refused: one fatal line that says what to set
+    sub = subscriber(declare=True)
+    with caplog.at_level(logging.ERROR, logger="waggle_trainer.transport"):
+        run_until_stopped(sub)
+    [err] = [r.getMessage() for r in our_errors(caplog)]
+    assert "403" in err and "declare_exchanges = false" in err
+    assert sub.connect_attempts == 1
 
 
 def test_private_node_is_isolated(tls_broker):

@@ -275,7 +275,7 @@ def _failures(r) -> list[str]:
 
 def _report(r, training, spec) -> None:
     print(
-        f"{r.arch}, batch {r.batch}, {r.image} px: strategy {r.strategy}, "
+        f"{r.arch}, batch {r.batch}, {r.width or r.image}x{r.image} px: strategy {r.strategy}, "
         f"activation budget {format_size(r.budget_bytes)}"
     )
     print(DATA_NOTE)

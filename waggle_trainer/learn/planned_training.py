@@ -74,6 +74,7 @@ class RunSpec:
     replan_threshold: float = 0.1
     cache_dir: Path | None = None
     seed: int = 0
+    width: int | None = None  # input width when it differs from ``image`` (the height)
     # The optimiser step runs inside the backward, one parameter at a time
     # (remat/fused_step.py): no whole-model gradients, same results.
     fused_step: bool = False
@@ -88,11 +89,19 @@ class RunSpec:
         if self.classes < CLASSES_MIN:
             raise ValueError(f"--classes {self.classes} is out of range (at least {CLASSES_MIN}: "
                              "one class has nothing to learn)")
-        why = batch_too_small(self.batch, self.image)
+        if self.width is not None and not IMAGE_SIZE_MIN <= self.width <= IMAGE_SIZE_MAX:
+            raise ValueError(f"--width {self.width} is out of range "
+                             f"({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)")
+        why = batch_too_small(self.batch, self.image, self.width)
         if why:
             raise ValueError(f"--batch {self.batch} is too small for --image {self.image} ({why})")
         if not 0 <= self.safety_margin < 1:
             raise ValueError(f"--safety-margin {self.safety_margin} is out of range (0 <= f < 1)")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """``(batch, 3, height, width)`` of a training batch."""
+        return (self.batch, 3, self.image, self.width or self.image)
 
 
 ROOM_FOR_GLIBC = 2.0
@@ -223,7 +232,7 @@ class PlannedTraining:
     overhead: Overhead = DEFAULT
     overhead_source: str = "default"
 
-    def calibrate(self, rss: RssSampler, rounds: int = 3) -> int:
+    def calibrate(self, rss: RssSampler, rounds: int = 3, batch=None) -> int:
         """Measure one step; take what it needed beyond the plan's prediction off the
         budget and re-plan, so that the real peak stays within the budget.
 
@@ -231,16 +240,18 @@ class PlannedTraining:
         scratch buffers of oneDNN kernels.  Repeats (up to ``rounds`` steps) while the
         measured peak exceeds the budget and a smaller plan exists.  Only when memory is
         tight (allocator mode ``mmap``; under glibc's defaults the budget has room by
-        construction).  Records what it did in :attr:`calibration`; returns the
-        overshoot in bytes.
+        construction).  ``batch()`` makes a training batch ``(x, y)`` (default
+        :meth:`batch`: random data).  Records what it did in :attr:`calibration`; returns
+        the overshoot in bytes.
         """
+        batch = batch or self.batch
         if self.allocator_mode != "mmap":
             return 0
         budget = self.budget.activation_budget_bytes
         for _ in range(rounds):
             allocator.trim()
             base = rss.reset()
-            self.step(*self.batch())
+            self.step(*batch())
             growth = rss.peak - base
             overshoot = growth - self._plan.predicted_peak_bytes
             if growth <= budget or overshoot <= self.overshoot_bytes:
@@ -299,6 +310,15 @@ class PlannedTraining:
         while measuring) and plan."""
         torch.manual_seed(spec.seed)
         model = build_resnet(spec.arch, spec.classes).train()
+        return cls.for_model(model, spec, progress=progress)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, spec: RunSpec, loss_fn=None, *, progress: Progress | None = None
+    ) -> PlannedTraining:
+        """``model`` (a chain :mod:`waggle_trainer.remat.chain` can split) planned for
+        batches of ``spec.input_shape`` within ``spec.budget``; ``loss_fn(output, y)``
+        (default cross-entropy)."""
         budget = resolve_budget(model, spec)
         chain = CheckpointedSequential(
             model,
@@ -306,12 +326,14 @@ class PlannedTraining:
             strategy=spec.strategy,
             cache_dir=spec.cache_dir,
         )
-        chain.profile(torch.empty(spec.batch, 3, spec.image, spec.image), progress=progress)
+        chain.profile(torch.empty(*spec.input_shape), progress=progress)
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
         optimizer = make_optimizer(
             model.parameters(), spec.optimizer, lr=spec.learning_rate, momentum=spec.momentum
         )
         training = cls(spec, model, chain, optimizer, budget, watcher=watcher)
+        if loss_fn is not None:
+            training.loss_fn = loss_fn
         if spec.fused_step:
             training.fuse_step()
         training._configure_allocator()
@@ -323,7 +345,7 @@ class PlannedTraining:
         from waggle_trainer.remat.profiler import profile_key
 
         s = self.spec
-        key = profile_key(self.chain.stages, torch.empty(s.batch, 3, s.image, s.image))
+        key = profile_key(self.chain.stages, torch.empty(*s.input_shape))
         # not the optimiser or the fused step: the residue is the runtime's, the state
         # the first step creates is subtracted from it
         return {**key, "allocator": allocator.loaded_allocator(),
@@ -413,7 +435,7 @@ class PlannedTraining:
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        return (torch.randn(s.batch, 3, s.image, s.image), torch.randint(0, s.classes, (s.batch,)))
+        return torch.randn(*s.input_shape), torch.randint(0, s.classes, (s.batch,))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         if self.fused is not None:  # the backward steps each parameter and drops its gradient
@@ -458,6 +480,7 @@ class RunResult:
     calibration: str
     budget_breakdown: dict
     data: str = "synthetic"  # random images and labels: the loss measures nothing
+    width: int | None = None  # input width when it differs from ``image`` (the height)
 
     fused_step: bool = False
     allocator: str = "glibc"  # the malloc this process runs under (/proc/self/maps)
@@ -519,6 +542,7 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         arch=training.spec.arch,
         batch=training.spec.batch,
         image=training.spec.image,
+        width=training.spec.width,
         strategy=plan.strategy,
         budget_bytes=training.budget.activation_budget_bytes,
         plan_budget_bytes=plan.budget_bytes,

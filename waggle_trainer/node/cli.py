@@ -199,6 +199,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
             "rolled_back": counters.get("rolled_back", 0),
             "updates": counters.get("updates", 0),
             "adopted": counters.get("adopted", 0),
+            "stale_dropped": counters.get("stale_dropped", 0),
             "budget_bytes": last.get("budget_bytes"),
             "strategy": last.get("strategy"),
             "predicted_peak_bytes": last.get("predicted_peak_bytes"),
@@ -281,7 +282,8 @@ def status_command(args) -> int:
         print(
             f"round {s['round']}: {s['accepted']} accepted, {s['rolled_back']} rolled back, "
             f"{s['updates']} updates made; base {s['base_version']} "
-            f"({s['adopted']} global model(s) adopted)"
+            f"({s['adopted']} global model(s) adopted, {s['stale_dropped']} update(s) dropped "
+            "as stale)"
         )
         if s["budget_bytes"]:
             print(

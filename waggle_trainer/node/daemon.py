@@ -1,9 +1,12 @@
 """The node daemon: frames -> adaptation loop -> updates -> outbox -> broker.
 
-One process, three threads at most: the main thread runs the frame source, the
+One process, four threads at most: the main thread runs the frame source, the
 adaptation loop, encoding and state saves (torch work stays on one thread of
 control); an :class:`~waggle_trainer.transport.UpdatePublisher` thread drains the
-outbox; a :class:`~waggle_trainer.transport.TelemetryPublisher` sends metrics.
+outbox; a :class:`~waggle_trainer.transport.TelemetryPublisher` sends metrics; a
+:class:`~waggle_trainer.transport.model_subscriber.ModelSubscriber` receives the
+server's signed global models (``[models]``), which the main thread adopts between
+rounds.
 The network never blocks training: with the broker down the daemon trains and
 queues.
 
@@ -47,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -69,6 +72,9 @@ from waggle_trainer.transport import (
 )
 from waggle_trainer.transport.outbox import OutboxEntry
 
+if TYPE_CHECKING:
+    from waggle_trainer.transport.model_subscriber import ModelSubscriber
+
 log = logging.getLogger("waggle_trainer.daemon")
 
 EXIT_OK = 0
@@ -77,6 +83,7 @@ PROGRESS_FILE = "progress"  # its mtime: the last frame or step (health checks)
 PROGRESS_EVERY_S = 30.0
 HISTORY = 50  # rounds kept in the state's history for `status`
 METRIC_PREFIX = "train"
+MODELS_DIR = "models"  # verified versions received from the server, until adopted
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
@@ -111,13 +118,15 @@ SourceFactory = Callable[[Config], FrameSource]
 def default_loop(cfg: Config, state_dir: Path) -> Loop:
     """The real adaptation loop with the configured teacher."""
     from waggle_trainer.learn.adaptation import AdaptationLoop
+    from waggle_trainer.learn.student import StudentError
     from waggle_trainer.learn.teachers import TeacherError, load_teacher
+    from waggle_trainer.remat.planner import InfeasibleBudget
 
     try:
         teacher = load_teacher(cfg)
-    except TeacherError as exc:
+        return AdaptationLoop(cfg, teacher, state_dir=state_dir)
+    except (TeacherError, StudentError, InfeasibleBudget) as exc:
         raise StartupError(str(exc)) from None
-    return AdaptationLoop(cfg, teacher, state_dir=state_dir)
 
 
 def default_source(cfg: Config) -> FrameSource:
@@ -214,6 +223,7 @@ class Counters:
     update_bytes: int = 0
     disk_full_events: int = 0
     adopted: int = 0
+    stale_dropped: int = 0  # updates dropped: their base is no longer accepted by the server
     first_agreement: float | None = None
     last_agreement: float | None = None
     teacher_calls: int = 0  # the loop's count since it started (this run)
@@ -321,6 +331,7 @@ class Daemon:
         self.publisher: UpdatePublisher | None = None
         self.telemetry: Telemetry | None = None
         self.telemetry_publisher: TelemetryPublisher | None = None
+        self.models: ModelSubscriber | None = None
         self.exit_reason = ""
 
     # ----------------------------------------------------------------- startup
@@ -342,6 +353,10 @@ class Daemon:
         self.loop = self.loop_factory(cfg, self.state_dir)
         self._restore()
         self._maybe_adopt()  # a newer global model waiting since the last run
+        if cfg.models.enabled:
+            self.models = self._model_subscriber()
+            self._adopt_saved_version()  # received and acknowledged, not yet adopted
+            self.models.start()
         self.source = self.source_factory(cfg)
         if t.enabled:
             self.publisher = brokers.update_publisher(
@@ -385,7 +400,14 @@ class Daemon:
             self.base_version = str(m["base_version"])
             self.history = list(m.get("history", []))
             c = m.get("counters", {})
-            for name in ("accepted", "rolled_back", "updates", "update_bytes", "adopted"):
+            for name in (
+                "accepted",
+                "rolled_back",
+                "updates",
+                "update_bytes",
+                "adopted",
+                "stale_dropped",
+            ):
                 setattr(self.counters, name, int(c.get(name, 0)))
             self._last_publish_ns = m.get("last_publish_ns")
             if self.encoder.feedback is not None:
@@ -606,6 +628,7 @@ class Daemon:
                     "updates": self.counters.updates,
                     "update_bytes": self.counters.update_bytes,
                     "adopted": self.counters.adopted,
+                    "stale_dropped": self.counters.stale_dropped,
                 },
                 "last_publish_ns": self._last_publish_ns,
                 "model_file_seen": list(self._model_file_seen) if self._model_file_seen else None,
@@ -661,6 +684,13 @@ class Daemon:
         self._maybe_adopt()
 
     def _maybe_adopt(self) -> None:
+        if self.models is not None:
+            mv = self.models.take()
+            if mv is not None and self._adopt(
+                mv.state, mv.version, "the server's broadcast", mv.envelope.accepts
+            ):
+                self._remove_saved_versions()
+            return
         path = self.cfg.daemon.global_model_file
         if path is None or self.loop is None:
             return
@@ -699,13 +729,133 @@ class Daemon:
         version = file_version(path, meta)
         if version == self.base_version:
             return
-        self.loop.adopt_base(weights, version)
+        self._adopt(weights, version, str(path), None)
+
+    def _adopt(
+        self,
+        weights: dict[str, torch.Tensor],
+        version: str,
+        source: str,
+        accepts: list[str] | None,
+    ) -> bool:
+        """Make ``weights`` the base (between rounds).  ``accepts``: the bases the
+        server still takes updates against; waiting updates on other bases are
+        dropped (None: a model file, nothing is known, all are kept)."""
+        assert self.loop is not None
+        try:
+            self.loop.adopt_base(weights, version)
+        except Exception as exc:  # noqa: BLE001 - the loop's refusal, e.g. StudentError
+            log.error(
+                "global model %s from %s not adopted (%s); keeping base %s",
+                version,
+                source,
+                exc,
+                self.base_version,
+            )
+            return False
+        if accepts is not None:
+            self._drop_unaccepted(accepts)  # before the save: a crash re-adopts, drops again
         self.base = floating(weights)
         old, self.base_version = self.base_version, version
         self.counters.adopted += 1
         self._unsaved = True
         self._save_state()
-        log.info("adopted global model %s (was %s) from %s", version, old, path)
+        log.info("adopted global model %s (was %s) from %s", version, old, source)
+        return True
+
+    def _drop_unaccepted(self, accepts: list[str]) -> None:
+        """The outbox rule after a new base: an update waiting on a base the server
+        still accepts stays; the others go (the server would refuse them as stale)."""
+        from waggle_trainer.transport.model_subscriber import drop_unaccepted
+
+        dropped = drop_unaccepted(self.outbox, self.cfg.student.arch, accepts)
+        waiting = [u for u in self._pending if u.envelope.base_version in accepts]
+        dropped_waiting = len(self._pending) - len(waiting)
+        self._pending = waiting
+        n = len(dropped) + dropped_waiting
+        self.counters.stale_dropped += n
+        kept = len(self.outbox) + len(self._pending)
+        log.info(
+            "outbox after the new base: %d update(s) dropped (bases no longer accepted), "
+            "%d kept (accepted bases %s)",
+            n,
+            kept,
+            ", ".join(accepts) or "none",
+        )
+
+    # ------------------------------------------------------ server broadcast
+    def _model_subscriber(self) -> ModelSubscriber:
+        from waggle_trainer.transport import reference_spec
+        from waggle_trainer.transport.model_subscriber import ModelSubscriber
+        from waggle_trainer.transport.model_wire import load_verify_key
+        from waggle_trainer.transport.wire import node_model_queue
+
+        assert self.loop is not None
+        m = self.cfg.models
+        try:
+            key = load_verify_key(m.server_public_key)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"models.server_public_key: {exc}") from None
+        return ModelSubscriber(
+            brokers.update_connection(self.cfg),
+            node_id=self.node_id,
+            model=self.cfg.student.arch,
+            verify_key=key,
+            expected=reference_spec(self.loop.student.state_dict()),
+            current_version=self.base_version,
+            save_dir=self.state_dir / MODELS_DIR,
+            exchange=m.exchange,
+            queue=m.queue or node_model_queue(self.node_id),
+            max_bytes=m.max_bytes,
+            declare=self.cfg.transport.declare_exchanges,
+        )
+
+    def _adopt_saved_version(self) -> None:
+        """A version the subscriber saved and acknowledged before the last stop but the
+        daemon never adopted: verify it again and adopt it; remove the older files."""
+        from waggle_trainer.transport import UpdateRejected
+        from waggle_trainer.transport.model_subscriber import newer_version
+        from waggle_trainer.transport.model_wire import decode_model
+
+        assert self.models is not None
+        d = self.state_dir / MODELS_DIR
+        prefix = f"{self.cfg.student.arch}-"
+        files = sorted(d.glob(f"{prefix}*.wgm")) if d.is_dir() else []
+        newest = None
+        for f in files:
+            version = f.name[len(prefix) : -len(".wgm")]
+            if newer_version(version, self.base_version) and (
+                newest is None or newer_version(version, newest[0])
+            ):
+                newest = (version, f)
+        if newest is not None:
+            version, f = newest
+            try:
+                mv = decode_model(
+                    f.read_bytes(),
+                    self.models.verify_key,
+                    expected=self.models.expected,
+                    max_bytes=self.models.max_bytes,
+                )
+            except (OSError, UpdateRejected) as exc:
+                log.error("saved global model %s: %s; not adopted", f, exc)
+            else:
+                if self._adopt(mv.state, mv.version, str(f), mv.envelope.accepts):
+                    self.models.current_version = mv.version
+        self._remove_saved_versions()
+
+    def _remove_saved_versions(self) -> None:
+        """Saved versions up to the current base are no longer needed."""
+        from waggle_trainer.transport.model_subscriber import newer_version
+
+        d = self.state_dir / MODELS_DIR
+        prefix = f"{self.cfg.student.arch}-"
+        for f in d.glob(f"{prefix}*.wgm") if d.is_dir() else []:
+            if not newer_version(f.name[len(prefix) : -len(".wgm")], self.base_version):
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
 
     # -------------------------------------------------------------- watchdog
     def _watchdog(self) -> None:
@@ -816,9 +966,18 @@ class Daemon:
             ),
         )
         t.gauge(f"{p}.publish.last_confirmed_age_s", self._publish_age_s)
+        t.gauge(
+            f"{p}.publish.unroutable",
+            lambda: None if self.publisher is None else self.publisher.unroutable,
+        )
         t.gauge(f"{p}.update_bytes", lambda: self.counters.update_bytes or None)
         t.gauge(f"{p}.disk_full_events", lambda: self.counters.disk_full_events)
         t.gauge(f"{p}.base_adoptions", lambda: self.counters.adopted)
+        t.gauge(f"{p}.outbox.dropped_stale", lambda: self.counters.stale_dropped)
+        if self.models is not None:
+            models = self.models
+            t.gauge(f"{p}.models.received", lambda: models.received)
+            t.gauge(f"{p}.models.refused", lambda: sum(models.rejected.values()))
 
     # --------------------------------------------------------------- signals
     def _install_signals(self) -> None:
@@ -898,6 +1057,8 @@ class Daemon:
                 ):
                     time.sleep(0.05)
             self.telemetry_publisher.stop(timeout=5.0)
+        if self.models is not None:
+            self.models.stop(timeout=5.0)
         if self.loop is not None:
             self.loop.close()
         self.notifier.close()

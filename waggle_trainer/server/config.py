@@ -80,9 +80,27 @@ class QueueSection(_Section):
 class VerifySection(_Section):
     keys_dir: Path = Path("/etc/waggle-trainer-server/node-keys")
     require_user_id: StrictBool = True
+    user_id_format: str = Field(
+        "{node}",
+        description='the broker user a node publishes as, "{node}" standing for its node id '
+        '(Beehive\'s certificate users: "node-{node}")',
+    )
     max_update_bytes: Size = 512 * 2**20
     staging_max_bytes: Size = 2 * 2**30
     staging_max_age_s: float = Field(3600.0, gt=0)
+
+    @field_validator("user_id_format")
+    @classmethod
+    def _one_node_placeholder(cls, v: str) -> str:
+        if v.count("{node}") != 1 or v.replace("{node}", "").count("{") or "}" in v.replace(
+            "{node}", ""
+        ):
+            raise ValueError(f'{v!r} must contain "{{node}}" exactly once and no other braces')
+        return v
+
+    def broker_user(self, node_id: str) -> str:
+        """The broker-validated user that node ``node_id`` must publish as."""
+        return self.user_id_format.replace("{node}", node_id)
 
     @model_validator(mode="after")
     def _staging_holds_an_update(self) -> VerifySection:

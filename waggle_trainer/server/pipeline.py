@@ -403,11 +403,12 @@ class UpdatePipeline:
         FedAvg weight)."""
         if self.cfg.verify.require_user_id:
             users = {m.user_id for m in msgs}
-            if users != {env.node_id}:
+            expected = self.cfg.verify.broker_user(env.node_id)
+            if users != {expected}:
                 raise UpdateRejected(
                     "user_id",
                     f"broker-validated user_id "
-                    f"{sorted(map(str, users))} differs from node "
+                    f"{sorted(map(str, users))} differs from {expected!r}, the user of node "
                     f"id {env.node_id!r}",
                 )
         for k, v in env.metrics.items():

@@ -4,7 +4,10 @@ The server publishes every new global version on ``waggle.train.models``
 (routing key ``model.<name>``), chunked like updates and signed with its
 Ed25519 key.  :class:`ModelSubscriber` is a thread with its own connection and
 its own durable queue (``waggle.train.models.<node_id>``, so versions sent
-while the node was offline wait for it).  It reassembles in memory (bounded),
+while the node was offline wait for it).  With ``declare=False`` (a broker that
+owns its objects, like Beehive: the node user may configure nothing) the
+exchange and the queue are only checked, and the operator's definitions create
+the queue and its binding.  It reassembles in memory (bounded),
 verifies the signature with the server's *public* key, checks names, shapes,
 dtypes and finite values against the node's model, saves the verified blob
 atomically in ``save_dir`` and only then acknowledges.
@@ -33,7 +36,7 @@ from typing import Any
 
 import pika
 
-from .amqp import AmqpSettings, AmqpWorker
+from .amqp import AmqpSettings, AmqpWorker, FatalAmqpError
 from .chunks import ChunkError, Reassembler, parse_headers
 from .codec import TensorSpec, UpdateRejected
 from .model_wire import ModelVersion, decode_model
@@ -44,6 +47,12 @@ log = logging.getLogger(__name__)
 
 def _version_key(v: str) -> tuple[int, str]:
     return (int(v), v) if v.isdigit() else (-1, v)
+
+
+def newer_version(a: str, b: str | None) -> bool:
+    """Whether server version ``a`` is newer than ``b`` (a node's own base, such as
+    ``local-...`` or a file's hash, is older than every server version)."""
+    return b is None or _version_key(a) > _version_key(b)
 
 
 class ModelSubscriber(AmqpWorker):
@@ -64,6 +73,7 @@ class ModelSubscriber(AmqpWorker):
         max_bytes: int = 1 << 30,
         on_version: Callable[[ModelVersion], Any] | None = None,
         partial_timeout_s: float = 600.0,
+        declare: bool = True,
     ):
         super().__init__(amqp)
         self.node_id, self.model = node_id, model
@@ -76,6 +86,7 @@ class ModelSubscriber(AmqpWorker):
         self.max_bytes = max_bytes
         self.on_version = on_version
         self.partial_timeout_s = partial_timeout_s
+        self.declare = declare
         self._reasm = Reassembler(max_update_bytes=max_bytes)
         self._lock = threading.Lock()
         self._newest: ModelVersion | None = None
@@ -106,9 +117,23 @@ class ModelSubscriber(AmqpWorker):
     def _session(self, conn: pika.BlockingConnection) -> None:
         self._reasm.clear()
         ch = conn.channel()
-        ch.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-        ch.queue_declare(self.queue, durable=True)
-        ch.queue_bind(self.queue, self.exchange, routing_key=model_routing_key(self.model))
+        what = f"exchange {self.exchange!r}"
+        try:
+            ch.exchange_declare(
+                self.exchange, exchange_type="topic", durable=True, passive=not self.declare
+            )
+            what = f"the model queue {self.queue!r}"
+            ch.queue_declare(self.queue, durable=True, passive=not self.declare)
+            if self.declare:
+                ch.queue_bind(self.queue, self.exchange, routing_key=model_routing_key(self.model))
+        except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == 403 and self.declare:
+                raise FatalAmqpError(
+                    f"cannot declare {what}: {e.reply_code} {e.reply_text} (a broker that "
+                    "owns its exchanges and queues, like Beehive, lets a node only read its "
+                    "own queue: set declare_exchanges = false)"
+                ) from e
+            raise
         ch.basic_qos(prefetch_count=64)
         self._connected_ok()
         for method, props, body in ch.consume(self.queue, inactivity_timeout=0.5):

@@ -8,8 +8,10 @@ publisher confirms) and deletes the update from the outbox once every chunk is
 confirmed.  Updates waiting from before a restart are published first.
 
 If the broker returns a chunk as unroutable (nothing bound to the exchange),
-the update stays in the outbox, an ERROR is logged and it is retried after
-``unroutable_retry_s``.  A connection that drops mid-update means the whole
+the update stays in the outbox and is retried after ``unroutable_retry_s``.  One
+ERROR line opens such an episode (later returns are counted in ``unroutable``
+and logged at DEBUG); the first update delivered after it closes the episode with
+one INFO line.  A connection that drops mid-update means the whole
 update is sent again later: the consumer absorbs duplicate chunks and
 de-duplicates whole updates by their id.
 
@@ -70,7 +72,9 @@ class UpdatePublisher(AmqpWorker):
         self.published_updates = 0
         self.published_chunks = 0
         self.published_bytes = 0
-        self.unroutable = 0
+        self.unroutable = 0  # chunks the broker returned as unroutable
+        self.unroutable_episodes = 0
+        self._unroutable_since: int | None = None  # count when the episode began
         self.nacked = 0
 
     # -- called from the training thread -------------------------------------
@@ -150,10 +154,7 @@ class UpdatePublisher(AmqpWorker):
             except px.UnroutableError:
                 self.unroutable += 1
                 self._hold[entry.update_id] = time.monotonic() + self.unroutable_retry_s
-                self._log.error(
-                    "update %s is unroutable: nothing is bound to exchange %r for routing key "
-                    "%r; it stays in the outbox, retry in %.0f s", entry.update_id,
-                    self.exchange, self.routing_key, self.unroutable_retry_s)
+                self._note_unroutable(entry)
                 return
             except px.NackError:
                 self.nacked += 1
@@ -172,7 +173,26 @@ class UpdatePublisher(AmqpWorker):
                             c.count)
         self.outbox.remove(entry.update_id)
         self._hold.pop(entry.update_id, None)
+        if self._unroutable_since is not None:
+            self._log.info("updates are routable again (exchange %r, routing key %r) after %d "
+                           "unroutable attempt(s)", self.exchange, self.routing_key,
+                           self.unroutable - self._unroutable_since)
+            self._unroutable_since = None
         self.published_updates += 1
         self.published_bytes += len(blob)
         self._log.info("update %s (round %d, base %s, %d bytes, %d chunk(s)) delivered",
                        entry.update_id, entry.round, entry.base_version, len(blob), len(chunks))
+
+    def _note_unroutable(self, entry: OutboxEntry) -> None:
+        """One ERROR per episode (until an update is delivered again), DEBUG after."""
+        if self._unroutable_since is None:
+            self._unroutable_since = self.unroutable - 1
+            self.unroutable_episodes += 1
+            self._log.error(
+                "update %s is unroutable: nothing is bound to exchange %r for routing key "
+                "%r; updates stay in the outbox and are retried every %.0f s (logged once "
+                "until one is delivered)", entry.update_id, self.exchange, self.routing_key,
+                self.unroutable_retry_s)
+        else:
+            self._log.debug("update %s still unroutable (%d returns so far)", entry.update_id,
+                            self.unroutable - self._unroutable_since)

@@ -1,0 +1,635 @@
+"""The distillation loop: frames in, the teacher labels some, the student trains in
+rounds under the memory plan, a drift guard keeps only rounds that do not hurt.
+
+:class:`AdaptationLoop` is what the daemon drives (one ``feed(frame)`` per camera
+frame) and what ``waggle-trainer adapt`` runs on a video.  It knows nothing of
+systemd, AMQP or the outbox.
+
+* **Teacher calls.**  The teacher labels every k-th frame.  After each round k
+  doubles when the student's agreement with the teacher on the held-out slice is at
+  least ``[adaptation] stride_agreement`` and halves when it is not, within
+  ``teacher_stride_min .. teacher_stride_max`` (JITNet's rule, on a round's held-out
+  agreement).  Frames between teacher calls are not used (``frames_skipped``).
+* **Samples.**  A labelled frame becomes a sample: the frame resized to the
+  student's input (uint8, in RAM) and the teacher's labels.  Every
+  ``1 / holdout_fraction``-th sample goes to the held-out slice, which is never
+  trained on; the rest to the training buffer.  Both are bounded (together
+  ``buffer_size``); the oldest samples are evicted.  Nothing is written to disk;
+  ``close()`` drops every sample.
+* **Rounds.**  When ``new_samples_per_round`` new training samples have arrived, a
+  round runs ``steps_per_round`` optimiser steps on random batches of the training
+  buffer (random horizontal flips with ``[training] hflip``), each through the
+  student's :class:`~waggle_trainer.remat.executor.CheckpointedSequential` under the
+  plan for the activation budget; free memory is re-read before every round and the
+  chain re-planned when it moved (``[memory] replan_threshold``).
+* **Drift guard.**  Agreement on the held-out slice before and after the round; when
+  it falls by more than ``rollback_margin`` (or the loss is not finite) the round is
+  rolled back: weights, BatchNorm statistics and optimiser state as before it.
+  Agreement is AP50 of the student's boxes against the teacher's (mean over the
+  classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
+  for ``detect``, top-1 agreement for ``classify``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from waggle_trainer.common import CLASSES_MIN
+from waggle_trainer.learn.agreement import mean_ap50, mean_kl, top1_agreement
+from waggle_trainer.learn.classify import distillation_loss
+from waggle_trainer.learn.detection import (
+    Detections,
+    decode,
+    detection_loss,
+    encode_targets,
+    hflip_detections,
+    scale_detections,
+)
+from waggle_trainer.learn.planned_training import PlannedTraining, RssSampler, RunSpec
+from waggle_trainer.learn.student import (
+    StudentError,
+    StudentSpec,
+    apply_weights,
+    build_student,
+    check_metadata,
+    normalize,
+    read_student_file,
+    spec_from_config,
+    to_input,
+)
+from waggle_trainer.learn.task import Task
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "waggle-adaptation-1"
+#: Scores down to this count towards AP (the whole precision/recall curve).
+AP_SCORE_THRESHOLD = 0.05
+EVAL_BATCH = 8
+
+
+@dataclass
+class RoundResult:
+    """One round of ``steps_per_round`` optimiser steps, accepted or rolled back.
+
+    Counters (``teacher_calls``, ``frames_seen``, ``frames_skipped``) are totals since
+    the loop started; ``samples`` is the number of training samples the round drew
+    its batches from; ``step_time_s`` the median step; memory in bytes
+    (``measured_peak_bytes``: peak RSS growth over the round's baseline while it
+    stepped, the quantity the plan's ``predicted_peak_bytes`` predicts).
+    """
+
+    index: int
+    accepted: bool
+    agreement_before: float
+    agreement_after: float
+    loss: float
+    samples: int
+    teacher_calls: int
+    frames_seen: int
+    frames_skipped: int
+    step_time_s: float
+    strategy: str
+    budget_bytes: int
+    predicted_peak_bytes: int
+    measured_peak_bytes: int
+    teacher_stride: int = 1
+    holdout_samples: int = 0
+    rounds_accepted: int = 0
+    rounds_rolled_back: int = 0
+    mean_kl: float | None = None
+    time_s: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """Every numeric field (``accepted`` as 0/1; ``strategy`` left out)."""
+        out: dict[str, float] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, bool):
+                out[key] = float(value)
+            elif isinstance(value, int | float):
+                out[key] = float(value)
+        out["teacher_calls_per_frame"] = self.teacher_calls / max(1, self.frames_seen)
+        return out
+
+
+@dataclass
+class _Sample:
+    image: torch.Tensor  # uint8 [3, h, w], the student's input size
+    labels: Any  # Detections in input pixels, or probabilities [C]
+    pred: Any = None  # the student's prediction, valid for weights version ``pred_version``
+    pred_version: int = -1
+
+
+@dataclass
+class LoopTimes:
+    """Seconds spent in each part of :meth:`AdaptationLoop.feed`: ``teacher``
+    (inference), ``train`` (optimiser steps, forward and backward included),
+    ``evaluate`` (the drift guard's held-out predictions); ``other`` is the loop's own
+    overhead (preprocessing, batches and targets, snapshots, bookkeeping)."""
+
+    total: float = 0.0
+    teacher: float = 0.0
+    train: float = 0.0
+    evaluate: float = 0.0
+
+    @property
+    def other(self) -> float:
+        return max(0.0, self.total - self.teacher - self.train - self.evaluate)
+
+
+def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
+    t, m = cfg.training, cfg.memory
+    return RunSpec(
+        arch=spec.arch,
+        batch=t.batch_size,
+        image=spec.input_height,
+        width=spec.input_width,
+        # only RunSpec's random batches use ``classes``; the loop brings its own
+        classes=max(CLASSES_MIN, spec.task.num_classes),
+        strategy=m.strategy,
+        budget=m.budget,
+        safety_margin=m.safety_margin,
+        optimizer=t.optimizer,
+        learning_rate=t.learning_rate,
+        momentum=t.momentum,
+        replan_threshold=m.replan_threshold,
+        cache_dir=state_dir / "profiles",
+        seed=t.seed,
+    )
+
+
+class AdaptationLoop:
+    """The student learning from ``teacher`` on the frames given to :meth:`feed`.
+
+    ``cfg`` is the node config (``[student]``, ``[training]``, ``[adaptation]``,
+    ``[memory]``); ``teacher`` has ``kind``, ``classes`` and ``label(images)``; the
+    task is the teacher's.  The student starts from ``[student] weights`` (a
+    safetensors file) or random initialisation (seeded by ``[training] seed``).
+    ``state_dir`` holds the profile cache (``profiles/``); nothing else is written.
+    Raises :class:`~waggle_trainer.learn.student.StudentError` for unusable weights
+    and the planner's ``InfeasibleBudget`` when no plan fits the memory budget.
+    """
+
+    def __init__(self, cfg, teacher, *, state_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.teacher = teacher
+        self.state_dir = Path(state_dir)
+        self.task = Task(str(teacher.kind), tuple(str(c) for c in teacher.classes))
+        self.spec = spec_from_config(cfg, self.task)
+        a = cfg.adaptation
+        torch.manual_seed(cfg.training.seed)
+        self.student: nn.Module = build_student(self.spec)
+        if cfg.student.weights is not None:
+            tensors, meta = read_student_file(cfg.student.weights)
+            check_metadata(meta, self.spec, str(cfg.student.weights))
+            apply_weights(self.student, tensors, str(cfg.student.weights))
+        if self.task.kind == "detect":
+            loss_fn = detection_loss
+        else:
+            loss_fn = partial(
+                distillation_loss,
+                temperature=a.temperature,
+                hard_confidence=a.hard_label_confidence,
+                hard_weight=a.hard_label_weight,
+            )
+        self.training = PlannedTraining.for_model(
+            self.student, _run_spec(cfg, self.spec, self.state_dir), loss_fn
+        )
+        holdout_cap = max(1, round(a.buffer_size * a.holdout_fraction))
+        self._holdout: deque[_Sample] = deque(maxlen=holdout_cap)
+        self._train: deque[_Sample] = deque(maxlen=max(1, a.buffer_size - holdout_cap))
+        self._holdout_credit = 1.0 - a.holdout_fraction  # the first sample is held out
+        self._rng = torch.Generator().manual_seed(cfg.training.seed)
+        self._version = 0  # bumped whenever the weights change
+        self._calibrated = False
+        self.teacher_stride = a.teacher_stride_min
+        self._since_teacher = self.teacher_stride - 1  # the first frame is labelled
+        self._new_train = 0
+        self.rounds = 0
+        self.rounds_accepted = 0
+        self.rounds_rolled_back = 0
+        self.frames_seen = 0
+        self.frames_skipped = 0
+        self.teacher_calls = 0
+        self.base_version: str | None = None
+        self.last_agreement: float | None = None
+        self.times = LoopTimes()
+        self.closed = False
+
+    # ----------------------------------------------------------------- frames
+
+    def feed(self, frame) -> RoundResult | None:
+        """Take one frame (``frame.image``: RGB uint8 HxWx3); returns a
+        :class:`RoundResult` when this frame completed a round, else None."""
+        if self.closed:
+            raise RuntimeError("the adaptation loop is closed")
+        t0 = time.perf_counter()
+        try:
+            return self._feed(frame)
+        finally:
+            self.times.total += time.perf_counter() - t0
+
+    def _feed(self, frame) -> RoundResult | None:
+        self.frames_seen += 1
+        image = getattr(frame, "image", None)
+        if not (
+            isinstance(image, np.ndarray)
+            and image.dtype == np.uint8
+            and image.ndim == 3
+            and image.shape[2] == 3
+            and image.shape[0] > 0
+            and image.shape[1] > 0
+        ):
+            self.frames_skipped += 1
+            return None
+        self._since_teacher += 1
+        if self._since_teacher < self.teacher_stride:
+            self.frames_skipped += 1
+            return None
+        self._since_teacher = 0
+        t0 = time.perf_counter()
+        labels = self.teacher.label([image])[0]
+        self.times.teacher += time.perf_counter() - t0
+        self.teacher_calls += 1
+        self._add(self._sample(image, labels))
+        a = self.cfg.adaptation
+        if self._new_train >= a.new_samples_per_round and self._train and self._holdout:
+            self._new_train = 0
+            return self._round()
+        return None
+
+    def _sample(self, image: np.ndarray, labels) -> _Sample:
+        s = self.spec
+        x = to_input(image, s.input_width, s.input_height)
+        if self.task.kind == "detect":
+            sx, sy = s.input_width / image.shape[1], s.input_height / image.shape[0]
+            return _Sample(x, scale_detections(labels, sx, sy))
+        probs = torch.as_tensor(np.asarray(labels.probs, np.float32)).reshape(-1)
+        if probs.numel() != self.task.num_classes:
+            raise ValueError(
+                f"teacher gave {probs.numel()} probabilities for {self.task.num_classes} classes"
+            )
+        return _Sample(x, probs)
+
+    def _add(self, sample: _Sample) -> None:
+        self._holdout_credit += self.cfg.adaptation.holdout_fraction
+        if self._holdout_credit >= 1.0 - 1e-9:
+            self._holdout_credit -= 1.0
+            self._holdout.append(sample)
+        else:
+            self._train.append(sample)
+            self._new_train += 1
+
+    # ------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def _predict(self, images: torch.Tensor) -> list:
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            out = self.student(normalize(images))
+        finally:
+            self.student.train(was_training)
+        if self.task.kind == "detect":
+            return decode(
+                out,
+                self.spec.head_stride,
+                score_threshold=AP_SCORE_THRESHOLD,
+                max_detections=self.cfg.student.max_detections,
+            )
+        return list(out)
+
+    def _holdout_predictions(self) -> list:
+        stale = [s for s in self._holdout if s.pred_version != self._version]
+        for i in range(0, len(stale), EVAL_BATCH):
+            chunk = stale[i : i + EVAL_BATCH]
+            for s, p in zip(
+                chunk, self._predict(torch.stack([s.image for s in chunk])), strict=True
+            ):
+                s.pred, s.pred_version = p, self._version
+        return [s.pred for s in self._holdout]
+
+    def agreement(self) -> tuple[float, float | None]:
+        """(agreement, mean KL or None) of the student with the teacher on the
+        held-out slice (1.0 when the slice is empty)."""
+        if not self._holdout:
+            return 1.0, None
+        t0 = time.perf_counter()
+        try:
+            preds = self._holdout_predictions()
+            truths = [s.labels for s in self._holdout]
+            if self.task.kind == "detect":
+                return mean_ap50(preds, truths, self.task.num_classes)[0], None
+            logits, probs = torch.stack(preds), torch.stack(truths)
+            return top1_agreement(logits, probs), mean_kl(logits, probs)
+        finally:
+            self.times.evaluate += time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- rounds
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n, s = len(self._train), self.spec
+        idx = torch.randint(0, n, (self.cfg.training.batch_size,), generator=self._rng).tolist()
+        flips = torch.rand(len(idx), generator=self._rng).tolist()
+        images, targets = [], []
+        for i, f in zip(idx, flips, strict=True):
+            sample = self._train[i]
+            flip = self.cfg.training.hflip and f < 0.5
+            images.append(sample.image.flip(-1) if flip else sample.image)
+            if self.task.kind == "detect":
+                dets = hflip_detections(sample.labels, s.input_width) if flip else sample.labels
+                targets.append(
+                    encode_targets(dets, self.task.num_classes, s.output_size, s.head_stride)
+                )
+            else:
+                targets.append(sample.labels)
+        return normalize(torch.stack(images)), torch.stack(targets)
+
+    def _snapshot(self) -> tuple[dict, dict, int]:
+        weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        optim = copy.deepcopy(self.training.optimizer.state_dict()["state"])
+        return weights, optim, self._version
+
+    def _restore(self, snap: tuple[dict, dict, int]) -> None:
+        weights, optim, version = snap
+        self.student.load_state_dict(weights)
+        opt = self.training.optimizer
+        opt.load_state_dict({"state": optim, "param_groups": opt.state_dict()["param_groups"]})
+        self._version = version
+
+    def _round(self) -> RoundResult:
+        t = self.training
+        t.maybe_replan()
+        before, _ = self.agreement()
+        snap = self._snapshot()
+        losses, times = [], []
+        t0 = time.perf_counter()
+        with RssSampler(interval_s=0.005) as rss:
+            if not self._calibrated:
+                self._calibrated = True
+                c0 = time.perf_counter()
+                t.calibrate(rss, batch=self._batch)
+                self.times.train += time.perf_counter() - c0
+                self._version += 1
+            base = rss.reset()
+            for _ in range(self.cfg.training.steps_per_round):
+                x, y = self._batch()
+                s0 = time.perf_counter()
+                losses.append(t.step(x, y))
+                times.append(time.perf_counter() - s0)
+                self._version += 1
+                del x, y
+            peak = rss.peak - base
+        self.times.train += sum(times)
+        loss = statistics.fmean(losses)
+        after, kl = self.agreement()
+        finite = all(math.isfinite(v) for v in losses)
+        accepted = finite and after >= before - self.cfg.adaptation.rollback_margin
+        if accepted:
+            self.rounds_accepted += 1
+            kept = after
+        else:
+            self._restore(snap)
+            self.rounds_rolled_back += 1
+            kept = before
+            log.info(
+                "round %d rolled back: agreement %.3f -> %.3f (loss %.4g)",
+                self.rounds,
+                before,
+                after,
+                loss,
+            )
+        del snap
+        self.last_agreement = kept
+        self._adapt_stride(kept)
+        plan = t.chain.plan
+        result = RoundResult(
+            index=self.rounds,
+            accepted=accepted,
+            agreement_before=before,
+            agreement_after=after,
+            loss=loss,
+            samples=len(self._train),
+            teacher_calls=self.teacher_calls,
+            frames_seen=self.frames_seen,
+            frames_skipped=self.frames_skipped,
+            step_time_s=statistics.median(times),
+            strategy=plan.strategy if plan is not None else t.spec.strategy,
+            budget_bytes=t.budget.activation_budget_bytes,
+            predicted_peak_bytes=plan.predicted_peak_bytes if plan is not None else 0,
+            measured_peak_bytes=max(0, peak),
+            teacher_stride=self.teacher_stride,
+            holdout_samples=len(self._holdout),
+            rounds_accepted=self.rounds_accepted,
+            rounds_rolled_back=self.rounds_rolled_back,
+            mean_kl=kl,
+            time_s=time.perf_counter() - t0,
+        )
+        self.rounds += 1
+        return result
+
+    def _adapt_stride(self, agreement: float) -> None:
+        a = self.cfg.adaptation
+        if agreement >= a.stride_agreement:
+            self.teacher_stride = min(a.teacher_stride_max, self.teacher_stride * 2)
+        else:
+            self.teacher_stride = max(a.teacher_stride_min, self.teacher_stride // 2)
+
+    # ----------------------------------------------------------------- models
+
+    @torch.no_grad()
+    def predict(self, images: Iterable[np.ndarray], score_threshold: float | None = None) -> list:
+        """The student on RGB uint8 frames: :class:`Detections` in each frame's
+        pixels (``detect``) or class probabilities (``classify``)."""
+        s = self.spec
+        return predict_frames(
+            self.student,
+            s,
+            list(images),
+            score_threshold if score_threshold is not None else self.cfg.student.score_threshold,
+            self.cfg.student.max_detections,
+        )
+
+    def adopt_base(self, weights: dict[str, torch.Tensor], version) -> None:
+        """Take a new global model (between rounds): its weights, a fresh optimiser
+        state; raises StudentError (the weights do not fit) leaving the student as is."""
+        apply_weights(self.student, weights, f"global model {version}")
+        self.training.optimizer.state.clear()
+        self._version += 1
+        self.base_version = str(version)
+
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (``student/<key>``: weights and buffers; ``optim/<i>/<name>``:
+        optimiser state) and JSON-able meta (counters, teacher stride, held-out
+        statistics; never an image)."""
+        tensors = {
+            f"student/{k}": v.detach().clone().contiguous()
+            for k, v in self.student.state_dict().items()
+        }
+        scalars: dict[str, dict[str, float]] = {}
+        for i, st in self.training.optimizer.state_dict()["state"].items():
+            for name, value in st.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim/{i}/{name}"] = value.detach().clone().contiguous()
+                elif isinstance(value, int | float):
+                    scalars.setdefault(str(i), {})[name] = float(value)
+        meta = {
+            "format": STATE_FORMAT,
+            "student": self.spec.metadata(),
+            "optimizer": self.cfg.training.optimizer,
+            "optimizer_scalars": scalars,
+            "rounds": self.rounds,
+            "rounds_accepted": self.rounds_accepted,
+            "rounds_rolled_back": self.rounds_rolled_back,
+            "frames_seen": self.frames_seen,
+            "frames_skipped": self.frames_skipped,
+            "teacher_calls": self.teacher_calls,
+            "teacher_stride": self.teacher_stride,
+            "base_version": self.base_version,
+            "holdout": {"samples": len(self._holdout), "agreement": self.last_agreement},
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Resume from :meth:`export_state`'s output; ValueError (one line) when it
+        belongs to another student or optimiser, leaving the loop as it was."""
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"saved state: not a {STATE_FORMAT} state")
+        want = self.spec.metadata()
+        if meta.get("student") != want:
+            raise ValueError(
+                f"saved state: made for another student ({meta.get('student')} != {want})"
+            )
+        if meta.get("optimizer") != self.cfg.training.optimizer:
+            raise ValueError(
+                f"saved state: optimiser {meta.get('optimizer')!r}, the config "
+                f"asks for {self.cfg.training.optimizer!r}"
+            )
+        weights = {
+            k.removeprefix("student/"): v for k, v in tensors.items() if k.startswith("student/")
+        }
+        optim: dict[int, dict[str, Any]] = {}
+        params = [p for g in self.training.optimizer.param_groups for p in g["params"]]
+        for key, value in tensors.items():
+            if not key.startswith("optim/"):
+                continue
+            parts = key.split("/")
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= len(params):
+                raise ValueError(f"saved state: bad optimiser tensor {key!r}")
+            i = int(parts[1])
+            if value.dim() and tuple(value.shape) != tuple(params[i].shape):
+                raise ValueError(
+                    f"saved state: {key} has shape {list(value.shape)}, "
+                    f"parameter {i} has {list(params[i].shape)}"
+                )
+            optim.setdefault(i, {})[parts[2]] = value
+        for i, names in (meta.get("optimizer_scalars") or {}).items():
+            for name, value in names.items():
+                optim.setdefault(int(i), {})[name] = value
+        counters: dict[str, int] = {}
+        for key in (
+            "rounds",
+            "rounds_accepted",
+            "rounds_rolled_back",
+            "frames_seen",
+            "frames_skipped",
+            "teacher_calls",
+            "teacher_stride",
+        ):
+            count = meta.get(key)
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"saved state: {key} = {count!r} is not a count")
+            counters[key] = count
+        try:
+            apply_weights(self.student, weights, "saved state")
+        except StudentError as exc:
+            raise ValueError(str(exc)) from None
+        opt = self.training.optimizer
+        opt.load_state_dict({"state": optim, "param_groups": opt.state_dict()["param_groups"]})
+        a = self.cfg.adaptation
+        counters["teacher_stride"] = min(
+            a.teacher_stride_max, max(a.teacher_stride_min, counters["teacher_stride"])
+        )
+        for key, count in counters.items():
+            setattr(self, key, count)
+        self._since_teacher = self.teacher_stride - 1
+        self.base_version = meta.get("base_version")
+        self._version += 1
+
+    def close(self) -> None:
+        """Drop every sample (frames and labels) and release the teacher's reference."""
+        self._holdout.clear()
+        self._train.clear()
+        self.closed = True
+
+    def stats(self) -> dict[str, float]:
+        """Totals for a summary: frames, teacher calls, rounds, time split."""
+        tm = self.times
+        return {
+            "frames_seen": self.frames_seen,
+            "frames_skipped": self.frames_skipped,
+            "teacher_calls": self.teacher_calls,
+            "teacher_calls_per_frame": self.teacher_calls / max(1, self.frames_seen),
+            "rounds": self.rounds,
+            "rounds_accepted": self.rounds_accepted,
+            "rounds_rolled_back": self.rounds_rolled_back,
+            "teacher_stride": self.teacher_stride,
+            "time_s": tm.total,
+            "teacher_s": tm.teacher,
+            "train_s": tm.train,
+            "evaluate_s": tm.evaluate,
+            "other_s": tm.other,
+            "overhead_fraction": tm.other / tm.total if tm.total else 0.0,
+        }
+
+
+@torch.no_grad()
+def predict_frames(
+    model: nn.Module,
+    spec: StudentSpec,
+    images: list[np.ndarray],
+    score_threshold: float,
+    max_detections: int,
+) -> list:
+    """A student on RGB uint8 frames (eval mode, restored afterwards): Detections in
+    each frame's own pixels, or class probabilities."""
+    if not images:
+        return []
+    was_training = model.training
+    model.eval()
+    try:
+        x = normalize(
+            torch.stack([to_input(im, spec.input_width, spec.input_height) for im in images])
+        )
+        out = model(x)
+    finally:
+        model.train(was_training)
+    if spec.task.kind == "classify":
+        return list(torch.softmax(out, dim=1))
+    results: list[Detections] = []
+    for im, o in zip(images, out, strict=True):
+        scale = (im.shape[1] / spec.input_width, im.shape[0] / spec.input_height)
+        results += decode(
+            o[None],
+            spec.head_stride,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+            scale=scale,
+        )
+    return results
+
+
+__all__ = ["AdaptationLoop", "LoopTimes", "RoundResult", "predict_frames"]

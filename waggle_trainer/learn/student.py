@@ -1,0 +1,245 @@
+"""The student: a torchvision ResNet trunk plus a task head, as a chain of stages.
+
+* **detect**: the ResNet's stem and residual blocks up to ``layer3`` (stride 16) or
+  ``layer4`` (stride 32; ``[student] trunk_stride``), then 2x up-sampling blocks to
+  stride 4 or 8 (``head_stride``) and a CenterNet-style head (Zhou et al., *Objects as
+  Points*, 2019) whose output has ``C + 4`` channels: one centre heat-map (logits)
+  per class, then box width and height and the centre's sub-cell offset, all in
+  output cells (see :mod:`waggle_trainer.learn.detection`).  Built as a plain
+  ``nn.Sequential`` of the trunk's own modules, so state-dict keys of the trunk are
+  torchvision's (``layer1.0.conv1.weight``) and the memory planner sees every block
+  and the head as stages (:mod:`waggle_trainer.remat.chain`).
+* **classify**: the torchvision ResNet itself with a ``C``-way linear ``fc``.
+
+Weights are never downloaded (``weights=None``); a student is saved to and loaded
+from safetensors files that carry what it is in their metadata (architecture, task,
+classes, input size, head stride), checked on load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from waggle_trainer.common import Arch
+from waggle_trainer.learn.task import Task
+from waggle_trainer.remat.chain import build_resnet
+
+FORMAT = "waggle-student-1"
+#: Heat-map logits start at the prior probability 0.1 of a centre (CenterNet's init).
+HEAT_PRIOR = 0.1
+#: BatchNorm running statistics of a student follow the data faster than torch's
+#: default 0.1: an adapting student must evaluate well (eval mode) after a few dozen
+#: steps on a new camera, and with 0.1 its statistics lag the weights for ~50 steps.
+BN_MOMENTUM = 0.3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class StudentError(ValueError):
+    """A student weights file that cannot be used: one line naming the file."""
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What a student is; saved in its weights file's metadata."""
+
+    arch: Arch
+    task: Task
+    input_width: int
+    input_height: int
+    head_stride: int = 4
+    trunk_stride: int = 16
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "kind": self.task.kind,
+            "classes": json.dumps(list(self.task.classes)),
+            "input_width": str(self.input_width),
+            "input_height": str(self.input_height),
+            "head_stride": str(self.head_stride),
+            "trunk_stride": str(self.trunk_stride),
+        }
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(height, width) of the detection head's output grid."""
+        return self.input_height // self.head_stride, self.input_width // self.head_stride
+
+
+def spec_from_config(cfg, task: Task) -> StudentSpec:
+    s = cfg.student
+    return StudentSpec(s.arch, task, s.input_width, s.input_height, s.head_stride, s.trunk_stride)
+
+
+class UpBlock(nn.Module):
+    """3x3 convolution, BatchNorm, ReLU, then 2x bilinear up-sampling."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class CenterHead(nn.Module):
+    """Per-class centre heat-map logits and (w, h, dx, dy) regression, concatenated."""
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        last = nn.Conv2d(hidden, num_classes, 1)
+        with torch.no_grad():
+            last.bias.fill_(-math.log((1 - HEAT_PRIOR) / HEAT_PRIOR))  # type: ignore[union-attr]
+        self.heat = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.ReLU(),
+            last,
+        )
+        self.box = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, 4, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.heat(x), self.box(x)], dim=1)
+
+
+def _channels(layer: nn.Module) -> int:
+    """Output channels of a ResNet stage (its last block's last BatchNorm)."""
+    bns = [m for m in layer.modules() if isinstance(m, nn.BatchNorm2d)]
+    return int(bns[-1].num_features)
+
+
+def build_student(spec: StudentSpec) -> nn.Module:
+    """A freshly initialised student for ``spec`` (training mode)."""
+    model = _build(spec)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = BN_MOMENTUM
+    return model.train()
+
+
+def _build(spec: StudentSpec) -> nn.Module:
+    if spec.task.kind == "classify":
+        return build_resnet(spec.arch, spec.task.num_classes)
+    if spec.head_stride not in (4, 8) or spec.trunk_stride not in (16, 32):
+        raise ValueError(
+            f"head stride {spec.head_stride} / trunk stride {spec.trunk_stride} "
+            "is not 4 or 8 / 16 or 32"
+        )
+    resnet = build_resnet(spec.arch, 1)
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    if spec.trunk_stride == 16:
+        names.pop()
+    parts: OrderedDict[str, nn.Module] = OrderedDict((n, getattr(resnet, n)) for n in names)
+    channels = _channels(getattr(resnet, names[-1]))
+    ups = int(math.log2(spec.trunk_stride // spec.head_stride))
+    widths = (256, 128, 64)[-ups:]
+    for i, width in enumerate(widths, 1):
+        parts[f"up{i}"] = UpBlock(channels, width)
+        channels = width
+    parts["head"] = CenterHead(channels, spec.task.num_classes)
+    return nn.Sequential(parts)
+
+
+# ------------------------------------------------------------------- images in
+
+
+def to_input(image: np.ndarray, width: int, height: int) -> torch.Tensor:
+    """An RGB uint8 HxWx3 frame resized to the student's input: uint8 [3, h, w]."""
+    if image.shape[1] != width or image.shape[0] != height:
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, h, w] -> float32, ImageNet mean and standard deviation."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (batch.float() / 255.0 - mean) / std
+
+
+# -------------------------------------------------------------------- weights
+
+
+def save_student(model: nn.Module, spec: StudentSpec, path: str | Path) -> None:
+    """Write the student's weights and what it is (metadata) as safetensors."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path), metadata=spec.metadata())
+
+
+def read_student_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; StudentError when unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise StudentError(f"{p}: student weights file not found")
+    try:
+        tensors = load_file(str(p))
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise StudentError(f"{p}: not a safetensors file ({first})") from None
+    return tensors, meta
+
+
+def check_metadata(meta: dict[str, str], spec: StudentSpec, source: str) -> None:
+    """Refuse a file made for another student (when it says what it is)."""
+    if meta.get("format") != FORMAT:
+        return
+    want = spec.metadata()
+    for key in ("arch", "kind", "classes", "head_stride", "trunk_stride"):
+        if meta.get(key) != want[key]:
+            raise StudentError(
+                f"{source}: a student with {key} {meta.get(key)} (the config asks for {want[key]})"
+            )
+
+
+def apply_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``model``: every key present, every shape equal."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        more = len(missing) + len(unexpected) - 1
+        raise StudentError(
+            f"{source}: does not fit this student ({what}"
+            + (f" and {more} more keys" if more else "")
+            + ")"
+        )
+    for key, value in tensors.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise StudentError(
+                f"{source}: {key} has shape {list(value.shape)}, the student needs "
+                f"{list(own[key].shape)}"
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise StudentError(f"{source}: {key} holds non-finite values")
+    model.load_state_dict(tensors)
+
+
+def load_student(path: str | Path, spec: StudentSpec) -> nn.Module:
+    """A student for ``spec`` with the weights of ``path``."""
+    tensors, meta = read_student_file(path)
+    check_metadata(meta, spec, str(path))
+    model = build_student(spec)
+    apply_weights(model, tensors, str(path))
+    return model
