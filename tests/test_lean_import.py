@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 _TRAIN = r"""
 import json, sys
-import waggle_trainer
 from waggle_trainer import lean_import
+lean_import.install()  # what the command line does first
 import torch, torchvision
 torch.set_num_threads(1)
 model = torchvision.models.resnet18(num_classes=4)
@@ -61,3 +61,15 @@ def test_training_and_torchvision_do_not_load_dynamo_and_compile_still_works():
 def test_full_import_on_request():
     out = _run("train", WAGGLE_FULL_IMPORT="1")
     assert not out["trained_without_dynamo"]
+
+
+def test_importing_the_package_leaves_torch_as_it_ships():
+    """A library user (``from waggle_trainer.remat import CheckpointedSequential``)
+    gets the ordinary torch: only the command line installs the stand-in."""
+    code = (
+        "import waggle_trainer.remat, torch, torch.optim; from waggle_trainer import lean_import;"
+        "print(lean_import.stand_in_active())"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == "False"

@@ -12,7 +12,7 @@ import importlib
 import os
 import sys
 
-from waggle_trainer import __version__
+from waggle_trainer import __version__, lean_import
 from waggle_trainer.common import LOG_LEVELS, setup_logging
 
 #: Exit status when stdout's reader has gone (128 + SIGPIPE, as a shell reports it).
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     # checkpointing plan's savings real take 512x fewer page faults
     # (see waggle_trainer.remat.allocator).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # TorchDynamo only when something compiles (75 MiB less resident; see lean_import).
+    # Done here, for the command's own process, not on ``import waggle_trainer``: a
+    # library user's torch stays as torch ships it.
+    lean_import.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
