@@ -24,6 +24,7 @@ run: $(STAMP)
 # Lint and types (configuration in pyproject.toml); part of `make test`.
 check: $(STAMP)
 	$(BIN)/ruff check waggle_trainer tests bench
+	$(BIN)/ruff format --check waggle_trainer tests bench
 	$(BIN)/mypy
 
 # The whole suite, including the tests that talk to RabbitMQ at 127.0.0.1:5672.

@@ -73,9 +73,17 @@ def _flat_resnet(arch: str):
     # The stem ReLU is in-place: a recomputed segment starting right after it
     # would fail in backward, so it is replaced by an out-of-place one.
     return nn.Sequential(
-        m.conv1, m.bn1, nn.ReLU(inplace=False), m.maxpool,
-        *m.layer1, *m.layer2, *m.layer3, *m.layer4,
-        m.avgpool, nn.Flatten(1), m.fc,
+        m.conv1,
+        m.bn1,
+        nn.ReLU(inplace=False),
+        m.maxpool,
+        *m.layer1,
+        *m.layer2,
+        *m.layer3,
+        *m.layer4,
+        m.avgpool,
+        nn.Flatten(1),
+        m.fc,
     )
 
 
@@ -102,14 +110,17 @@ def worker(args) -> None:
         from waggle_trainer.remat.planner import Planner
 
         x0 = torch.empty(args.batch, 3, args.image, args.image)
-        chain = CheckpointedSequential(model, budget_bytes=2**62, strategy="sequential",
-                                       sample_input=x0)
+        chain = CheckpointedSequential(
+            model, budget_bytes=2**62, strategy="sequential", sample_input=x0
+        )
         plain_peak = chain.plan.baseline_peak_bytes
         lowest = Planner(chain.costs).min_feasible_budget("sequential")
         plan = chain.replan(max(int(args.fraction * plain_peak), lowest))
         forward = chain
-        impl = (f"CheckpointedSequential(sequential, {plan.detail['segments']} segments, "
-                f"{plan.budget_bytes / plain_peak:.2f}x plain's predicted peak)")
+        impl = (
+            f"CheckpointedSequential(sequential, {plan.detail['segments']} segments, "
+            f"{plan.budget_bytes / plain_peak:.2f}x plain's predicted peak)"
+        )
     elif args.variant == "torch-ckpt":
         from torch.utils.checkpoint import checkpoint_sequential
 
@@ -134,13 +145,17 @@ def worker(args) -> None:
         if cfg.get("trim"):
             allocator.trim()
     peak = peak_rss_bytes()
-    print(json.dumps({
-        "rss_base": rss_base,
-        "rss_peak": peak,
-        "rss_growth": peak - rss_base,
-        "step_s": statistics.median(times[1:] if len(times) > 1 else times),
-        "impl": impl,
-    }))
+    print(
+        json.dumps(
+            {
+                "rss_base": rss_base,
+                "rss_peak": peak,
+                "rss_growth": peak - rss_base,
+                "step_s": statistics.median(times[1:] if len(times) > 1 else times),
+                "impl": impl,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ driver
@@ -151,8 +166,13 @@ def _env_for(name: str) -> dict[str, str]:
 
     cfg = CONFIGS[name]
     env = dict(os.environ)
-    for k in ("LD_PRELOAD", "MALLOC_CONF", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-              "MALLOC_ARENA_MAX"):
+    for k in (
+        "LD_PRELOAD",
+        "MALLOC_CONF",
+        "MALLOC_MMAP_THRESHOLD_",
+        "MALLOC_TRIM_THRESHOLD_",
+        "MALLOC_ARENA_MAX",
+    ):
         env.pop(k, None)
     env.update(cfg.get("env", {}))
     if "jemalloc" in cfg:
@@ -172,10 +192,29 @@ def _in_cgroup(argv: list[str], env: dict[str, str]):
 
 
 def run_one(arch, variant, config, a) -> dict:
-    argv = [sys.executable, __file__, "--worker", "--arch", arch, "--variant", variant,
-            "--config", config, "--batch", str(a.batch), "--image", str(a.image),
-            "--steps", str(a.steps), "--segments", str(a.segments), "--threads", str(a.threads),
-            "--fraction", str(a.fraction)]
+    argv = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--arch",
+        arch,
+        "--variant",
+        variant,
+        "--config",
+        config,
+        "--batch",
+        str(a.batch),
+        "--image",
+        str(a.image),
+        "--steps",
+        str(a.steps),
+        "--segments",
+        str(a.segments),
+        "--threads",
+        str(a.threads),
+        "--fraction",
+        str(a.fraction),
+    ]
     env = _env_for(config)
     cg_peak = None
     r = _in_cgroup(argv, env)
@@ -197,8 +236,12 @@ def main() -> int:
     ap.add_argument("--arch", nargs="+", default=DEFAULT_ARCHS)
     ap.add_argument("--variant", default="plain", choices=VARIANTS)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--fraction", type=float, default=0.5,
-                    help="ckpt: budget as a fraction of plain training's predicted peak")
+    ap.add_argument(
+        "--fraction",
+        type=float,
+        default=0.5,
+        help="ckpt: budget as a fraction of plain training's predicted peak",
+    )
     ap.add_argument("--config", default="glibc", choices=list(CONFIGS))
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--batch", type=int, default=8)
@@ -252,9 +295,13 @@ def main() -> int:
         *provenance(a.threads),
         "",
         "Ratios are to plain training under glibc defaults in the same round (median over rounds).",
-        *[f"{v} = " + ", ".join(sorted({r["impl"] for k, rs in results.items() if k[1] == v
-                                        for r in rs})) + "."
-          for v in a.variants if v != "plain"],
+        *[
+            f"{v} = "
+            + ", ".join(sorted({r["impl"] for k, rs in results.items() if k[1] == v for r in rs}))
+            + "."
+            for v in a.variants
+            if v != "plain"
+        ],
         "",
         "| arch | variant | allocator | RSS growth MB | x | cgroup peak MB | x | step s | x |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -275,8 +322,7 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print()
     print(text)
-    partial = (a.arch != DEFAULT_ARCHS or a.configs != list(CONFIGS)
-               or a.variants != list(VARIANTS))
+    partial = a.arch != DEFAULT_ARCHS or a.configs != list(CONFIGS) or a.variants != list(VARIANTS)
     out = results_path("allocator", "md", partial=partial, out=a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -199,15 +199,19 @@ def fmt_mib(b) -> str:
 
 
 def markdown(cases: list[dict], header: bool = True) -> str:
-    out = [
-        "# Checkpointing benchmark",
-        "",
-        *provenance(torch.get_num_threads()),
-        "",
-        "Time ratio = median step time / plain training's, measured interleaved in the same run; "
-        "growth = RSS peak during a step over the level before it (MiB).",
-        "",
-    ] if header else []
+    out = (
+        [
+            "# Checkpointing benchmark",
+            "",
+            *provenance(torch.get_num_threads()),
+            "",
+            "Time ratio = median step time / plain training's, measured interleaved in the "
+            "same run; growth = RSS peak during a step over the level before it (MiB).",
+            "",
+        ]
+        if header
+        else []
+    )
     for c in cases:
         out += [
             f"## {c['arch']}, batch {c['batch']}, {c['image']} px ({c['reps']} interleaved reps)",
@@ -407,8 +411,9 @@ def main() -> int:
     if e2e:
         print(end_to_end_markdown(e2e), flush=True)
     partial = is_partial(args)
-    md, js, png = (results_path("checkpointing", ext, partial=partial)
-                   for ext in ("md", "json", "png"))
+    md, js, png = (
+        results_path("checkpointing", ext, partial=partial) for ext in ("md", "json", "png")
+    )
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(markdown(cases) + "\n" + (end_to_end_markdown(e2e) if e2e else ""))
     js.write_text(json.dumps({"cases": cases, "end_to_end": e2e}, indent=1))
@@ -419,8 +424,9 @@ def main() -> int:
 
 def is_partial(args: argparse.Namespace) -> bool:
     """A run restricted by options: its results must not replace the full table."""
-    return bool(args.cases or args.quick or args.archs != DEFAULT_ARCHS
-                or args.end_to_end_rounds == 0)
+    return bool(
+        args.cases or args.quick or args.archs != DEFAULT_ARCHS or args.end_to_end_rounds == 0
+    )
 
 
 if __name__ == "__main__":

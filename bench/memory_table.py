@@ -33,8 +33,11 @@ def main() -> int:
     from waggle_trainer.remat.memory import REFERENCE_CELLS, format_rows, reference_rows
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--measure-limit", default="1.5GiB",
-                    help="measure cells whose predicted total is at most this (default 1.5GiB)")
+    ap.add_argument(
+        "--measure-limit",
+        default="1.5GiB",
+        help="measure cells whose predicted total is at most this (default 1.5GiB)",
+    )
     ap.add_argument("--no-measure", action="store_true", help="prediction only")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "memory_table.md"))
     a = ap.parse_args()

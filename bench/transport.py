@@ -55,15 +55,20 @@ SETTINGS = [
     CodecSettings("fp16", "zstd", 0.01),
     CodecSettings("int8", "zstd", 0.01),
 ]
-PUBLISH = [CodecSettings("fp32", "none"), CodecSettings("fp16", "zstd"),
-           CodecSettings("int8", "zstd", 0.01)]
+PUBLISH = [
+    CodecSettings("fp32", "none"),
+    CodecSettings("fp16", "zstd"),
+    CodecSettings("int8", "zstd", 0.01),
+]
 
 
 def model_pair(arch: str, sigma: float = 1e-3):
     torch.manual_seed(0)
     base = getattr(torchvision.models, arch)(weights=None).state_dict()
-    new = {k: (v + sigma * torch.randn_like(v) if v.is_floating_point() else v)
-           for k, v in base.items()}
+    new = {
+        k: (v + sigma * torch.randn_like(v) if v.is_floating_point() else v)
+        for k, v in base.items()
+    }
     return base, new
 
 
@@ -89,11 +94,18 @@ def codec_rows(arch, base, new, repeats):
             got = d.delta[n]
             mask = got != 0 if s.topk else torch.ones_like(got, dtype=torch.bool)
             if mask.any():
-                err = max(err, float((got[mask] - t_[mask]).abs().max()) /
-                          float(t_.abs().max()))
-        rows.append(dict(arch=arch, setting=s.describe(), bytes=len(u.blob),
-                         ratio=len(u.blob) / raw, enc=statistics.median(enc_t),
-                         dec=statistics.median(dec_t), err=err))
+                err = max(err, float((got[mask] - t_[mask]).abs().max()) / float(t_.abs().max()))
+        rows.append(
+            dict(
+                arch=arch,
+                setting=s.describe(),
+                bytes=len(u.blob),
+                ratio=len(u.blob) / raw,
+                enc=statistics.median(enc_t),
+                dec=statistics.median(dec_t),
+                err=err,
+            )
+        )
     return raw, rows
 
 
@@ -114,10 +126,10 @@ def publish_rows(arch, base, new, n_updates):
                 outbox = Outbox(d, 1 << 40)
                 total = 0
                 for r in range(n):
-                    total += outbox.put(enc.encode(new, base, base_version="1", round=r,
-                                                   samples=1).blob).size
-                pub = UpdatePublisher(amqp, outbox, node_id="bench", exchange=exchange,
-                                      poll_s=0.01)
+                    total += outbox.put(
+                        enc.encode(new, base, base_version="1", round=r, samples=1).blob
+                    ).size
+                pub = UpdatePublisher(amqp, outbox, node_id="bench", exchange=exchange, poll_s=0.01)
                 t = time.perf_counter()
                 pub.start()
                 if not pub.wait_idle(600):
@@ -125,8 +137,17 @@ def publish_rows(arch, base, new, n_updates):
                 dt = time.perf_counter() - t
                 pub.stop()
             ch.queue_purge(q)
-            rows.append(dict(arch=arch, setting=s.describe(), n=n, size=total / n,
-                             chunks=pub.published_chunks, ups=n / dt, mbs=total / MB / dt))
+            rows.append(
+                dict(
+                    arch=arch,
+                    setting=s.describe(),
+                    n=n,
+                    size=total / n,
+                    chunks=pub.published_chunks,
+                    ups=n / dt,
+                    mbs=total / MB / dt,
+                )
+            )
     finally:
         ch.exchange_delete(exchange)
         conn.close()
@@ -146,13 +167,22 @@ def main(argv=None) -> int:
         raws[arch], rows = codec_rows(arch, base, new, a.repeats)
         codec += rows
         for r in rows:
-            print(f"{arch:9} {r['setting']:20} {r['ratio'] * 100:7.2f}%  enc {r['enc']:.3f}s  "
-                  f"dec {r['dec']:.3f}s  err {r['err']:.1e}", file=sys.stderr)
+            print(
+                f"{arch:9} {r['setting']:20} {r['ratio'] * 100:7.2f}%  enc {r['enc']:.3f}s  "
+                f"dec {r['dec']:.3f}s  err {r['err']:.1e}",
+                file=sys.stderr,
+            )
         pubs += publish_rows(arch, base, new, a.publish)
     # encode at torch's own thread count, for comparison
     base, new = model_pair("resnet18")
-    enc = UpdateEncoder(node_id="bench", vsn="W000", model="resnet18", key=KEY,
-                        settings=CodecSettings("fp16", "zstd"), torch_threads=None)
+    enc = UpdateEncoder(
+        node_id="bench",
+        vsn="W000",
+        model="resnet18",
+        key=KEY,
+        settings=CodecSettings("fp16", "zstd"),
+        torch_threads=None,
+    )
     times = []
     for r in range(a.repeats + 1):
         t = time.perf_counter()
@@ -160,28 +190,42 @@ def main(argv=None) -> int:
         times.append(time.perf_counter() - t)
     default_enc = statistics.median(times[1:])
 
-    lines = ["# Transport benchmark", "",
-             f"`{' '.join(['.venv/bin/python', 'bench/transport.py'] + (argv or sys.argv[1:]))}`"
-             f" — torch {torch.__version__}, codec on 1 torch thread, "
-             f"median of {a.repeats} after a warm-up; update = N(0, 1e-3²) perturbation of a "
-             "random-init model.", "",
-             "## Codec", "",
-             "| model | setting | bytes | % of raw fp32 | encode+sign s | verify+decode s | "
-             "max err / max abs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "# Transport benchmark",
+        "",
+        f"`{' '.join(['.venv/bin/python', 'bench/transport.py'] + (argv or sys.argv[1:]))}`"
+        f" — torch {torch.__version__}, codec on 1 torch thread, "
+        f"median of {a.repeats} after a warm-up; update = N(0, 1e-3²) perturbation of a "
+        "random-init model.",
+        "",
+        "## Codec",
+        "",
+        "| model | setting | bytes | % of raw fp32 | encode+sign s | verify+decode s | "
+        "max err / max abs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in codec:
-        lines.append(f"| {r['arch']} | {r['setting']} | {r['bytes']:,} | {r['ratio'] * 100:.2f} | "
-                     f"{r['enc']:.3f} | {r['dec']:.3f} | {r['err']:.1e} |")
-    lines += ["", "Raw fp32: " + ", ".join(f"{k} {v:,} bytes" for k, v in raws.items()) + ".",
-              f"resnet18 fp16+zstd encode+sign with torch's own {torch.get_num_threads()} "
-              "thread(s) (`torch_threads=None`): "
-              f"{default_enc:.3f} s.", "",
-              "## Publish to the local broker (outbox → publisher thread → confirms)", "",
-              "| model | setting | updates | bytes/update | chunks | updates/s | MB/s |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(
+            f"| {r['arch']} | {r['setting']} | {r['bytes']:,} | {r['ratio'] * 100:.2f} | "
+            f"{r['enc']:.3f} | {r['dec']:.3f} | {r['err']:.1e} |"
+        )
+    lines += [
+        "",
+        "Raw fp32: " + ", ".join(f"{k} {v:,} bytes" for k, v in raws.items()) + ".",
+        f"resnet18 fp16+zstd encode+sign with torch's own {torch.get_num_threads()} "
+        "thread(s) (`torch_threads=None`): "
+        f"{default_enc:.3f} s.",
+        "",
+        "## Publish to the local broker (outbox → publisher thread → confirms)",
+        "",
+        "| model | setting | updates | bytes/update | chunks | updates/s | MB/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in pubs:
-        lines.append(f"| {r['arch']} | {r['setting']} | {r['n']} | {r['size']:,.0f} | "
-                     f"{r['chunks']} | {r['ups']:.2f} | {r['mbs']:.1f} |")
+        lines.append(
+            f"| {r['arch']} | {r['setting']} | {r['n']} | {r['size']:,.0f} | "
+            f"{r['chunks']} | {r['ups']:.2f} | {r['mbs']:.1f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -33,8 +33,11 @@ def test_modes_and_validation():
 
 def test_environment_for_children():
     env = A.allocator_env("mmap", mmap_threshold=1 << 20, trim_threshold=1 << 24, arena_max=2)
-    assert env == {"MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-                   "MALLOC_TRIM_THRESHOLD_": str(1 << 24), "MALLOC_ARENA_MAX": "2"}
+    assert env == {
+        "MALLOC_MMAP_THRESHOLD_": str(1 << 20),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 24),
+        "MALLOC_ARENA_MAX": "2",
+    }
     assert A.allocator_env("default") == {}
     if A.find_jemalloc():
         env = A.allocator_env(jemalloc=True, jemalloc_conf="dirty_decay_ms:0")
@@ -75,9 +78,13 @@ print(json.dumps({"held": before, "after_free": after, "after_trim": rss()}))
 
 
 def _run(mode: str) -> dict:
-    p = subprocess.run([sys.executable, "-c", _FRAGMENT % {"root": str(ROOT)}, mode],
-                       capture_output=True, text=True, timeout=60,
-                       env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+    p = subprocess.run(
+        [sys.executable, "-c", _FRAGMENT % {"root": str(ROOT)}, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
@@ -104,8 +111,13 @@ def test_jemalloc_is_detected_and_purged():
         "s = A.configure_allocator();"
         "print(A.jemalloc_loaded(), s.allocator, s.applied, A.trim())"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, **A.allocator_env(jemalloc=True)})
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **A.allocator_env(jemalloc=True)},
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["True", "jemalloc", "False", "True"]
     assert not A.jemalloc_loaded()  # this test process runs on glibc

@@ -29,13 +29,16 @@ def test_provenance_names_command_commit_cpu_and_threads():
         assert part in text, part
 
 
-@pytest.mark.parametrize("argv, partial", [
-    ([], False),
-    (["--cases", "resnet101:8:224"], True),
-    (["--quick"], True),
-    (["--archs", "resnet18"], True),
-    (["--end-to-end-rounds", "0"], True),
-])
+@pytest.mark.parametrize(
+    "argv, partial",
+    [
+        ([], False),
+        (["--cases", "resnet101:8:224"], True),
+        (["--quick"], True),
+        (["--archs", "resnet18"], True),
+        (["--end-to-end-rounds", "0"], True),
+    ],
+)
 def test_checkpointing_partial_runs_are_recognised(monkeypatch, argv, partial):
     pytest.importorskip("matplotlib")
     bench = importlib.import_module("bench.checkpointing")
@@ -49,9 +52,27 @@ def test_allocator_bench_ckpt_measures_checkpointed_sequential():
     import subprocess
 
     r = subprocess.run(
-        [sys.executable, "bench/allocator.py", "--worker", "--arch", "resnet18", "--variant",
-         "ckpt", "--batch", "2", "--image", "32", "--steps", "1", "--threads", "1"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            sys.executable,
+            "bench/allocator.py",
+            "--worker",
+            "--arch",
+            "resnet18",
+            "--variant",
+            "ckpt",
+            "--batch",
+            "2",
+            "--image",
+            "32",
+            "--steps",
+            "1",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])

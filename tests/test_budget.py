@@ -40,7 +40,7 @@ def _v1_level(limit: int, usage: int, inactive: int = 0) -> dict[str, str]:
         "memory.limit_in_bytes": f"{limit}\n",
         "memory.usage_in_bytes": f"{usage}\n",
         "memory.stat": f"cache 0\nrss {usage}\ninactive_file {inactive // 2}\n"
-                       f"total_inactive_file {inactive}\n",
+        f"total_inactive_file {inactive}\n",
     }
 
 
@@ -104,9 +104,12 @@ def _v2_tree(tmp: Path, proc_path: str = "/x/y"):
 
 
 def _v2_level(mx: str, current: int, inactive: int = 0, high: str = "max") -> dict[str, str]:
-    return {"memory.max": mx + "\n", "memory.high": high + "\n",
-            "memory.current": f"{current}\n",
-            "memory.stat": f"anon {current}\nfile 0\ninactive_file {inactive}\n"}
+    return {
+        "memory.max": mx + "\n",
+        "memory.high": high + "\n",
+        "memory.current": f"{current}\n",
+        "memory.stat": f"anon {current}\nfile 0\ninactive_file {inactive}\n",
+    }
 
 
 def test_v2_nested(tmp_path):
@@ -232,8 +235,13 @@ def test_activation_budget_arithmetic():
     assert b.training_state_bytes == 400 * MiB
     assert b.activation_budget_bytes == (2000 - 200 - 400 - 50) * MiB
     # parameters already allocated when free was read: not subtracted twice
-    b2 = B.activation_budget(state, free=2000 * MiB, safety_fraction=0.1,
-                             reserve_bytes=50 * MiB, state_resident_bytes=100 * MiB)
+    b2 = B.activation_budget(
+        state,
+        free=2000 * MiB,
+        safety_fraction=0.1,
+        reserve_bytes=50 * MiB,
+        state_resident_bytes=100 * MiB,
+    )
     assert b2.activation_budget_bytes == b.activation_budget_bytes + 100 * MiB
     # the margin has a floor, the budget a floor of 0
     small = B.activation_budget(0, free=100 * MiB, safety_fraction=0.01)

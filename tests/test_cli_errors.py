@@ -32,13 +32,16 @@ def one_line_error(capsys, argv: list[str], code: int = 2) -> str:
 
 
 @pytest.mark.parametrize("cmd", ["plan", "bench"])
-@pytest.mark.parametrize("flags, words", [
-    (["--image", "7"], ["--image", "7", f"{IMAGE_SIZE_MIN}"]),
-    (["--image", str(IMAGE_SIZE_MAX + 1)], ["--image", str(IMAGE_SIZE_MAX + 1)]),
-    (["--classes", "1"], ["--classes", "1", "2"]),
-    (["--batch", "1", "--image", "32"], ["--batch 1", "BatchNorm"]),
-    (["--safety-margin", "1.0"], ["--safety-margin", "1.0"]),
-])
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--image", "7"], ["--image", "7", f"{IMAGE_SIZE_MIN}"]),
+        (["--image", str(IMAGE_SIZE_MAX + 1)], ["--image", str(IMAGE_SIZE_MAX + 1)]),
+        (["--classes", "1"], ["--classes", "1", "2"]),
+        (["--batch", "1", "--image", "32"], ["--batch 1", "BatchNorm"]),
+        (["--safety-margin", "1.0"], ["--safety-margin", "1.0"]),
+    ],
+)
 def test_plan_and_bench_refuse_what_cannot_train(capsys, cmd, flags, words):
     line = one_line_error(capsys, [cmd, *flags])
     for w in words:
@@ -65,10 +68,13 @@ def test_classes_default_is_shared():
     assert args.classes == DEFAULT_CLASSES == RunSpec().classes
 
 
-@pytest.mark.parametrize("argv", [
-    ["plan", "--budget", "120MiB", "--cache-dir", "/etc/passwd"],
-    ["memory", "--profile", "--cache-dir", "/etc/passwd"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["plan", "--budget", "120MiB", "--cache-dir", "/etc/passwd"],
+        ["memory", "--profile", "--cache-dir", "/etc/passwd"],
+    ],
+)
 def test_cache_dir_that_is_a_file(capsys, argv):
     line = one_line_error(capsys, argv)
     assert "--cache-dir" in line and "/etc/passwd" in line and "not a directory" in line
@@ -92,9 +98,14 @@ def test_broken_pipe_is_quiet(tmp_path):
     """``check-config FILE | head -1``: no traceback when the reader goes away."""
     r, w = os.pipe()
     os.close(r)  # the reader is gone before anything is written
-    p = subprocess.run([sys.executable, "-m", "waggle_trainer", "check-config",
-                        "deploy/node.example.toml"], stdout=w, stderr=subprocess.PIPE,
-                       cwd=ROOT, timeout=60, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "waggle_trainer", "check-config", "deploy/node.example.toml"],
+        stdout=w,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        timeout=60,
+        text=True,
+    )
     os.close(w)
     assert p.returncode != 0
     assert p.stderr == "", p.stderr
@@ -106,11 +117,14 @@ def test_check_config_empty_path(capsys):
     assert "is a directory" not in out and "empty" in out
 
 
-@pytest.mark.parametrize("text", [
-    "[student]\ninput_width = 32\ninput_height = 32\n[training]\nbatch_size = 1\n",
-    "[memory]\nsafety_margin = 1.0\n",
-    "[training]\nlearning_rate = inf\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[student]\ninput_width = 32\ninput_height = 32\n[training]\nbatch_size = 1\n",
+        "[memory]\nsafety_margin = 1.0\n",
+        "[training]\nlearning_rate = inf\n",
+    ],
+)
 def test_check_config_and_run_refuse_the_same_files(tmp_path, capsys, text):
     cfg = tmp_path / "node.toml"
     cfg.write_text(text)

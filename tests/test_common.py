@@ -18,8 +18,9 @@ from waggle_trainer.common import (
 )
 
 
-@pytest.mark.parametrize("a, b", [(734003, 734100), (2**20, 2**20 + 1), (10, 11),
-                                  (5 * 2**30, 5 * 2**30 + 4096)])
+@pytest.mark.parametrize(
+    "a, b", [(734003, 734100), (2**20, 2**20 + 1), (10, 11), (5 * 2**30, 5 * 2**30 + 4096)]
+)
 def test_different_sizes_never_print_alike(a, b):
     fa, fb = format_sizes_apart(a, b)
     assert fa != fb
@@ -39,8 +40,9 @@ def test_resnet_final_side(image, side):
     assert resnet_final_side(image) == side
 
 
-@pytest.mark.parametrize("batch, image, ok", [(1, 32, False), (2, 32, True), (1, 33, True),
-                                              (1, 224, True)])
+@pytest.mark.parametrize(
+    "batch, image, ok", [(1, 32, False), (2, 32, True), (1, 33, True), (1, 224, True)]
+)
 def test_batch_too_small(batch, image, ok):
     why = batch_too_small(batch, image)
     assert (why is None) == ok

@@ -255,8 +255,11 @@ def test_what_run_cannot_run_is_refused(tmp_path, text, expected):
 @pytest.mark.parametrize("batch, width, height", [(2, 32, 32), (1, 64, 32), (1, 64, 64)])
 def test_smallest_runnable_shapes_are_accepted(tmp_path, batch, width, height):
     cfg = load_config(
-        write(tmp_path, f"[student]\ninput_width = {width}\ninput_height = {height}\n"
-                        f"[training]\nbatch_size = {batch}\n")
+        write(
+            tmp_path,
+            f"[student]\ninput_width = {width}\ninput_height = {height}\n"
+            f"[training]\nbatch_size = {batch}\n",
+        )
     )
     s = cfg.student
     assert (cfg.training.batch_size, s.input_width, s.input_height) == (batch, width, height)

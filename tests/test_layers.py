@@ -48,8 +48,14 @@ def test_common_imports_only_the_standard_library():
 @pytest.mark.parametrize("path", sorted((PKG / "remat").glob("*.py")), ids=lambda p: p.name)
 def test_remat_does_not_import_upper_layers(path):
     for name in imports(path):
-        assert not name.startswith(("waggle_trainer.config", "waggle_trainer.cli",
-                                    "waggle_trainer.learn", "waggle_trainer.node")), name
+        assert not name.startswith(
+            (
+                "waggle_trainer.config",
+                "waggle_trainer.cli",
+                "waggle_trainer.learn",
+                "waggle_trainer.node",
+            )
+        ), name
 
 
 @pytest.mark.parametrize("path", sorted((PKG / "learn").glob("*.py")), ids=lambda p: p.name)
@@ -76,13 +82,16 @@ def test_name_lists_are_written_once(fact):
     assert homes == [], f"a list of {fact} outside common.py's Literal: {homes}"
 
 
-@pytest.mark.parametrize("definition, home", [
-    ("WAGGLE_ETC =", "common.py"),
-    ("def make_optimizer(", "remat/optim.py"),
-    ("def input_needs_grad(", "remat/chain.py"),
-    ("def parse_size(", "common.py"),
-    ("def setup_logging(", "common.py"),
-])
+@pytest.mark.parametrize(
+    "definition, home",
+    [
+        ("WAGGLE_ETC =", "common.py"),
+        ("def make_optimizer(", "remat/optim.py"),
+        ("def input_needs_grad(", "remat/chain.py"),
+        ("def parse_size(", "common.py"),
+        ("def setup_logging(", "common.py"),
+    ],
+)
 def test_one_home_per_definition(definition, home):
     found = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if definition in p.read_text()]
     assert found == [home]

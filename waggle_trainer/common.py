@@ -53,8 +53,9 @@ def resnet_final_side(image: int, stride: int = RESNET_DOWNSAMPLING) -> int:
     return -(-image // stride)
 
 
-def batch_too_small(batch: int, image: int, width: int | None = None, *,
-                    stride: int = RESNET_DOWNSAMPLING) -> str | None:
+def batch_too_small(
+    batch: int, image: int, width: int | None = None, *, stride: int = RESNET_DOWNSAMPLING
+) -> str | None:
     """Why a ResNet cannot train on ``batch`` images of ``image`` px (or ``image`` x
     ``width``), or None if it can.
 
@@ -75,10 +76,26 @@ def batch_too_small(batch: int, image: int, width: int | None = None, *,
 # ------------------------------------------------------------------------- sizes
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15, "eb": 10**18,
-    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50, "e": 2**60,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50, "eib": 2**60,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "pb": 10**15,
+    "eb": 10**18,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
+    "p": 2**50,
+    "e": 2**60,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+    "pib": 2**50,
+    "eib": 2**60,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 SIZE_HELP = 'a positive size: bytes as an integer, or a string like "1.5GB", "512MiB"'
@@ -192,8 +209,10 @@ def usable_directory(path: str | os.PathLike, what: str, *, create_parents: bool
 def setup_logging(level: str | None) -> None:
     """Log to stderr; under systemd (JOURNAL_STREAM set) journald adds the time."""
     under_journald = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journald else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journald
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -52,7 +52,7 @@ from waggle_trainer.common import (
     parse_size,
 )
 from waggle_trainer.learn.model_refs import PACKAGED_MODELS, is_ref
-from waggle_trainer.remat.allocator import DEFAULT_ALLOCATOR
+from waggle_trainer.remat.allocator import DEFAULT_ALLOCATOR, AllocatorName
 from waggle_trainer.transport.wire import (
     DEFAULT_CHUNK_SIZE,
     MAX_CHUNK_SIZE,
@@ -136,9 +136,7 @@ class CameraSection(_Section):
     @classmethod
     def _non_empty(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError(
-                'empty (give a device, URL, video file, image folder or "synthetic")'
-            )
+            raise ValueError('empty (give a device, URL, video file, image folder or "synthetic")')
         return v
 
     @field_validator("frames")
@@ -193,11 +191,14 @@ class TeacherSection(_Section):
     @classmethod
     def _model(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("empty (give a model file or a packaged model such as "
-                             f"{DEFAULT_TEACHER_MODEL!r})")
+            raise ValueError(
+                f"empty (give a model file or a packaged model such as {DEFAULT_TEACHER_MODEL!r})"
+            )
         if is_ref(v) and v not in PACKAGED_MODELS:
-            raise ValueError(f"{v!r} is not a known packaged model "
-                             f"(known: {', '.join(PACKAGED_MODELS)}; or give a file path)")
+            raise ValueError(
+                f"{v!r} is not a known packaged model "
+                f"(known: {', '.join(PACKAGED_MODELS)}; or give a file path)"
+            )
         return v
 
     @field_validator("mean")
@@ -261,26 +262,32 @@ class TaskSection(_Section):
     def _check_map(self) -> TaskSection:
         if self.kind == "classify":
             if len(self.classes) < CLASSES_MIN:
-                raise ValueError(f"task.classes: a classify task needs at least "
-                                 f"{CLASSES_MIN} classes (got {len(self.classes)})")
+                raise ValueError(
+                    f"task.classes: a classify task needs at least "
+                    f"{CLASSES_MIN} classes (got {len(self.classes)})"
+                )
             if not self.class_map:
                 return self
         elif not self.class_map:
             missing = [c for c in self.classes]
             raise ValueError(
                 f"task.class_map: required: {missing[0]!r} is not a COCO name, so give "
-                f"the COCO ids of every class (e.g. {{ {missing[0]} = [1] }})")
+                f"the COCO ids of every class (e.g. {{ {missing[0]} = [1] }})"
+            )
         extra = [k for k in self.class_map if k not in self.classes]
         if extra:
-            raise ValueError(f"task.class_map.{extra[0]}: not one of task.classes "
-                             f"({', '.join(self.classes)})")
+            raise ValueError(
+                f"task.class_map.{extra[0]}: not one of task.classes ({', '.join(self.classes)})"
+            )
         owner: dict[int, str] = {}
         resolved: dict[str, list[int]] = {}
         for name in self.classes:
             ids = self.class_map.get(name)
             if ids is None:
-                raise ValueError(f"task.class_map: no entry for class {name!r} "
-                                 "(every class needs the teacher ids that make it)")
+                raise ValueError(
+                    f"task.class_map: no entry for class {name!r} "
+                    "(every class needs the teacher ids that make it)"
+                )
             if not ids:
                 raise ValueError(f"task.class_map.{name}: empty (give one or more ids)")
             out = []
@@ -293,13 +300,17 @@ class TaskSection(_Section):
                     label = f"COCO id {i} ({COCO_NAMES[i]})"
                 else:
                     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-                        raise ValueError(f"task.class_map.{name}: {raw!r} is not a teacher "
-                                         "output index (an integer >= 0)")
+                        raise ValueError(
+                            f"task.class_map.{name}: {raw!r} is not a teacher "
+                            "output index (an integer >= 0)"
+                        )
                     i, label = raw, f"teacher output {raw}"
                 if i in owner:
                     where = "twice" if owner[i] == name else f"also in {owner[i]!r}"
-                    raise ValueError(f"task.class_map.{name}: {label} appears {where} "
-                                     "(each id belongs to one class)")
+                    raise ValueError(
+                        f"task.class_map.{name}: {label} appears {where} "
+                        "(each id belongs to one class)"
+                    )
                 owner[i] = name
                 out.append(i)
             resolved[name] = out
@@ -308,8 +319,9 @@ class TaskSection(_Section):
 
     def teacher_ids(self) -> dict[int, int]:
         """Teacher class id -> index into ``classes`` (empty for an identity map)."""
-        return {int(i): self.classes.index(name)
-                for name, ids in self.class_map.items() for i in ids}
+        return {
+            int(i): self.classes.index(name) for name, ids in self.class_map.items() for i in ids
+        }
 
 
 class StudentSection(_Section):
@@ -369,7 +381,7 @@ class MemorySection(_Section):
     strategy: Strategy = "optimal"
     replan_threshold: float = Field(0.1, gt=0, le=1)
     fused_step: StrictBool = False
-    allocator: Literal["glibc", "jemalloc", "tcmalloc", "mimalloc"] = DEFAULT_ALLOCATOR
+    allocator: AllocatorName = DEFAULT_ALLOCATOR
 
     @field_validator("budget")
     @classmethod
@@ -381,7 +393,7 @@ class MemorySection(_Section):
             if v > total:
                 raise ValueError(
                     f"{format_size(v)} is larger than this machine's RAM "
-                    f"({format_size(total)}; use \"auto\" or a smaller size)"
+                    f'({format_size(total)}; use "auto" or a smaller size)'
                 )
         return v
 
@@ -411,17 +423,21 @@ class TransportSection(_Section):
     @classmethod
     def _below_broker_limit(cls, v: int) -> int:
         if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
-            raise ValueError(f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
-                             f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
-                             "16MiB)")
+            raise ValueError(
+                f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+                f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
+                "16MiB)"
+            )
         return v
 
 
 # [telemetry] keys that pywaggle's environment variables fill when the file leaves
 # them unset (a Waggle plugin's pod gets these from the scheduler).
 PLUGIN_ENVIRONMENT = {
-    "host": "WAGGLE_PLUGIN_HOST", "port": "WAGGLE_PLUGIN_PORT",
-    "username": "WAGGLE_PLUGIN_USERNAME", "password": "WAGGLE_PLUGIN_PASSWORD",
+    "host": "WAGGLE_PLUGIN_HOST",
+    "port": "WAGGLE_PLUGIN_PORT",
+    "username": "WAGGLE_PLUGIN_USERNAME",
+    "password": "WAGGLE_PLUGIN_PASSWORD",
     "app_id": "WAGGLE_APP_ID",
 }
 
@@ -443,8 +459,10 @@ class TelemetrySection(_Section):
     @classmethod
     def _exchange_of_route(cls, v: str, info: ValidationInfo) -> str:
         if info.data.get("route") == "node" and v != TELEMETRY_EXCHANGE:
-            raise ValueError(f'{v!r}: only for route "beehive" (route "node" always '
-                             f'publishes to the node broker\'s "{NODE_EXCHANGE}")')
+            raise ValueError(
+                f'{v!r}: only for route "beehive" (route "node" always '
+                f'publishes to the node broker\'s "{NODE_EXCHANGE}")'
+            )
         return v
 
 
@@ -462,14 +480,17 @@ class ModelsSection(_Section):
     @classmethod
     def _queue_name(cls, v: str) -> str:
         if v and not _QUEUE_RE.match(v):
-            raise ValueError(f"{v!r} is not a queue name (1-255 of A-Z a-z 0-9 _ . : -; "
-                             "empty: waggle.train.models.<node id>)")
+            raise ValueError(
+                f"{v!r} is not a queue name (1-255 of A-Z a-z 0-9 _ . : -; "
+                "empty: waggle.train.models.<node id>)"
+            )
         return v
 
 
 class DaemonSection(_Section):
     global_model_file: Path | None = Field(
-        None, description="safetensors file with a new global model, adopted between rounds")
+        None, description="safetensors file with a new global model, adopted between rounds"
+    )
     stop_flush_s: float = Field(10.0, ge=0, le=60)
 
 
@@ -537,7 +558,6 @@ class Config(_Section):
             )
         return self
 
-
     @model_validator(mode="after")
     def _one_source_of_global_models(self) -> Config:
         if self.models.enabled and self.daemon.global_model_file is not None:
@@ -559,8 +579,9 @@ class ConfigError(Exception):
     so that the message names that place instead of the file.
     """
 
-    def __init__(self, path: str, problems: list[tuple[str, str]],
-                 origins: dict[str, str] | None = None):
+    def __init__(
+        self, path: str, problems: list[tuple[str, str]], origins: dict[str, str] | None = None
+    ):
         self.path = path
         self.problems = problems
         self.origins = origins or {}
@@ -604,8 +625,12 @@ def describe_error(err: Any, root: type[BaseModel] | None = None) -> tuple[str, 
         expected = err["ctx"]["expected"]
         return where, f"{err['input']!r} is not allowed (one of {expected})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        op = {"greater_than": ">", "greater_than_equal": ">=",
-              "less_than": "<", "less_than_equal": "<="}[kind]
+        op = {
+            "greater_than": ">",
+            "greater_than_equal": ">=",
+            "less_than": "<",
+            "less_than_equal": "<=",
+        }[kind]
         bound = next(iter(err["ctx"].values()))
         return where, f"{err['input']!r} is out of range (must be {op} {bound})"
     if kind == "finite_number":
@@ -661,8 +686,15 @@ def _plugin_environment(data: dict, source: str) -> dict:
             continue
         if key == "port":
             if not value.isdigit() or not 1 <= int(value) <= 65535:
-                raise ConfigError(source, [("telemetry.port", f"{value!r} from environment "
-                                            f"variable {env} is not a port (1..65535)")])
+                raise ConfigError(
+                    source,
+                    [
+                        (
+                            "telemetry.port",
+                            f"{value!r} from environment variable {env} is not a port (1..65535)",
+                        )
+                    ],
+                )
             tel[key] = int(value)
         else:
             tel[key] = value
@@ -681,8 +713,13 @@ def _tls_file_problems(cfg: Config) -> list[tuple[str, str]]:
     try:
         tls_context(str(t.cacert), str(t.cert), str(t.key))
     except TlsFileError as e:
-        return [(f"transport.{e.field}", f"{e.path}: {e.detail} (TLS needs the node's "
-                 "CA, certificate and key; see docs/deploy.md)")]
+        return [
+            (
+                f"transport.{e.field}",
+                f"{e.path}: {e.detail} (TLS needs the node's "
+                "CA, certificate and key; see docs/deploy.md)",
+            )
+        ]
     return []
 
 
@@ -695,8 +732,10 @@ def _model_key_problems(cfg: Config) -> list[tuple[str, str]]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     path = m.server_public_key
-    hint = ("the server's Ed25519 public key, PEM: `waggle-trainer server-keygen PATH` "
-            "writes it as PATH.pub")
+    hint = (
+        "the server's Ed25519 public key, PEM: `waggle-trainer server-keygen PATH` "
+        "writes it as PATH.pub"
+    )
     try:
         data = path.read_bytes()
     except FileNotFoundError:

@@ -1,4 +1,5 @@
 """``waggle-trainer check-config FILE``."""
+
 from __future__ import annotations
 
 

@@ -12,8 +12,9 @@ resnet50): 468 MiB with TorchDynamo, 393 MiB without.  On a 2 GB node those 75 M
 are more than a third of resnet50's smallest checkpointing plan (batch 8, 224 px:
 201 MiB), and they decide whether training fits in half of plain training's memory.
 
-:func:`install` (run first by the ``waggle-trainer`` command, not on import) registers a stand-in for
-``torch._dynamo`` that answers what eager code asks of it, with eager semantics:
+:func:`install` (run first by the ``waggle-trainer`` command, not on import)
+registers a stand-in for ``torch._dynamo`` that answers what eager code asks of
+it, with eager semantics:
 
 * ``disable(fn)`` returns ``fn`` (outside ``torch.compile`` a disabled function is
   the function itself), ``graph_break()`` does nothing (it only marks a compiled

@@ -18,8 +18,6 @@ from waggle_trainer.remat.planner import Planner
 ROOT = Path(__file__).resolve().parents[2]
 
 
-
-
 def test_planned_run_trains_within_a_small_budget(tmp_path):
     spec = RunSpec(
         arch="resnet18", batch=2, image=64, classes=10, budget="auto", cache_dir=tmp_path
@@ -96,13 +94,30 @@ def test_plan_json_lists_every_strategy(tmp_path):
 
 
 def test_bench_json_keys_and_infeasible_budget(tmp_path):
-    shape = ["--arch", "resnet18", "--batch", "2", "--image", "64", "--steps", "1",
-             "--cache-dir", str(tmp_path)]
+    shape = [
+        "--arch",
+        "resnet18",
+        "--batch",
+        "2",
+        "--image",
+        "64",
+        "--steps",
+        "1",
+        "--cache-dir",
+        str(tmp_path),
+    ]
     r = cli("bench", *shape, "--budget", "64MiB", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    for key in ("strategy", "median_step_s", "peak_rss_bytes", "predicted_peak_bytes",
-                "budget_bytes", "budget_kept", "data"):
+    for key in (
+        "strategy",
+        "median_step_s",
+        "peak_rss_bytes",
+        "predicted_peak_bytes",
+        "budget_bytes",
+        "budget_kept",
+        "data",
+    ):
         assert key in out
     assert out["budget_bytes"] == 64 * 2**20 and out["predicted_peak_bytes"] <= 64 * 2**20
     assert out["budget_kept"] and out["peak_rss_growth_bytes"] <= out["budget_bytes"]

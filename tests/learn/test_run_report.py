@@ -113,12 +113,27 @@ def test_overhead_nothing_absorbs_is_said_and_exits_1(cache, capsys, fake_rss):
 
 def test_divergence_and_a_broken_budget_are_failures():
     r = pt.RunResult(
-        arch="resnet18", batch=2, image=64, strategy="optimal", budget_bytes=100,
-        plan_budget_bytes=100, predicted_peak_bytes=90, predicted_time_ratio=1.0,
-        min_feasible_bytes=50, steps=3, median_step_s=0.1, step_times_s=[0.1] * 3,
-        baseline_rss_bytes=1000, peak_rss_bytes=1150, peak_rss_growth_bytes=150,
-        losses=[2.3, math.inf, math.nan], replans=0, allocator_mode="mmap",
-        calibration_bytes=0, calibration="", budget_breakdown={},
+        arch="resnet18",
+        batch=2,
+        image=64,
+        strategy="optimal",
+        budget_bytes=100,
+        plan_budget_bytes=100,
+        predicted_peak_bytes=90,
+        predicted_time_ratio=1.0,
+        min_feasible_bytes=50,
+        steps=3,
+        median_step_s=0.1,
+        step_times_s=[0.1] * 3,
+        baseline_rss_bytes=1000,
+        peak_rss_bytes=1150,
+        peak_rss_growth_bytes=150,
+        losses=[2.3, math.inf, math.nan],
+        replans=0,
+        allocator_mode="mmap",
+        calibration_bytes=0,
+        calibration="",
+        budget_breakdown={},
     )
     assert not r.budget_kept and r.diverged_at == 2
     budget_line, loss_line = _failures(r)
@@ -131,11 +146,27 @@ def test_divergence_and_a_broken_budget_are_failures():
 def test_profiling_progress_on_a_terminal(tmp_path):
     master, slave = pty.openpty()
     try:
-        p = subprocess.Popen([sys.executable, "-m", "waggle_trainer", "plan", *SHAPE,
-                              "--cache-dir", str(tmp_path), "--budget", "50MiB"],
-                             stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
-                             env={k: v for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items()
-                                  if k != "JOURNAL_STREAM"})
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "waggle_trainer",
+                "plan",
+                *SHAPE,
+                "--cache-dir",
+                str(tmp_path),
+                "--budget",
+                "50MiB",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            cwd=ROOT,
+            env={
+                k: v
+                for k, v in {**os.environ, "OMP_NUM_THREADS": "1"}.items()
+                if k != "JOURNAL_STREAM"
+            },
+        )
         os.close(slave)
         out, _ = p.communicate(timeout=300)
         drawn = b""

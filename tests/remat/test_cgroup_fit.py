@@ -22,8 +22,24 @@ pytestmark = [pytest.mark.cgroup, pytest.mark.slow]
 
 
 def bench(cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "waggle_trainer", "bench", "--arch", "resnet50", "--batch", "8",
-            "--image", "224", "--steps", "1", "--json", "--cache-dir", str(cache), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "waggle_trainer",
+        "bench",
+        "--arch",
+        "resnet50",
+        "--batch",
+        "8",
+        "--image",
+        "224",
+        "--steps",
+        "1",
+        "--json",
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +49,9 @@ def plain_need(tmp_path_factory) -> tuple[Path, int]:
     if reason:
         pytest.skip(reason)
     cache = tmp_path_factory.mktemp("cgroup-fit") / "profiles"
-    plain = run_in_memory_cgroup(bench(cache, "--strategy", "none", "--budget", "16GiB"),
-                                 None, timeout=900, cwd=ROOT)
+    plain = run_in_memory_cgroup(
+        bench(cache, "--strategy", "none", "--budget", "16GiB"), None, timeout=900, cwd=ROOT
+    )
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.peak_bytes, "the cgroup reported no peak"
     return cache, plain.peak_bytes
@@ -44,8 +61,9 @@ def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(plain_need)
     cache, need = plain_need
     limit = int(0.75 * need)
 
-    killed = run_in_memory_cgroup(bench(cache, "--strategy", "none", "--budget", "16GiB"),
-                                  limit, timeout=900, cwd=ROOT)
+    killed = run_in_memory_cgroup(
+        bench(cache, "--strategy", "none", "--budget", "16GiB"), limit, timeout=900, cwd=ROOT
+    )
     assert killed.returncode != 0 and killed.oom_killed, (
         f"plain training survived {limit >> 20} MiB (needs {need >> 20} MiB): "
         f"rc {killed.returncode}"
@@ -79,24 +97,28 @@ def test_fused_step_and_overhead_model_fit_in_60_percent(plain_need):
     limit = int(FRACTION * need)
     fused = ("--strategy", "optimal", "--fused-step")
     # once per machine and configuration: measure the overhead (cached with the profile)
-    first = run_in_memory_cgroup(bench(cache, *fused, "--budget", "240MiB"), None,
-                                 timeout=900, cwd=ROOT)
+    first = run_in_memory_cgroup(
+        bench(cache, *fused, "--budget", "240MiB"), None, timeout=900, cwd=ROOT
+    )
     # exit 1 when a step outgrew the given budget: this run is the measurement
     assert first.returncode in (0, 1) and first.stdout, first.stderr[-3000:]
     assert json.loads(first.stdout)["first_step_residue_bytes"] is not None
 
-    unfused = run_in_memory_cgroup(bench(cache, "--strategy", "optimal", "--budget", "auto"),
-                                   limit, timeout=900, cwd=ROOT)
+    unfused = run_in_memory_cgroup(
+        bench(cache, "--strategy", "optimal", "--budget", "auto"), limit, timeout=900, cwd=ROOT
+    )
     assert not unfused.oom_killed, unfused.stderr[-2000:]
     assert unfused.returncode == 0 or (
         unfused.returncode == 1 and "below the minimum feasible" in unfused.stderr
     ), unfused.stderr[-2000:]
 
-    fits = run_in_memory_cgroup(bench(cache, *fused, "--budget", "auto"), limit,
-                                timeout=900, cwd=ROOT)
+    fits = run_in_memory_cgroup(
+        bench(cache, *fused, "--budget", "auto"), limit, timeout=900, cwd=ROOT
+    )
     assert fits.returncode == 0 and not fits.oom_killed, (
         f"fused training did not fit {limit >> 20} MiB ({FRACTION:.0%} of {need >> 20} MiB): "
-        f"rc {fits.returncode}\n{fits.stderr[-3000:]}")
+        f"rc {fits.returncode}\n{fits.stderr[-3000:]}"
+    )
     result = json.loads(fits.stdout)
     assert result["fused_step"] and result["overhead_source"] == "cache"
     assert result["overhead_residue_bytes"] > 0  # reserved for the first step

@@ -17,8 +17,6 @@ HAVE_PLANNER = importlib.util.find_spec("waggle_trainer.remat.planner") is not N
 TIGHT = dict(rtol=1e-6, atol=1e-7)
 
 
-
-
 # ---------------------------------------------------------------- models
 def mlp():
     return nn.Sequential(
@@ -181,8 +179,9 @@ def test_hand_schedules_are_exact(model_name):
         plain, checkpointed = copy.deepcopy(model), copy.deepcopy(model)
         stages = chain_stages(checkpointed)
         try:
-            assert_same_step(plain, functools.partial(run_schedule, stages, schedule),
-                             checkpointed, x)
+            assert_same_step(
+                plain, functools.partial(run_schedule, stages, schedule), checkpointed, x
+            )
         except AssertionError as exc:
             raise AssertionError(f"{model_name} / {schedule_name}: {exc}") from None
 

@@ -1,4 +1,5 @@
 """Heterogeneous-chain DP against exhaustive enumeration of its schedule space."""
+
 import random
 import time
 

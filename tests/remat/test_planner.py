@@ -1,4 +1,5 @@
 """Planner: strategies, infeasible budgets, and optimal <= revolve, sequential everywhere."""
+
 import random
 import re
 import time
@@ -135,8 +136,11 @@ def test_infeasible_budget_message(strategy):
     assert isinstance(e.value, ValueError)
     msg = str(e.value)
     # one byte short: the two sizes are printed with enough digits to differ
-    m = re.match(rf"strategy {strategy!r}: budget (.+?) is below the minimum feasible "
-                 rf"(.+?)(?: \({low} bytes\))?$", msg)
+    m = re.match(
+        rf"strategy {strategy!r}: budget (.+?) is below the minimum feasible "
+        rf"(.+?)(?: \({low} bytes\))?$",
+        msg,
+    )
     assert m and m.group(1) != m.group(2), msg
     assert str(low) in msg
     assert e.value.min_bytes == low

@@ -12,8 +12,6 @@ from waggle_trainer.remat.profiler import profile_chain, saved_bytes
 F32 = 4
 
 
-
-
 @pytest.mark.parametrize(
     "stage, analytic",
     [

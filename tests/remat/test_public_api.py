@@ -24,27 +24,44 @@ def test_all_names_resolve_and_the_planner_types_are_exported():
         assert getattr(remat, name) is not None, name
     from waggle_trainer.remat import planner
 
-    assert (Plan, Planner, InfeasibleBudget) == (planner.Plan, planner.Planner,
-                                                 planner.InfeasibleBudget)
+    assert (Plan, Planner, InfeasibleBudget) == (
+        planner.Plan,
+        planner.Planner,
+        planner.InfeasibleBudget,
+    )
 
 
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, waggle_trainer.remat as r; r.Planner; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    ).stdout
     assert out.strip() == "False"
 
 
 def test_the_docstring_documents_args_raises_example_and_the_cpu_caveat():
     doc = CheckpointedSequential.__doc__
-    for part in ("Args:", "Raises:", "Example::", "budget_bytes", '"auto"', "InfeasibleBudget",
-                 "configure_allocator"):
+    for part in (
+        "Args:",
+        "Raises:",
+        "Example::",
+        "budget_bytes",
+        '"auto"',
+        "InfeasibleBudget",
+        "configure_allocator",
+    ):
         assert part in doc, part
 
 
 def _tiny() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                         nn.Linear(32, 4))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    )
 
 
 def test_auto_budget_is_the_free_memory_minus_margin_and_state():

@@ -1,4 +1,5 @@
 """Revolve DP: known values, an independent search of the checkpointing game, schedules."""
+
 import heapq
 import time
 from functools import cache

@@ -1,4 +1,5 @@
 """``waggle-trainer revolve``: text, JSON, errors, and the installed console script."""
+
 import json
 import pathlib
 import subprocess

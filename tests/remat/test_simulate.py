@@ -1,4 +1,5 @@
 """Simulator: hand-computed peaks and times, every validity rule, sequential splits."""
+
 import pytest
 
 from waggle_trainer.remat.costs import ChainCosts, StageCost
@@ -14,8 +15,10 @@ from waggle_trainer.remat.simulate import InvalidSchedule, simulate
 def two_stage():
     return ChainCosts(
         input_bytes=1000,
-        stages=(StageCost("a", 1.0, 1.5, 2.0, 100, 150, 10, 20),
-                StageCost("b", 3.0, 4.0, 5.0, 200, 260, 5, 7)),
+        stages=(
+            StageCost("a", 1.0, 1.5, 2.0, 100, 150, 10, 20),
+            StageCost("b", 3.0, 4.0, 5.0, 200, 260, 5, 7),
+        ),
         loss_s=0.25,
     )
 

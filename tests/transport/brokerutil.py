@@ -9,8 +9,14 @@ import pika
 
 from waggle_trainer.transport.amqp import AmqpSettings
 
-BROKER = pika.ConnectionParameters("127.0.0.1", 5672, "/", pika.PlainCredentials("guest", "guest"),
-                                   connection_attempts=1, socket_timeout=5)
+BROKER = pika.ConnectionParameters(
+    "127.0.0.1",
+    5672,
+    "/",
+    pika.PlainCredentials("guest", "guest"),
+    connection_attempts=1,
+    socket_timeout=5,
+)
 
 
 def rabbitmqctl(*args: str, timeout: float = 120) -> str:

@@ -36,9 +36,14 @@ def broker():
 def names(broker):
     """Unique exchange and queue names for one test; deleted afterwards."""
     s = uuid.uuid4().hex[:10]
-    n = SimpleNamespace(exchange=f"test.updates.{s}", queue=f"test.server.{s}",
-                        dlx=f"test.dead.{s}", dlq=f"test.dead.{s}", telemetry=f"test.msg.{s}",
-                        tq=f"test.msgq.{s}")
+    n = SimpleNamespace(
+        exchange=f"test.updates.{s}",
+        queue=f"test.server.{s}",
+        dlx=f"test.dead.{s}",
+        dlq=f"test.dead.{s}",
+        telemetry=f"test.msg.{s}",
+        tq=f"test.msgq.{s}",
+    )
     yield n
     ensure_broker_running()
     conn = pika.BlockingConnection(BROKER)

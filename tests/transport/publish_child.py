@@ -15,10 +15,15 @@ from waggle_trainer.transport import AmqpSettings, Outbox, UpdatePublisher
 
 
 def main() -> None:
-    outbox_dir, exchange, chunk_size, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
-        float(sys.argv[4])
-    logging.basicConfig(stream=sys.stderr, level=logging.DEBUG,
-                        format="%(name)s %(levelname)s %(message)s")
+    outbox_dir, exchange, chunk_size, delay = (
+        sys.argv[1],
+        sys.argv[2],
+        int(sys.argv[3]),
+        float(sys.argv[4]),
+    )
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.DEBUG, format="%(name)s %(levelname)s %(message)s"
+    )
     logging.getLogger("pika").setLevel(logging.WARNING)
     publish = bc.BlockingChannel.basic_publish
 
@@ -27,8 +32,13 @@ def main() -> None:
         return publish(self, *a, **kw)
 
     bc.BlockingChannel.basic_publish = slow_publish
-    pub = UpdatePublisher(AmqpSettings(connection_name="test-child"), Outbox(outbox_dir, 1 << 30),
-                          node_id="child", exchange=exchange, chunk_size=chunk_size)
+    pub = UpdatePublisher(
+        AmqpSettings(connection_name="test-child"),
+        Outbox(outbox_dir, 1 << 30),
+        node_id="child",
+        exchange=exchange,
+        chunk_size=chunk_size,
+    )
     pub.start()
     while True:
         time.sleep(1)

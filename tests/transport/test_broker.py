@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def encoder(node="n1") -> UpdateEncoder:
-    return UpdateEncoder(node_id=node, vsn="W0T", model="m", key=KEY,
-                         settings=CodecSettings("fp32", "none"))
+    return UpdateEncoder(
+        node_id=node, vsn="W0T", model="m", key=KEY, settings=CodecSettings("fp32", "none")
+    )
 
 
 def make_update(n: int, round: int = 1, node="n1", enc=None):
@@ -51,8 +52,9 @@ def make_update(n: int, round: int = 1, node="n1", enc=None):
 
 def test_unroutable_update_stays_in_the_outbox_and_is_logged_once(names, tmp_path, caplog):
     outbox = Outbox(tmp_path, 1 << 30)
-    pub = UpdatePublisher(fast(), outbox, node_id="n1", exchange=names.exchange,
-                          unroutable_retry_s=0.2)
+    pub = UpdatePublisher(
+        fast(), outbox, node_id="n1", exchange=names.exchange, unroutable_retry_s=0.2
+    )
     enc = encoder()
     u, _ = make_update(1000, round=1, enc=enc)
     u2 = enc.encode_delta({"w": torch.randn(10)}, base_version="2", round=2, samples=8)
@@ -90,8 +92,9 @@ def test_unroutable_update_stays_in_the_outbox_and_is_logged_once(names, tmp_pat
 
 def test_wrong_credentials_give_a_clear_error_and_no_busy_loop(names, tmp_path, caplog):
     outbox = Outbox(tmp_path, 1 << 30)
-    pub = UpdatePublisher(fast(password="not-the-password"), outbox, node_id="n1",
-                          exchange=names.exchange)
+    pub = UpdatePublisher(
+        fast(password="not-the-password"), outbox, node_id="n1", exchange=names.exchange
+    )
     u, _ = make_update(1000)
     pub.submit(u)
     with caplog.at_level(logging.ERROR):

@@ -20,8 +20,9 @@ KEY = b"k" * 32
 
 def blob_of(nbytes: int, base_version: str = "1", round: int = 1) -> bytes:
     """A real encoded update of roughly ``nbytes`` (fp32, uncompressed)."""
-    enc = UpdateEncoder(node_id="n1", vsn="W01", model="m", key=KEY,
-                        settings=CodecSettings("fp32", "none"))
+    enc = UpdateEncoder(
+        node_id="n1", vsn="W01", model="m", key=KEY, settings=CodecSettings("fp32", "none")
+    )
     delta = {"w": torch.randn(max(1, nbytes // 4))}
     return enc.encode_delta(delta, base_version=base_version, round=round, samples=1).blob
 
@@ -86,20 +87,48 @@ def test_reassembly_detects_corruption_and_conflicts():
 F1 = {"format": "waggle-update-chunk/1"}
 
 
-@pytest.mark.parametrize("headers,mid", [
-    (F1, "u:0"),
-    ({"update_id": "u", "chunk_index": 3, "chunk_count": 3, "payload_sha256": "0" * 64, **F1},
-     "u:3"),
-    ({"update_id": "u", "chunk_index": True, "chunk_count": 3, "payload_sha256": "0" * 64,
-      **F1}, "u:True"),
-    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "short", **F1},
-     "u:0"),
-    ({"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64, **F1},
-     "v:0"),
-])
+@pytest.mark.parametrize(
+    "headers,mid",
+    [
+        (F1, "u:0"),
+        (
+            {
+                "update_id": "u",
+                "chunk_index": 3,
+                "chunk_count": 3,
+                "payload_sha256": "0" * 64,
+                **F1,
+            },
+            "u:3",
+        ),
+        (
+            {
+                "update_id": "u",
+                "chunk_index": True,
+                "chunk_count": 3,
+                "payload_sha256": "0" * 64,
+                **F1,
+            },
+            "u:True",
+        ),
+        (
+            {"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "short", **F1},
+            "u:0",
+        ),
+        (
+            {
+                "update_id": "u",
+                "chunk_index": 0,
+                "chunk_count": 1,
+                "payload_sha256": "0" * 64,
+                **F1,
+            },
+            "v:0",
+        ),
+    ],
+)
 def test_bad_headers(headers, mid):
-    good = {"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64,
-            **F1}
+    good = {"update_id": "u", "chunk_index": 0, "chunk_count": 1, "payload_sha256": "0" * 64, **F1}
     assert parse_headers(good, "u:0") == ("u", 0, 1, "0" * 64)
     with pytest.raises(ChunkError) as e:
         parse_headers(headers, mid)
@@ -175,7 +204,7 @@ def test_backoff_is_capped_exponential_with_jitter():
     b = Backoff(1.0, 30.0, random.Random(0))
     delays = [b.next() for _ in range(10)]
     for n, d in enumerate(delays):
-        cap = min(30.0, 2 ** n)
+        cap = min(30.0, 2**n)
         assert cap / 2 <= d <= cap
     assert max(delays) <= 30.0 and len(set(delays)) == 10
     b.reset()
@@ -184,6 +213,7 @@ def test_backoff_is_capped_exponential_with_jitter():
 
 def test_error_classification():
     import pika.exceptions as px
+
     assert classify(px.ProbableAuthenticationError("x")) is not None
     assert classify(px.ChannelClosedByBroker(403, "ACCESS_REFUSED")) is not None
     assert classify(px.ConnectionClosedByBroker(320, "CONNECTION_FORCED")) is None
@@ -193,8 +223,14 @@ def test_error_classification():
 
 def test_settings_from_url_and_validation():
     s = AmqpSettings.from_url("amqps://node%201:pw@beehive.example:5671/train")
-    assert (s.host, s.effective_port, s.vhost, s.username, s.password, s.tls) == \
-        ("beehive.example", 5671, "train", "node 1", "pw", True)
+    assert (s.host, s.effective_port, s.vhost, s.username, s.password, s.tls) == (
+        "beehive.example",
+        5671,
+        "train",
+        "node 1",
+        "pw",
+        True,
+    )
     assert AmqpSettings(tls=True, username=None).broker_user() is None  # no cert file here
     assert AmqpSettings(username="u").broker_user() == "u"
     with pytest.raises(ValueError):

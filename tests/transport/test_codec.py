@@ -43,30 +43,50 @@ def small_model_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def perturbed(state, scale=1e-2, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return {k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
-            for k, v in state.items()}
+    return {
+        k: (v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v)
+        for k, v in state.items()
+    }
 
 
 def encoder(settings: CodecSettings, **kw) -> UpdateEncoder:
-    return UpdateEncoder(node_id="000048B02D15BC7C", vsn="W0A1", model="resnet-mini", key=KEY,
-                         settings=settings, **kw)
+    return UpdateEncoder(
+        node_id="000048B02D15BC7C",
+        vsn="W0A1",
+        model="resnet-mini",
+        key=KEY,
+        settings=settings,
+        **kw,
+    )
 
 
-ALL_SETTINGS = [CodecSettings(d, c, k) for d in ("fp32", "fp16", "int8")
-                for c in ("zstd", "deflate", "none") for k in (0.0, 0.05)]
+ALL_SETTINGS = [
+    CodecSettings(d, c, k)
+    for d in ("fp32", "fp16", "int8")
+    for c in ("zstd", "deflate", "none")
+    for k in (0.0, 0.05)
+]
 
 
 @pytest.mark.parametrize("settings", ALL_SETTINGS, ids=lambda s: s.describe())
 def test_round_trip(settings):
     base = small_model_state()
     new = perturbed(base)
-    u = encoder(settings).encode(new, base, base_version="v7", round=3, samples=640,
-                   metrics={"loss": 0.5, "agreement": 0.9})
-    d = UpdateDecoder(KEY).decode(u.blob, base, expected_model="resnet-mini",
-                                  expected_base_version="v7")
+    u = encoder(settings).encode(
+        new, base, base_version="v7", round=3, samples=640, metrics={"loss": 0.5, "agreement": 0.9}
+    )
+    d = UpdateDecoder(KEY).decode(
+        u.blob, base, expected_model="resnet-mini", expected_base_version="v7"
+    )
     env = d.envelope
-    assert (env.node_id, env.vsn, env.model, env.base_version, env.round, env.samples) == \
-        ("000048B02D15BC7C", "W0A1", "resnet-mini", "v7", 3, 640)
+    assert (env.node_id, env.vsn, env.model, env.base_version, env.round, env.samples) == (
+        "000048B02D15BC7C",
+        "W0A1",
+        "resnet-mini",
+        "v7",
+        3,
+        640,
+    )
     assert env.metrics == {"loss": 0.5, "agreement": 0.9}
     assert env.update_id == u.update_id and len(env.update_id) == 36
     assert set(d.delta) == {k for k, v in base.items() if v.is_floating_point()}
@@ -84,8 +104,11 @@ def test_round_trip(settings):
             err = (got[kept] - t[kept]).abs().max()
         else:
             err = (got - t).abs().max()
-        tol = {"fp32": 0.0, "fp16": 1e-3 * float(t.abs().max()),
-               "int8": float(t.abs().max()) / 254 + 1e-7}[settings.dtype]
+        tol = {
+            "fp32": 0.0,
+            "fp16": 1e-3 * float(t.abs().max()),
+            "int8": float(t.abs().max()) / 254 + 1e-7,
+        }[settings.dtype]
         assert float(err) <= tol + 1e-9, (name, float(err), tol)
 
 
@@ -112,14 +135,18 @@ def test_error_feedback_carries_what_was_not_sent():
 def test_excludes_integer_tensors_and_apply_delta():
     base = small_model_state()
     new = perturbed(base)
-    u = encoder(CodecSettings("fp32", "zstd")).encode(new, base, base_version="1", round=1,
-                                                      samples=1)
+    u = encoder(CodecSettings("fp32", "zstd")).encode(
+        new, base, base_version="1", round=1, samples=1
+    )
     d = UpdateDecoder(KEY).decode(u.blob, base)
     assert "bn.num_batches_tracked" not in d.delta
     out = apply_delta(base, d.delta)
     for k in base:
-        assert torch.equal(out[k], new[k]) if base[k].is_floating_point() else \
-            torch.equal(out[k], base[k])
+        assert (
+            torch.equal(out[k], new[k])
+            if base[k].is_floating_point()
+            else torch.equal(out[k], base[k])
+        )
 
 
 # ----------------------------------------------------------------- validation
@@ -128,8 +155,9 @@ def test_excludes_integer_tensors_and_apply_delta():
 @pytest.fixture
 def update():
     base = small_model_state()
-    u = encoder(CodecSettings("fp16", "zstd")).encode(perturbed(base), base, base_version="4",
-                                                      round=1, samples=10)
+    u = encoder(CodecSettings("fp16", "zstd")).encode(
+        perturbed(base), base, base_version="4", round=1, samples=10
+    )
     return base, u.blob
 
 
@@ -144,8 +172,12 @@ def rejected(code, blob, ref, **kw) -> UpdateRejected:
 def test_flipped_byte(update, where):
     base, blob = update
     head, env, mac, payload = _split(blob)
-    pos = {"envelope": 8 + len(env) // 2, "mac": len(head) + 3,
-           "payload": len(head) + 32 + len(payload) // 2, "last": len(blob) - 1}[where]
+    pos = {
+        "envelope": 8 + len(env) // 2,
+        "mac": len(head) + 3,
+        "payload": len(head) + 32 + len(payload) // 2,
+        "last": len(blob) - 1,
+    }[where]
     bad = bytearray(blob)
     bad[pos] ^= 0x01
     with pytest.raises(UpdateRejected) as e:
@@ -175,17 +207,21 @@ def tamper_payload(blob, mutate):
 
     import zstandard
     from safetensors.torch import load, save
+
     head, env_json, mac, payload = _split(blob)
     raw = zstandard.ZstdDecompressor().decompress(payload)
     n = struct.unpack("<Q", raw[:8])[0]
-    meta = json.loads(raw[8:8 + n])["__metadata__"]
+    meta = json.loads(raw[8 : 8 + n])["__metadata__"]
     tensors = load(raw)
     mutate(tensors)
     raw = save(tensors, metadata=meta)
     payload = zstandard.ZstdCompressor().compress(raw)
     env = json.loads(env_json)
-    env.update(payload_sha256=hashlib.sha256(payload).hexdigest(), payload_bytes=len(payload),
-               raw_bytes=len(raw))
+    env.update(
+        payload_sha256=hashlib.sha256(payload).hexdigest(),
+        payload_bytes=len(payload),
+        raw_bytes=len(raw),
+    )
     return _seal(json.dumps(env, sort_keys=True, separators=(",", ":")).encode(), payload, KEY)
 
 
@@ -197,11 +233,17 @@ def test_nan_rejected(update):
 
 def test_wrong_shape_dtype_name(update):
     base, blob = update
-    rejected("shape", tamper_payload(blob, lambda t: t.update({"fc.bias": torch.zeros(11,
-                                     dtype=torch.float16)})), base)
+    rejected(
+        "shape",
+        tamper_payload(blob, lambda t: t.update({"fc.bias": torch.zeros(11, dtype=torch.float16)})),
+        base,
+    )
     rejected("dtype", tamper_payload(blob, lambda t: t.update({"fc.bias": torch.zeros(10)})), base)
-    rejected("names", tamper_payload(blob, lambda t: t.update({"evil": torch.zeros(1,
-                                     dtype=torch.float16)})), base)
+    rejected(
+        "names",
+        tamper_payload(blob, lambda t: t.update({"evil": torch.zeros(1, dtype=torch.float16)})),
+        base,
+    )
     rejected("names", tamper_payload(blob, lambda t: t.pop("fc.bias")), base)
     # the reference itself differs (server expects another architecture)
     other = dict(base, **{"fc.weight": torch.zeros(10, 255)})
@@ -275,10 +317,14 @@ def test_size_targets_on_a_convnet():
     new = perturbed(base, scale=1e-3)
     raw = sum(v.numel() * 4 for v in base.values() if v.is_floating_point())
     size = {}
-    for s in (CodecSettings("fp16", "zstd"), CodecSettings("int8", "zstd"),
-              CodecSettings("fp16", "zstd", 0.01)):
-        size[s.describe()] = len(encoder(s).encode(new, base, base_version="1", round=1,
-                                                   samples=1).blob) / raw
+    for s in (
+        CodecSettings("fp16", "zstd"),
+        CodecSettings("int8", "zstd"),
+        CodecSettings("fp16", "zstd", 0.01),
+    ):
+        size[s.describe()] = (
+            len(encoder(s).encode(new, base, base_version="1", round=1, samples=1).blob) / raw
+        )
     assert size["fp16+zstd"] <= 0.50
     assert size["int8+zstd"] <= 0.26
     assert size["fp16+top0.01+zstd"] <= 0.03
@@ -313,6 +359,7 @@ def _federated_run(settings: CodecSettings | None, *, feedback: bool = True, rou
     10 full-batch steps from the global weights, sends the update, and the
     server applies it.  Returns the global weights after ``rounds``."""
     from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)

@@ -22,26 +22,32 @@ from waggle_trainer.transport import (
 )
 
 
-@pytest.mark.parametrize("name", ["train.loss", "sys.edge_training.up", "mem.peak_bytes",
-                                  "a" * 64, "x1.y_2.z3"])
+@pytest.mark.parametrize(
+    "name", ["train.loss", "sys.edge_training.up", "mem.peak_bytes", "a" * 64, "x1.y_2.z3"]
+)
 def test_valid_names(name):
     assert make_message(name, 1, 1, {"node": "n", "vsn": "W1"})["name"] == name
 
 
-@pytest.mark.parametrize("name", ["Train.loss", "train..loss", ".train", "train.", "a" * 65,
-                                  "train-loss", "train loss", ""])
+@pytest.mark.parametrize(
+    "name",
+    ["Train.loss", "train..loss", ".train", "train.", "a" * 65, "train-loss", "train loss", ""],
+)
 def test_invalid_names(name):
     with pytest.raises(ValueError):
         make_message(name, 1, 1, {"node": "n", "vsn": "W1"})
 
 
-@pytest.mark.parametrize("value,ts,meta", [
-    ([1], 1, {"node": "n", "vsn": "v"}),         # not a scalar
-    (float("nan"), 1, {"node": "n", "vsn": "v"}),
-    (1, 1.5, {"node": "n", "vsn": "v"}),         # ts must be integer ns
-    (1, 1, {"node": "n"}),                       # vsn missing
-    (1, 1, {"node": "n", "vsn": "v", "x": 3}),   # meta values are strings
-])
+@pytest.mark.parametrize(
+    "value,ts,meta",
+    [
+        ([1], 1, {"node": "n", "vsn": "v"}),  # not a scalar
+        (float("nan"), 1, {"node": "n", "vsn": "v"}),
+        (1, 1.5, {"node": "n", "vsn": "v"}),  # ts must be integer ns
+        (1, 1, {"node": "n"}),  # vsn missing
+        (1, 1, {"node": "n", "vsn": "v", "x": 3}),  # meta values are strings
+    ],
+)
 def test_invalid_messages(value, ts, meta):
     with pytest.raises(ValueError):
         make_message("a.b", value, ts, meta)
@@ -53,8 +59,12 @@ def test_record_shape_and_bounded_buffer(caplog):
     t.record("train.loss", 0.25, meta={"model": "resnet18"})
     m = t.peek(2)
     assert m[0]["meta"] == {"node": "NODE1", "vsn": "W01"}
-    assert m[1] == {"name": "train.loss", "ts": m[1]["ts"], "val": 0.25,
-                    "meta": {"node": "NODE1", "vsn": "W01", "model": "resnet18"}}
+    assert m[1] == {
+        "name": "train.loss",
+        "ts": m[1]["ts"],
+        "val": 0.25,
+        "meta": {"node": "NODE1", "vsn": "W01", "model": "resnet18"},
+    }
     assert isinstance(m[1]["ts"], int) and m[1]["ts"] > 1_600_000_000 * 10**9
     with caplog.at_level(logging.WARNING):
         for i in range(5):
@@ -88,8 +98,12 @@ def test_buffered_while_away_then_delivered_as_wagglemsg(names):
         t.record("train.round", i)
     assert len(t) == 50 and t.dropped == 10
     t.gauge("sys.edge_training.up", lambda: 1)
-    pub = TelemetryPublisher(AmqpSettings(backoff_initial_s=0.2, connection_name="test"), t,
-                             exchange=names.telemetry, interval_s=0.5)
+    pub = TelemetryPublisher(
+        AmqpSettings(backoff_initial_s=0.2, connection_name="test"),
+        t,
+        exchange=names.telemetry,
+        interval_s=0.5,
+    )
     try:
         pub.start()
         assert wait_until(lambda: pub.sent >= 52, 10)  # 50 buffered + gauge samples
@@ -118,8 +132,9 @@ def test_buffered_while_away_then_delivered_as_wagglemsg(names):
 def test_publisher_gauges(tmp_path):
     ob = Outbox(tmp_path, 1 << 20)
     pub = UpdatePublisher(AmqpSettings(), ob, node_id="n1")
-    enc = UpdateEncoder(node_id="n1", vsn="W01", model="m", key=b"k" * 16,
-                        settings=CodecSettings("fp32", "none"))
+    enc = UpdateEncoder(
+        node_id="n1", vsn="W01", model="m", key=b"k" * 16, settings=CodecSettings("fp32", "none")
+    )
     blob = enc.encode_delta({"w": torch.zeros(100)}, base_version="1", round=1, samples=1).blob
     pub.submit(blob)  # not started: the update just waits on disk
     t = Telemetry("n1", "W01")

@@ -407,22 +407,35 @@ def test_model_subscriber_checks_its_queue_and_receives_versions(tls_broker, tmp
     generate_signing_key(tmp_path / "server.pem")
     state = {"w": torch.randn(8, 4), "b": torch.zeros(8)}
     env, blob = encode_model(
-        state, model="m", version="2", parent="1", accepts=["2", "1"],
+        state,
+        model="m",
+        version="2",
+        parent="1",
+        accepts=["2", "1"],
         key=load_signing_key(tmp_path / "server.pem"),
     )
     admin = connect(tls_broker, "admin")
     for c in split(env.broadcast_id, blob, 1000):
         admin.channel().basic_publish(
-            MODEL_EXCHANGE, model_routing_key("m"), c.body,
-            pika.BasicProperties(delivery_mode=2, message_id=c.message_id,
-                                 headers=c.headers(), type=MODEL_MESSAGE_TYPE),
+            MODEL_EXCHANGE,
+            model_routing_key("m"),
+            c.body,
+            pika.BasicProperties(
+                delivery_mode=2,
+                message_id=c.message_id,
+                headers=c.headers(),
+                type=MODEL_MESSAGE_TYPE,
+            ),
         )
     admin.close()
 
     def subscriber(declare: bool) -> ModelSubscriber:
         return ModelSubscriber(
-            settings(tls_broker), node_id=NODE_ID, model="m",
-            verify_key=load_verify_key(tmp_path / "server.pem.pub"), current_version="1",
+            settings(tls_broker),
+            node_id=NODE_ID,
+            model="m",
+            verify_key=load_verify_key(tmp_path / "server.pem.pub"),
+            current_version="1",
             declare=declare,
         )
 

@@ -61,8 +61,7 @@ def test_reading_the_config_loads_neither_torch_nor_pika():
 def imports_of(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     found = {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    found |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-              for a in node.names}
+    found |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
     return found
 
 

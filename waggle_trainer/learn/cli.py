@@ -29,8 +29,10 @@ EXIT_USAGE = 2
 #: diverged (the run did not do what it promised).
 EXIT_DOES_NOT_FIT = 1
 
-DATA_NOTE = ("data: synthetic (random images and random labels each step, no camera or "
-             "teacher): the loss measures nothing, the run measures memory and time")
+DATA_NOTE = (
+    "data: synthetic (random images and random labels each step, no camera or "
+    "teacher): the loss measures nothing, the run measures memory and time"
+)
 
 
 class UsageError(Exception):
@@ -57,21 +59,44 @@ def _positive(value: str) -> int:
 def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
     p.add_argument("--arch", choices=ARCHES, default="resnet18")
     p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
-    p.add_argument("--image", type=_positive, default=224,
-                   help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)")
-    p.add_argument("--classes", type=_positive, default=DEFAULT_CLASSES,
-                   help=f"output classes, >= 2 (default {DEFAULT_CLASSES}, as the config)")
-    p.add_argument("--budget", type=_budget_arg, default="auto",
-                   help='activation memory: "auto" (free memory here) or a size such as 800MiB')
-    p.add_argument("--safety-margin", type=float, default=0.1,
-                   help="fraction of free memory left untouched with --budget auto (default 0.1)")
+    p.add_argument(
+        "--image",
+        type=_positive,
+        default=224,
+        help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)",
+    )
+    p.add_argument(
+        "--classes",
+        type=_positive,
+        default=DEFAULT_CLASSES,
+        help=f"output classes, >= 2 (default {DEFAULT_CLASSES}, as the config)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_budget_arg,
+        default="auto",
+        help='activation memory: "auto" (free memory here) or a size such as 800MiB',
+    )
+    p.add_argument(
+        "--safety-margin",
+        type=float,
+        default=0.1,
+        help="fraction of free memory left untouched with --budget auto (default 0.1)",
+    )
     if strategy:
         p.add_argument("--strategy", choices=STRATEGIES, default="optimal")
-    p.add_argument("--fused-step", action="store_true",
-                   help="step the optimiser inside the backward, one parameter at a time: "
-                        "no whole-model gradients (same results)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="where profiles are cached (default: the state directory's profiles/)")
+    p.add_argument(
+        "--fused-step",
+        action="store_true",
+        help="step the optimiser inside the backward, one parameter at a time: "
+        "no whole-model gradients (same results)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where profiles are cached (default: the state directory's profiles/)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -83,9 +108,13 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="real training steps under a plan: step time, peak RSS")
     _model_args(p, strategy=True)
     p.add_argument("--steps", type=_positive, default=5, help="measured steps (default 5)")
-    p.add_argument("--allocator", choices=ALLOCATORS, default=DEFAULT_ALLOCATOR,
-                   help="malloc to run under: glibc's, or a distribution library loaded by "
-                        f"re-executing with LD_PRELOAD (default {DEFAULT_ALLOCATOR})")
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default=DEFAULT_ALLOCATOR,
+        help="malloc to run under: glibc's, or a distribution library loaded by "
+        f"re-executing with LD_PRELOAD (default {DEFAULT_ALLOCATOR})",
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -193,8 +222,9 @@ def _plan(args) -> int:
         from waggle_trainer.remat.fused_step import costs_with_fused_step
         from waggle_trainer.remat.optim import make_optimizer
 
-        optimizer = make_optimizer(model.parameters(), spec.optimizer, lr=spec.learning_rate,
-                                   momentum=spec.momentum)
+        optimizer = make_optimizer(
+            model.parameters(), spec.optimizer, lr=spec.learning_rate, momentum=spec.momentum
+        )
         costs = costs_with_fused_step(costs, stages, optimizer)
     budget = resolve_budget(model, spec)
     rows = strategy_table(costs, budget.activation_budget_bytes)

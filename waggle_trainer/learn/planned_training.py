@@ -84,14 +84,18 @@ class RunSpec:
         if self.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         if not IMAGE_SIZE_MIN <= self.image <= IMAGE_SIZE_MAX:
-            raise ValueError(f"--image {self.image} is out of range "
-                             f"({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)")
+            raise ValueError(
+                f"--image {self.image} is out of range ({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)"
+            )
         if self.classes < CLASSES_MIN:
-            raise ValueError(f"--classes {self.classes} is out of range (at least {CLASSES_MIN}: "
-                             "one class has nothing to learn)")
+            raise ValueError(
+                f"--classes {self.classes} is out of range (at least {CLASSES_MIN}: "
+                "one class has nothing to learn)"
+            )
         if self.width is not None and not IMAGE_SIZE_MIN <= self.width <= IMAGE_SIZE_MAX:
-            raise ValueError(f"--width {self.width} is out of range "
-                             f"({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)")
+            raise ValueError(
+                f"--width {self.width} is out of range ({IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} px)"
+            )
         why = batch_too_small(self.batch, self.image, self.width)
         if why:
             raise ValueError(f"--batch {self.batch} is too small for --image {self.image} ({why})")
@@ -187,8 +191,9 @@ def profiled_resnet(
 
 def resolve_budget(model: nn.Module, spec: RunSpec, *, reserve_bytes: int = 0) -> BudgetBreakdown:
     """The activation budget for ``spec``: a given size, or what is free here now."""
-    state = training_state_bytes(model, spec.optimizer, momentum=spec.momentum,
-                                 fused_step=spec.fused_step)
+    state = training_state_bytes(
+        model, spec.optimizer, momentum=spec.momentum, fused_step=spec.fused_step
+    )
     if spec.budget != "auto":
         return BudgetBreakdown(
             free_bytes=int(spec.budget),
@@ -203,7 +208,9 @@ def resolve_budget(model: nn.Module, spec: RunSpec, *, reserve_bytes: int = 0) -
     # with the first step and must fit too.
     resident = state.parameter_bytes + state.buffer_bytes
     return activation_budget(
-        state, safety_fraction=spec.safety_margin, state_resident_bytes=resident,
+        state,
+        safety_fraction=spec.safety_margin,
+        state_resident_bytes=resident,
         reserve_bytes=reserve_bytes,
     )
 
@@ -348,8 +355,11 @@ class PlannedTraining:
         key = profile_key(self.chain.stages, torch.empty(*s.input_shape))
         # not the optimiser or the fused step: the residue is the runtime's, the state
         # the first step creates is subtracted from it
-        return {**key, "allocator": allocator.loaded_allocator(),
-                "allocator_mode": self.allocator_mode}
+        return {
+            **key,
+            "allocator": allocator.loaded_allocator(),
+            "allocator_mode": self.allocator_mode,
+        }
 
     def _plan_with_cached_overhead(self) -> None:
         """Before the first step: reserve the cached first-step residue in an automatic
@@ -361,31 +371,45 @@ class PlannedTraining:
             self.overhead_source = "cache"
         self.overhead = cached
         if self.spec.budget == "auto":
-            self.budget = resolve_budget(self.model, self.spec,
-                                         reserve_bytes=cached.first_step_residue_bytes)
+            self.budget = resolve_budget(
+                self.model, self.spec, reserve_bytes=cached.first_step_residue_bytes
+            )
         self.overshoot_bytes = max(self.overshoot_bytes, cached.step_bytes)
         # Before the first step nothing runs yet: a budget that the overhead leaves too
         # small is refused (InfeasibleBudget), not trained into an OOM kill.
         self.chain.replan(max(0, self.budget.activation_budget_bytes - self.overshoot_bytes))
         self._configure_allocator()
-        log.info("overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB "
-                 "of tensors", "measured before on this machine" if self.overhead_source == "cache"
-                 else "default until measured", cached.step_bytes >> 20,
-                 cached.first_step_residue_bytes >> 20, self.chain.plan.predicted_peak_bytes >> 20)
+        log.info(
+            "overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB of tensors",
+            "measured before on this machine"
+            if self.overhead_source == "cache"
+            else "default until measured",
+            cached.step_bytes >> 20,
+            cached.first_step_residue_bytes >> 20,
+            self._plan.predicted_peak_bytes >> 20,
+        )
 
     def state_bytes_created_by_first_step(self) -> int:
         """Optimiser state (and resident gradients, when not fused) the first step creates."""
-        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum,
-                                     fused_step=self.fused is not None)
+        state = training_state_bytes(
+            self.model,
+            self.spec.optimizer,
+            momentum=self.spec.momentum,
+            fused_step=self.fused is not None,
+        )
         return state.optimizer_state_bytes + state.gradient_bytes
 
-    def record_overhead(self, *, step_growth_bytes: int | None = None,
-                        first_step_residue_bytes: int | None = None) -> Overhead:
+    def record_overhead(
+        self, *, step_growth_bytes: int | None = None, first_step_residue_bytes: int | None = None
+    ) -> Overhead:
         """Cache what was measured (merged with what is cached): a step's growth over the
         baseline (its excess over the plan's prediction is the step overhead) and what the
         first step left resident beyond the state it created."""
-        step = 0 if step_growth_bytes is None else max(
-            0, step_growth_bytes - self.chain.plan.predicted_peak_bytes)
+        step = (
+            0
+            if step_growth_bytes is None
+            else max(0, step_growth_bytes - self._plan.predicted_peak_bytes)
+        )
         measured = Overhead(step, max(0, first_step_residue_bytes or 0))
         save_overhead(self.spec.cache_dir, self.overhead_key(), measured)
         return measured
@@ -397,8 +421,9 @@ class PlannedTraining:
             return
         self.fused = FusedStep(self.optimizer)
         assert self.chain.costs is not None  # profiled at build
-        self.chain.costs = costs_with_fused_step(self.chain.costs, self.chain.stages,
-                                                 self.optimizer)
+        self.chain.costs = costs_with_fused_step(
+            self.chain.costs, self.chain.stages, self.optimizer
+        )
         self.chain.replan(self.chain.budget_bytes)
 
     def maybe_replan(self) -> bool:
@@ -409,8 +434,12 @@ class PlannedTraining:
         change = self.watcher.poll()
         if change is None:
             return False
-        state = training_state_bytes(self.model, self.spec.optimizer, momentum=self.spec.momentum,
-                                     fused_step=self.fused is not None)
+        state = training_state_bytes(
+            self.model,
+            self.spec.optimizer,
+            momentum=self.spec.momentum,
+            fused_step=self.fused is not None,
+        )
         self.budget = activation_budget(
             state,
             free=change.current_bytes,

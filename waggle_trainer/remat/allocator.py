@@ -77,6 +77,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal, get_args
 
 __all__ = [
     "MODES",
@@ -142,8 +143,13 @@ def _jemalloc_mallctl():
         fn = ctypes.CDLL(None).mallctl
     except AttributeError:
         return None
-    fn.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_size_t]
+    fn.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
     fn.restype = ctypes.c_int
     return fn
 
@@ -185,13 +191,18 @@ def configure_allocator(
     _check_mode(mode)
     _check_threshold("mmap_threshold", mmap_threshold, _MAX_MMAP_THRESHOLD)
     _check_threshold("trim_threshold", trim_threshold)
-    if arena_max is not None and (isinstance(arena_max, bool) or not isinstance(arena_max, int)
-                                  or arena_max < 1):
+    if arena_max is not None and (
+        isinstance(arena_max, bool) or not isinstance(arena_max, int) or arena_max < 1
+    ):
         raise ValueError(f"arena_max must be a positive integer or None, got {arena_max!r}")
     preloaded = loaded_allocator()
     if preloaded != "glibc":
-        return AllocatorSettings(mode, applied=False, allocator=preloaded,
-                                 note=f"{preloaded} is preloaded: glibc's settings do not apply")
+        return AllocatorSettings(
+            mode,
+            applied=False,
+            allocator=preloaded,
+            note=f"{preloaded} is preloaded: glibc's settings do not apply",
+        )
     if mode in ("default", "trim") and arena_max is None:
         return AllocatorSettings(mode, applied=True, note="no mallopt settings")
     lib = _libc()
@@ -235,8 +246,14 @@ def trim() -> bool:
 
 def find_jemalloc() -> str | None:
     """Path of libjemalloc.so.2 (Debian: ``apt-get install libjemalloc2``) or None."""
-    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
-              "/usr/lib/arm-linux-gnueabihf", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+    for d in (
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib/arm-linux-gnueabihf",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/lib",
+    ):
         p = Path(d) / "libjemalloc.so.2"
         if p.exists():
             return str(p)
@@ -278,10 +295,11 @@ def allocator_env(
 
 #: Allocators the command line can run under: glibc's own malloc, or one of the
 #: distribution's reusing allocators loaded with ``LD_PRELOAD``.
-ALLOCATORS = ("glibc", "jemalloc", "tcmalloc", "mimalloc")
+AllocatorName = Literal["glibc", "jemalloc", "tcmalloc", "mimalloc"]
+ALLOCATORS: tuple[str, ...] = get_args(AllocatorName)
 #: What ``bench``, ``run`` and the daemon use unless told otherwise
 #: (``bench/results/checkpointing.md``, end-to-end comparison).
-DEFAULT_ALLOCATOR = "glibc"
+DEFAULT_ALLOCATOR: AllocatorName = "glibc"
 
 #: Library file names (Debian: libjemalloc2, libtcmalloc-minimal4, libmimalloc2.0).
 PRELOADED: dict[str, tuple[str, ...]] = {
@@ -289,8 +307,11 @@ PRELOADED: dict[str, tuple[str, ...]] = {
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
     "mimalloc": ("libmimalloc.so.2", "libmimalloc.so.2.0"),
 }
-_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4",
-             "mimalloc": "libmimalloc2.0"}
+_PACKAGES = {
+    "jemalloc": "libjemalloc2",
+    "tcmalloc": "libtcmalloc-minimal4",
+    "mimalloc": "libmimalloc2.0",
+}
 _MAPS_NAMES = {"jemalloc": "libjemalloc", "tcmalloc": "libtcmalloc", "mimalloc": "libmimalloc"}
 
 #: Retention settings: a checkpointing plan frees an activation and allocates one of
@@ -310,8 +331,14 @@ RETENTION: dict[str, dict[str, str]] = {
     "mimalloc": {"MIMALLOC_DECOMMIT_DELAY": "10000", "MIMALLOC_RESET_DELAY": "10000"},
 }
 
-_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
-             "/usr/lib/arm-linux-gnueabihf", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+_LIB_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/arm-linux-gnueabihf",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
 
 
 def _check_allocator(name: str) -> None:
@@ -398,11 +425,19 @@ def plan_preload(name: str, environ: dict[str, str] | None = None) -> PreloadPla
         return PreloadPlan(name, None)
     path = find_allocator(name)
     if path is None:
-        return PreloadPlan("glibc", None, f"allocator {name}: {PRELOADED[name][0]} not found "
-                           f"(apt-get install {_PACKAGES[name]}); using glibc malloc")
+        return PreloadPlan(
+            "glibc",
+            None,
+            f"allocator {name}: {PRELOADED[name][0]} not found "
+            f"(apt-get install {_PACKAGES[name]}); using glibc malloc",
+        )
     if environ.get("WAGGLE_PRELOADED") == name:
-        return PreloadPlan(loaded, None, f"allocator {name}: {path} was preloaded but is not "
-                           f"mapped (LD_PRELOAD refused?); using {loaded}")
+        return PreloadPlan(
+            loaded,
+            None,
+            f"allocator {name}: {path} was preloaded but is not "
+            f"mapped (LD_PRELOAD refused?); using {loaded}",
+        )
     return PreloadPlan(name, {**environ, **preload_env(name, path), "WAGGLE_PRELOADED": name})
 
 
@@ -423,8 +458,9 @@ def reexec_under(name: str, argv: list[str] | None) -> str:
     if plan.env is None:
         return loaded_allocator()
     if argv is None:
-        log.warning("allocator %s: called in-process, cannot re-execute; using %s",
-                    name, loaded_allocator())
+        log.warning(
+            "allocator %s: called in-process, cannot re-execute; using %s", name, loaded_allocator()
+        )
         return loaded_allocator()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -153,7 +153,7 @@ def _join_under(mount: _Mount, cgroup_path: str) -> Path | None:
     if root != "/":
         if cgroup_path != root and not cgroup_path.startswith(root + "/"):
             return None
-        cgroup_path = cgroup_path[len(root):]
+        cgroup_path = cgroup_path[len(root) :]
     rel = cgroup_path.lstrip("/")
     return Path(mount.mount_point) / rel if rel else Path(mount.mount_point)
 
@@ -355,7 +355,6 @@ def free_memory_bytes(location: CgroupLocation | None = None) -> int:
 # ------------------------------------------------------------------ training state
 
 
-
 @dataclass(frozen=True)
 class TrainingState:
     """Bytes resident for the whole of training, besides activations."""
@@ -381,7 +380,10 @@ class TrainingState:
 
 
 def training_state_bytes(
-    model, optimizer: str = "sgd-momentum", *, momentum: float | None = None,
+    model,
+    optimizer: str = "sgd-momentum",
+    *,
+    momentum: float | None = None,
     fused_step: bool = False,
 ) -> TrainingState:
     """Parameters, buffers, gradients and optimiser state of ``model``.

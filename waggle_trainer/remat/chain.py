@@ -36,7 +36,11 @@ from torch import nn
 from waggle_trainer.common import ARCHES
 
 __all__ = [
-    "OutOfPlace", "named_stages", "chain_stages", "input_needs_grad", "build_resnet",
+    "OutOfPlace",
+    "named_stages",
+    "chain_stages",
+    "input_needs_grad",
+    "build_resnet",
     "RESNET_ARCHS",
 ]
 

@@ -1,4 +1,5 @@
 """Subcommands of the memory-bounded training layer: revolve, plan, bench, memory."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,13 @@ def register(sub) -> None:
         "(advance) steps and the schedule (FN/FC advance, FA+BW adjoint, LOSS terminal).",
     )
     p.add_argument("--length", type=int, required=True, metavar="L", help="number of steps (>= 0)")
-    p.add_argument("--slots", type=int, required=True, metavar="C",
-                   help="checkpoint slots, the input's included (>= 1)")
+    p.add_argument(
+        "--slots",
+        type=int,
+        required=True,
+        metavar="C",
+        help="checkpoint slots, the input's included (>= 1)",
+    )
     p.add_argument("--uf", type=float, default=1.0, help="cost of a forward step (default 1)")
     p.add_argument("--ub", type=float, default=1.0, help="cost of an adjoint step (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -63,23 +69,34 @@ def _revolve(args) -> int:
     # slots beyond length+1 cannot be used: Opt[l, c] is the same for every c >= l+1
     slots = min(args.slots, args.length + 1)
     if table_work(args.length, slots) > MAX_TABLE_WORK:
-        return _fail("--length", f"at most {max_length(slots)} with --slots {args.slots} "
-                     f"(the table takes length^2 x (slots - 1) / 2 steps, and with one slot the "
-                     f"schedule has length^2 / 2 actions; the limit is {MAX_TABLE_WORK:,})",
-                     args.length)
+        return _fail(
+            "--length",
+            f"at most {max_length(slots)} with --slots {args.slots} "
+            f"(the table takes length^2 x (slots - 1) / 2 steps, and with one slot the "
+            f"schedule has length^2 / 2 actions; the limit is {MAX_TABLE_WORK:,})",
+            args.length,
+        )
     table = RevolveTable(args.length, slots, args.uf, args.ub)
     schedule = table.schedule()
     cost = table.cost()
     steps = forward_steps(schedule)
     if args.json:
-        print(json.dumps({
-            "length": args.length, "slots": args.slots, "uf": args.uf, "ub": args.ub,
-            "cost": cost, "forward_steps": steps, "actions": [[op, j] for op, j in schedule],
-        }))
+        print(
+            json.dumps(
+                {
+                    "length": args.length,
+                    "slots": args.slots,
+                    "uf": args.uf,
+                    "ub": args.ub,
+                    "cost": cost,
+                    "forward_steps": steps,
+                    "actions": [[op, j] for op, j in schedule],
+                }
+            )
+        )
         return 0
     print(f"Opt[{args.length}, {args.slots}] = {cost:g}  (uf={args.uf:g}, ub={args.ub:g})")
     print(f"forward steps: {steps}")
     print(f"schedule ({len(schedule)} actions):")
     print(" ".join(f"{op}{j}" for op, j in schedule))
     return 0
-

@@ -77,10 +77,13 @@ class ChainCosts:
         extra = [int(b) for b in step_bytes]
         if len(extra) != len(self.stages) or any(b < 0 for b in extra):
             raise ValueError(f"step_bytes must be {len(self.stages)} byte counts >= 0, got {extra}")
-        stages = tuple(replace(s, backward_peak_bytes=s.backward_peak_bytes + b)
-                       for s, b in zip(self.stages, extra, strict=True))
-        return ChainCosts(self.input_bytes, stages, self.loss_s,
-                          {**self.meta, "fused_step_bytes": extra})
+        stages = tuple(
+            replace(s, backward_peak_bytes=s.backward_peak_bytes + b)
+            for s, b in zip(self.stages, extra, strict=True)
+        )
+        return ChainCosts(
+            self.input_bytes, stages, self.loss_s, {**self.meta, "fused_step_bytes": extra}
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> ChainCosts:

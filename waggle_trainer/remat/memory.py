@@ -89,8 +89,11 @@ def check_shape(arch: str, batch: int, image: int, optimizer: str = "sgd-momentu
         raise ValueError(f"unknown architecture {arch!r} (allowed: {', '.join(ARCHES)})")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
-    if (isinstance(image, bool) or not isinstance(image, int)
-            or not IMAGE_SIZE_MIN <= image <= IMAGE_SIZE_MAX):
+    if (
+        isinstance(image, bool)
+        or not isinstance(image, int)
+        or not IMAGE_SIZE_MIN <= image <= IMAGE_SIZE_MAX
+    ):
         raise ValueError(
             f"image must be an integer from {IMAGE_SIZE_MIN} to {IMAGE_SIZE_MAX} pixels, "
             f"got {image!r}"
@@ -121,9 +124,15 @@ class StepMemory:
 
     @property
     def total_bytes(self) -> int:
-        return (self.parameter_bytes + self.buffer_bytes + self.gradient_bytes
-                + self.optimizer_state_bytes + self.input_bytes + self.activation_bytes
-                + self.workspace_bytes)
+        return (
+            self.parameter_bytes
+            + self.buffer_bytes
+            + self.gradient_bytes
+            + self.optimizer_state_bytes
+            + self.input_bytes
+            + self.activation_bytes
+            + self.workspace_bytes
+        )
 
     @property
     def step_growth_bytes(self) -> int:
@@ -143,8 +152,15 @@ def _build(arch: str, num_classes: int):
     return build_resnet(arch, num_classes)
 
 
-def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None,
-                  num_classes: int = STUDY_CLASSES, progress=None):
+def profile_costs(
+    arch: str,
+    batch: int,
+    image: int,
+    *,
+    cache_dir=None,
+    num_classes: int = STUDY_CLASSES,
+    progress=None,
+):
     """Profiled :class:`ChainCosts` of ``arch`` on this machine (runs it for real)."""
     import torch
     import torch.nn.functional as F
@@ -156,8 +172,11 @@ def profile_costs(arch: str, batch: int, image: int, *, cache_dir=None,
     model = _build(arch, num_classes).train()
     target = torch.randint(0, num_classes, (batch,))
     return profile_chain(
-        chain_stages(model), torch.empty(batch, 3, image, image),
-        loss_fn=lambda out: F.cross_entropy(out, target), repeats=1, cache_dir=cache_dir,
+        chain_stages(model),
+        torch.empty(batch, 3, image, image),
+        loss_fn=lambda out: F.cross_entropy(out, target),
+        repeats=1,
+        cache_dir=cache_dir,
         progress=progress,
     )
 
@@ -214,15 +233,25 @@ def predict_step_memory(
         acts = sum(s.saved_bytes for s in costs.stages)
         sizes = [costs.input_bytes] + [s.output_bytes for s in costs.stages]
         workspace = max(
-            [max(s.forward_peak_bytes, s.backward_peak_bytes + sizes[j] + sizes[j + 1])
-             for j, s in enumerate(costs.stages)] or [0]
+            [
+                max(s.forward_peak_bytes, s.backward_peak_bytes + sizes[j] + sizes[j + 1])
+                for j, s in enumerate(costs.stages)
+            ]
+            or [0]
         )
         source = "profiled chain (saved bytes)"
     return StepMemory(
-        arch=arch, batch=batch, image=image, optimizer=state.optimizer,
-        parameter_bytes=state.parameter_bytes, buffer_bytes=state.buffer_bytes,
-        gradient_bytes=state.gradient_bytes, optimizer_state_bytes=state.optimizer_state_bytes,
-        input_bytes=input_bytes, activation_bytes=acts, workspace_bytes=workspace,
+        arch=arch,
+        batch=batch,
+        image=image,
+        optimizer=state.optimizer,
+        parameter_bytes=state.parameter_bytes,
+        buffer_bytes=state.buffer_bytes,
+        gradient_bytes=state.gradient_bytes,
+        optimizer_state_bytes=state.optimizer_state_bytes,
+        input_bytes=input_bytes,
+        activation_bytes=acts,
+        workspace_bytes=workspace,
         source=source,
     )
 
@@ -303,8 +332,11 @@ def _worker(arch: str, batch: int, image: int, optimizer: str, allocator_mode: s
                 trim()
     peak = peak_rss_bytes()
     events = sorted(
-        (e for e in prof.profiler.kineto_results.events()
-         if e.name() == "[memory]" and e.device_type() == cpu),
+        (
+            e
+            for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == cpu
+        ),
         key=lambda e: e.start_ns(),
     )
     cur = tpeak = 0
@@ -343,14 +375,18 @@ def measure_step_memory(
         raise ValueError(f"unknown allocator mode {mode!r} (allowed: {', '.join(MODES)})")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    argv = [sys.executable, "-m", "waggle_trainer.remat.memory", "--worker",
-            json.dumps([arch, batch, image, optimizer, mode])]
+    argv = [
+        sys.executable,
+        "-m",
+        "waggle_trainer.remat.memory",
+        "--worker",
+        json.dumps([arch, batch, image, optimizer, mode]),
+    ]
     p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(
-            f"measuring {arch} batch {batch} image {image} failed "
-            f"(exit {p.returncode}): {tail}"
+            f"measuring {arch} batch {batch} image {image} failed (exit {p.returncode}): {tail}"
         )
     return MeasuredStep(**json.loads(p.stdout.strip().splitlines()[-1]))
 
@@ -392,8 +428,14 @@ def reference_rows(
     rows = []
     for arch, batch, image, ref in REFERENCE_CELLS:
         pred = predict_step_memory(arch, batch, image, optimizer)
-        row = {"arch": arch, "batch": batch, "image": image, "reference_mb": ref,
-               "predicted": pred.to_dict(), "measured": None}
+        row = {
+            "arch": arch,
+            "batch": batch,
+            "image": image,
+            "reference_mb": ref,
+            "predicted": pred.to_dict(),
+            "measured": None,
+        }
         if measure and pred.total_bytes <= measure_limit_bytes:
             row["measured"] = measure_step_memory(arch, batch, image, optimizer).to_dict()
         rows.append(row)

@@ -25,24 +25,45 @@ def register_memory(sub) -> None:
             "with --table the study's reference table beside this machine's numbers."
         ),
     )
-    p.add_argument("--arch", default="resnet18",
-                   help=f"{', '.join(ARCHES)} (default resnet18; 1000 classes, as the study)")
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        help=f"{', '.join(ARCHES)} (default resnet18; 1000 classes, as the study)",
+    )
     p.add_argument("--batch", default="8", help="batch size, >= 1 (default 8)")
-    p.add_argument("--image", default="224",
-                   help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)")
-    p.add_argument("--optimizer", default="sgd-momentum",
-                   help="sgd, sgd-momentum, adam or adamw (default sgd-momentum)")
-    p.add_argument("--measure", action="store_true",
-                   help="also run two real training steps in a fresh process and measure")
-    p.add_argument("--table", action="store_true",
-                   help="the reference table (ResNet 18..152 x batch 1..50, image sizes) "
-                        "beside this machine's prediction (and measurement with --measure)")
-    p.add_argument("--measure-limit", default="1.5GiB",
-                   help="with --table --measure: measure only cells predicted below this "
-                        "size (default 1.5GiB)")
-    p.add_argument("--profile", action="store_true",
-                   help="take activations from the profiler (runs the chain here, "
-                        "cached in --cache-dir) instead of the meta-device count")
+    p.add_argument(
+        "--image",
+        default="224",
+        help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="sgd-momentum",
+        help="sgd, sgd-momentum, adam or adamw (default sgd-momentum)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run two real training steps in a fresh process and measure",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="the reference table (ResNet 18..152 x batch 1..50, image sizes) "
+        "beside this machine's prediction (and measurement with --measure)",
+    )
+    p.add_argument(
+        "--measure-limit",
+        default="1.5GiB",
+        help="with --table --measure: measure only cells predicted below this "
+        "size (default 1.5GiB)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="take activations from the profiler (runs the chain here, "
+        "cached in --cache-dir) instead of the meta-device count",
+    )
     p.add_argument("--cache-dir", default=None, help="profile cache directory (with --profile)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(handler=_memory)
@@ -90,8 +111,12 @@ def _memory(args) -> int:
             done[0] += 1
             bar(done[0], len(REFERENCE_CELLS))
 
-        rows = reference_rows(measure=args.measure, measure_limit_bytes=limit,
-                              optimizer=args.optimizer, progress=progress)
+        rows = reference_rows(
+            measure=args.measure,
+            measure_limit_bytes=limit,
+            optimizer=args.optimizer,
+            progress=progress,
+        )
         if args.json:
             print(json.dumps({"rows": rows}, indent=2))
         else:
@@ -102,8 +127,13 @@ def _memory(args) -> int:
     if args.profile:
         from waggle_trainer.remat.memory import profile_costs
 
-        costs = profile_costs(args.arch, batch, image, cache_dir=cache_dir,
-                              progress=Progress(f"profiling {args.arch}", "stages"))
+        costs = profile_costs(
+            args.arch,
+            batch,
+            image,
+            cache_dir=cache_dir,
+            progress=Progress(f"profiling {args.arch}", "stages"),
+        )
     pred = predict_step_memory(args.arch, batch, image, args.optimizer, costs=costs)
     measured = None
     if args.measure:
@@ -113,8 +143,12 @@ def _memory(args) -> int:
             print(f"waggle-trainer memory: error: {exc}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps({"predicted": pred.to_dict(),
-                          "measured": measured.to_dict() if measured else None}, indent=2))
+        print(
+            json.dumps(
+                {"predicted": pred.to_dict(), "measured": measured.to_dict() if measured else None},
+                indent=2,
+            )
+        )
     else:
         print("\n".join(describe(pred, measured)))
     return 0

@@ -92,8 +92,10 @@ class VerifySection(_Section):
     @field_validator("user_id_format")
     @classmethod
     def _one_node_placeholder(cls, v: str) -> str:
-        if v.count("{node}") != 1 or v.replace("{node}", "").count("{") or "}" in v.replace(
-            "{node}", ""
+        if (
+            v.count("{node}") != 1
+            or v.replace("{node}", "").count("{")
+            or "}" in v.replace("{node}", "")
         ):
             raise ValueError(f'{v!r} must contain "{{node}}" exactly once and no other braces')
         return v

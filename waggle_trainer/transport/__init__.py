@@ -55,8 +55,16 @@ __all__ = [
     "validate_name",
     "weight_delta",
 ]  # fmt: skip
-_SUBMODULES = ("amqp", "chunks", "codec", "outbox", "publisher", "telemetry", "model_wire",
-               "model_subscriber")
+_SUBMODULES = (
+    "amqp",
+    "chunks",
+    "codec",
+    "outbox",
+    "publisher",
+    "telemetry",
+    "model_wire",
+    "model_subscriber",
+)
 
 
 def __getattr__(name: str) -> Any:

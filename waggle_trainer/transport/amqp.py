@@ -91,10 +91,15 @@ class AmqpSettings:
         if u.scheme not in ("amqp", "amqps"):
             raise ValueError(f"not an AMQP URL: {url!r}")
         vhost = unquote(u.path[1:]) if len(u.path) > 1 else "/"
-        return cls(host=u.hostname or "127.0.0.1", port=u.port, vhost=vhost,
-                   username=unquote(u.username) if u.username else None,
-                   password=unquote(u.password) if u.password else None,
-                   tls=u.scheme == "amqps", **kw)
+        return cls(
+            host=u.hostname or "127.0.0.1",
+            port=u.port,
+            vhost=vhost,
+            username=unquote(u.username) if u.username else None,
+            password=unquote(u.password) if u.password else None,
+            tls=u.scheme == "amqps",
+            **kw,
+        )
 
     @property
     def effective_port(self) -> int:
@@ -137,15 +142,17 @@ def tls_context(cacert: str, cert: str, key: str) -> ssl.SSLContext:
     """
     for field, path in (("cacert", cacert), ("cert", cert), ("key", key)):
         if not os.path.isfile(path):
-            raise TlsFileError(field, path, "not found" if not os.path.exists(path)
-                               else "not a file")
+            raise TlsFileError(
+                field, path, "not found" if not os.path.exists(path) else "not a file"
+            )
         if not os.access(path, os.R_OK):
             raise TlsFileError(field, path, "not readable by this user")
     try:
         ctx = ssl.create_default_context(cafile=cacert)
     except ssl.SSLError as e:
-        raise TlsFileError("cacert", cacert, f"not a PEM CA certificate ({e.reason or e})") \
-            from None
+        raise TlsFileError(
+            "cacert", cacert, f"not a PEM CA certificate ({e.reason or e})"
+        ) from None
     try:
         ctx.load_cert_chain(cert, key)
     except ssl.SSLError as e:
@@ -153,8 +160,9 @@ def tls_context(cacert: str, cert: str, key: str) -> ssl.SSLContext:
             raise TlsFileError("key", key, f"does not match the certificate {cert}") from None
         if certificate_info(cert) is None:
             raise TlsFileError("cert", cert, "not a PEM certificate") from None
-        raise TlsFileError("key", key, f"cannot be loaded ({e.reason or e}; a PEM private "
-                           "key, not encrypted)") from None
+        raise TlsFileError(
+            "key", key, f"cannot be loaded ({e.reason or e}; a PEM private key, not encrypted)"
+        ) from None
     return ctx
 
 
@@ -180,8 +188,11 @@ def certificate_info(path: str) -> CertificateInfo | None:
     except OSError:
         return None
     try:
-        cert = (x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
-                else x509.load_der_x509_certificate(data))
+        cert = (
+            x509.load_pem_x509_certificate(data)
+            if b"-----BEGIN" in data
+            else x509.load_der_x509_certificate(data)
+        )
     except ValueError:
         return None
 
@@ -189,10 +200,12 @@ def certificate_info(path: str) -> CertificateInfo | None:
         attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
         return str(attrs[0].value) if attrs else None
 
-    return CertificateInfo(common_name=cn(cert.subject),
-                           issuer=cn(cert.issuer) or cert.issuer.rfc4514_string(),
-                           not_before=cert.not_valid_before_utc,
-                           not_after=cert.not_valid_after_utc)
+    return CertificateInfo(
+        common_name=cn(cert.subject),
+        issuer=cn(cert.issuer) or cert.issuer.rfc4514_string(),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+    )
 
 
 def connection_parameters(s: AmqpSettings, purpose: str) -> pika.ConnectionParameters:
@@ -206,12 +219,19 @@ def connection_parameters(s: AmqpSettings, purpose: str) -> pika.ConnectionParam
     else:
         credentials = pika.PlainCredentials(s.username or "", s.password or "")
     return pika.ConnectionParameters(
-        host=s.host, port=s.effective_port, virtual_host=s.vhost, credentials=credentials,
-        ssl_options=ssl_options, heartbeat=s.heartbeat_s,
+        host=s.host,
+        port=s.effective_port,
+        virtual_host=s.vhost,
+        credentials=credentials,
+        ssl_options=ssl_options,
+        heartbeat=s.heartbeat_s,
         blocked_connection_timeout=s.blocked_connection_timeout_s,
-        socket_timeout=s.socket_timeout_s, connection_attempts=1,
-        client_properties={"connection_name": f"{s.connection_name} {purpose}",
-                           "product": "waggle-trainer"},
+        socket_timeout=s.socket_timeout_s,
+        connection_attempts=1,
+        client_properties={
+            "connection_name": f"{s.connection_name} {purpose}",
+            "product": "waggle-trainer",
+        },
     )
 
 
@@ -224,9 +244,18 @@ _FATAL_REPLY_CODES = {403, 406, 530}  # ACCESS_REFUSED, PRECONDITION_FAILED, NOT
 # are found by name in the error's text.
 _ALERT = re.compile(r"ALERT_([A-Z0-9_]+)")
 _CERT_ALERTS = {
-    "UNKNOWN_CA", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "BAD_CERTIFICATE",
-    "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_REQUIRED", "ACCESS_DENIED",
-    "HANDSHAKE_FAILURE", "DECRYPT_ERROR", "INSUFFICIENT_SECURITY", "PROTOCOL_VERSION",
+    "UNKNOWN_CA",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+    "UNSUPPORTED_CERTIFICATE",
+    "CERTIFICATE_REQUIRED",
+    "ACCESS_DENIED",
+    "HANDSHAKE_FAILURE",
+    "DECRYPT_ERROR",
+    "INSUFFICIENT_SECURITY",
+    "PROTOCOL_VERSION",
 }
 # OpenSSL verify codes for a broker certificate outside its validity period: the
 # node's clock may be wrong (right after boot), so these are retried.
@@ -238,8 +267,12 @@ def _chain(exc: BaseException, depth: int = 0) -> list[BaseException]:
     out = [exc]
     if depth > 4:
         return out
-    inner: list[Any] = [exc.__cause__, exc.__context__, *exc.args,
-                        *(getattr(exc, "exceptions", None) or ())]
+    inner: list[Any] = [
+        exc.__cause__,
+        exc.__context__,
+        *exc.args,
+        *(getattr(exc, "exceptions", None) or ()),
+    ]
     for e in inner:
         if isinstance(e, BaseException) and e is not exc:
             out += _chain(e, depth + 1)
@@ -255,16 +288,20 @@ def _client_cert_refused(alert: str, s: AmqpSettings) -> FatalAmqpError:
     what = f"the client certificate {s.cert}"
     if alert == "UNKNOWN_CA":
         issuer = f" (issuer {info.issuer!r})" if info else ""
-        return FatalAmqpError(f"the broker does not trust the CA that signed {what}{issuer}; "
-                              "install a certificate issued by the broker's CA")
+        return FatalAmqpError(
+            f"the broker does not trust the CA that signed {what}{issuer}; "
+            "install a certificate issued by the broker's CA"
+        )
     if alert == "CERTIFICATE_EXPIRED":
         until = f" (valid until {info.not_after:%Y-%m-%d %H:%M} UTC)" if info else ""
-        return FatalAmqpError(f"the broker refused {what}: it has expired{until}; "
-                              "install a renewed certificate")
+        return FatalAmqpError(
+            f"the broker refused {what}: it has expired{until}; install a renewed certificate"
+        )
     if alert == "CERTIFICATE_REVOKED":
         return FatalAmqpError(f"the broker refused {what}: it has been revoked")
-    return FatalAmqpError(f"the broker refused the TLS handshake with {what} "
-                          f"(alert {alert.lower()})")
+    return FatalAmqpError(
+        f"the broker refused the TLS handshake with {what} (alert {alert.lower()})"
+    )
 
 
 def classify(exc: BaseException, settings: AmqpSettings | None = None) -> FatalAmqpError | None:
@@ -277,20 +314,26 @@ def classify(exc: BaseException, settings: AmqpSettings | None = None) -> FatalA
         if isinstance(e, ssl.SSLCertVerificationError):
             if e.verify_code in _CLOCK_VERIFY_CODES:
                 return None
-            return FatalAmqpError(f"the broker's certificate is not trusted with cacert "
-                                  f"{s.cacert}: {e.verify_message or e}")
+            return FatalAmqpError(
+                f"the broker's certificate is not trusted with cacert "
+                f"{s.cacert}: {e.verify_message or e}"
+            )
     if s.tls or "SSL" in _text(exc):
         for alert in _ALERT.findall(_text(exc)):
             if alert in _CERT_ALERTS:
                 return _client_cert_refused(alert, s)
     if isinstance(exc, (px.ProbableAuthenticationError, px.AuthenticationError)):
         who = s.broker_user()
-        how = (f"certificate {s.cert}, user {who!r}" if s.tls and not s.username
-               else f"user {who!r}: check username/password")
+        how = (
+            f"certificate {s.cert}, user {who!r}"
+            if s.tls and not s.username
+            else f"user {who!r}: check username/password"
+        )
         return FatalAmqpError(f"authentication refused by the broker ({how}): {exc}")
     if isinstance(exc, px.ProbableAccessDeniedError):
-        return FatalAmqpError(f"access to virtual host {s.vhost!r} refused for user "
-                              f"{s.broker_user()!r}: {exc}")
+        return FatalAmqpError(
+            f"access to virtual host {s.vhost!r} refused for user {s.broker_user()!r}: {exc}"
+        )
     if isinstance(exc, (FileNotFoundError, PermissionError)):
         return FatalAmqpError(f"cannot read TLS files: {exc}")
     code = None
@@ -314,8 +357,9 @@ def tls_refusal(s: AmqpSettings, wait_s: float = 2.0) -> FatalAmqpError | None:
     """
     try:
         ctx = s.ssl_context()
-        with socket.create_connection((s.host, s.effective_port),
-                                      timeout=s.socket_timeout_s) as raw:
+        with socket.create_connection(
+            (s.host, s.effective_port), timeout=s.socket_timeout_s
+        ) as raw:
             with ctx.wrap_socket(raw, server_hostname=s.server_hostname or s.host) as tls:
                 tls.settimeout(wait_s)
                 tls.recv(1)
@@ -338,8 +382,10 @@ def describe(exc: BaseException) -> str:
     """One line for the log about a retryable error."""
     for e in _chain(exc):
         if isinstance(e, ssl.SSLCertVerificationError) and e.verify_code in _CLOCK_VERIFY_CODES:
-            return (f"the broker's certificate {e.verify_message} by this node's clock "
-                    f"({datetime.now().astimezone():%Y-%m-%d %H:%M %Z}); is the clock set?")
+            return (
+                f"the broker's certificate {e.verify_message} by this node's clock "
+                f"({datetime.now().astimezone():%Y-%m-%d %H:%M %Z}); is the clock set?"
+            )
     if isinstance(exc, (px.ChannelClosedByBroker, px.ConnectionClosedByBroker)):
         what = "channel" if isinstance(exc, px.ChannelClosedByBroker) else "connection"
         return f"broker closed the {what}: {exc.reply_code} {exc.reply_text}"
@@ -391,8 +437,7 @@ class AmqpWorker:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("already started")
-        self._thread = threading.Thread(target=self._run, name=f"amqp-{self.purpose}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"amqp-{self.purpose}", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = 10.0) -> None:
@@ -412,8 +457,12 @@ class AmqpWorker:
                 self.connect_attempts += 1
                 conn = pika.BlockingConnection(connection_parameters(self.amqp, self.purpose))
                 self.connected = True
-                self._log.info("connected to %s:%d%s", self.amqp.host, self.amqp.effective_port,
-                               "" if self.amqp.vhost == "/" else f" vhost {self.amqp.vhost}")
+                self._log.info(
+                    "connected to %s:%d%s",
+                    self.amqp.host,
+                    self.amqp.effective_port,
+                    "" if self.amqp.vhost == "/" else f" vhost {self.amqp.vhost}",
+                )
                 self._session(conn)
             except Exception as e:  # noqa: BLE001 - classified: retry, fatal, or a bug
                 if not self._handle_failure(e, connecting=not self.connected):
@@ -435,16 +484,21 @@ class AmqpWorker:
             if fatal is None:
                 delay = self._backoff.next()
                 self.last_error = describe(e)
-                self._log.warning("%s: %s; retrying in %.1f s", self.purpose, self.last_error,
-                                  delay)
+                self._log.warning(
+                    "%s: %s; retrying in %.1f s", self.purpose, self.last_error, delay
+                )
                 self._stop.wait(delay)
                 return True
             self._log.error("%s stopped: %s", self.purpose, fatal)
         else:
-            fatal = FatalAmqpError(f"internal error in the {self.purpose} thread: "
-                                   f"{type(e).__name__}: {e}")
-            self._log.error("%s stopped by an internal error (a bug; please report it "
-                            "with this traceback)", self.purpose, exc_info=e)
+            fatal = FatalAmqpError(
+                f"internal error in the {self.purpose} thread: {type(e).__name__}: {e}"
+            )
+            self._log.error(
+                "%s stopped by an internal error (a bug; please report it with this traceback)",
+                self.purpose,
+                exc_info=e,
+            )
         self.last_error = str(fatal)
         self.fatal_error = fatal
         self._on_fatal(fatal)
@@ -459,14 +513,14 @@ class AmqpWorker:
         (declared, or only checked with ``declare=False``); marks the session up."""
         ch = conn.channel()
         try:
-            ch.exchange_declare(exchange, exchange_type="topic", durable=True,
-                                passive=not declare)
+            ch.exchange_declare(exchange, exchange_type="topic", durable=True, passive=not declare)
         except px.ChannelClosedByBroker as e:
             if e.reply_code == 403 and declare:
                 raise FatalAmqpError(
                     f"cannot declare exchange {exchange!r}: {e.reply_code} {e.reply_text} (a "
                     "broker that owns its exchanges, like Beehive, lets a node only check "
-                    "them: set declare_exchanges = false)") from e
+                    "them: set declare_exchanges = false)"
+                ) from e
             raise
         ch.confirm_delivery()
         self._connected_ok()

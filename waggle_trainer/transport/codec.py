@@ -116,8 +116,10 @@ def load_key(path: str | os.PathLike) -> bytes:
     p = Path(path)
     st = p.stat()
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ValueError(f"{p}: HMAC key file must not be accessible by group or others "
-                         f"(mode {stat.S_IMODE(st.st_mode):o}; chmod 600)")
+        raise ValueError(
+            f"{p}: HMAC key file must not be accessible by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):o}; chmod 600)"
+        )
     key = p.read_bytes()
     if key.endswith(b"\n"):
         key = key[:-1]
@@ -126,8 +128,9 @@ def load_key(path: str | os.PathLike) -> bytes:
     return key
 
 
-def weight_delta(weights: Mapping[str, torch.Tensor],
-                 base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def weight_delta(
+    weights: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """``weights - base`` in float32 for every floating tensor of ``base``."""
     delta = {}
     for name, b in base.items():
@@ -142,8 +145,9 @@ def weight_delta(weights: Mapping[str, torch.Tensor],
     return delta
 
 
-def apply_delta(base: Mapping[str, torch.Tensor],
-                delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_delta(
+    base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """New weights ``base + delta`` (tensors without a delta are copied)."""
     out = {}
     for name, b in base.items():
@@ -190,13 +194,16 @@ class ErrorFeedback:
         tensors.update({f"pending/{k}": v for k, v in self._pending.items()})
         return tensors, self._pending_base
 
-    def load_state_dict(self, tensors: Mapping[str, torch.Tensor],
-                        pending_base: str | None) -> None:
+    def load_state_dict(
+        self, tensors: Mapping[str, torch.Tensor], pending_base: str | None
+    ) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self._committed = {k[len("committed/"):]: v for k, v in tensors.items()
-                           if k.startswith("committed/")}
-        self._pending = {k[len("pending/"):]: v for k, v in tensors.items()
-                         if k.startswith("pending/")}
+        self._committed = {
+            k[len("committed/") :]: v for k, v in tensors.items() if k.startswith("committed/")
+        }
+        self._pending = {
+            k[len("pending/") :]: v for k, v in tensors.items() if k.startswith("pending/")
+        }
         self._pending_base = pending_base
 
 
@@ -218,8 +225,9 @@ class Envelope:
     v: int = FORMAT_VERSION
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True, separators=(",", ":"),
-                          allow_nan=False).encode()
+        return json.dumps(
+            self.__dict__, sort_keys=True, separators=(",", ":"), allow_nan=False
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Envelope:
@@ -231,10 +239,22 @@ class Envelope:
             raise UpdateRejected("format", "envelope is not a JSON object")
         if obj.get("v") != FORMAT_VERSION:
             raise UpdateRejected("format", f"unsupported envelope version {obj.get('v')!r}")
-        types = {"update_id": str, "node_id": str, "vsn": str, "model": str,
-                 "base_version": str, "round": int, "samples": int, "metrics": dict,
-                 "created_ns": int, "encoding": dict, "payload_sha256": str,
-                 "payload_bytes": int, "raw_bytes": int, "v": int}
+        types = {
+            "update_id": str,
+            "node_id": str,
+            "vsn": str,
+            "model": str,
+            "base_version": str,
+            "round": int,
+            "samples": int,
+            "metrics": dict,
+            "created_ns": int,
+            "encoding": dict,
+            "payload_sha256": str,
+            "payload_bytes": int,
+            "raw_bytes": int,
+            "v": int,
+        }
         for k, t in types.items():
             if not isinstance(obj.get(k), t) or isinstance(obj.get(k), bool):
                 raise UpdateRejected("format", f"envelope field {k!r} missing or not {t.__name__}")
@@ -245,8 +265,10 @@ class Envelope:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise UpdateRejected("format", f"metric {name!r} is {value!r:.40}, not a number")
             if not _finite_number(value):  # NaN, Infinity, 1e999 (read as inf), 10**400
-                raise UpdateRejected("nonfinite", f"metric {name!r} is {value!r:.40}: "
-                                                  "only finite numbers are allowed")
+                raise UpdateRejected(
+                    "nonfinite",
+                    f"metric {name!r} is {value!r:.40}: only finite numbers are allowed",
+                )
         obj["metrics"] = {name: float(value) for name, value in obj["metrics"].items()}
         return cls(**obj)
 
@@ -312,8 +334,9 @@ def _decompress(data: bytes, method: str, raw_bytes: int) -> bytes:
     if len(out) > raw_bytes:
         raise UpdateRejected("size", f"payload decompresses to more than raw_bytes = {raw_bytes}")
     if len(out) != raw_bytes:
-        raise UpdateRejected("size", f"payload decompresses to {len(out)} bytes, "
-                                     f"envelope says {raw_bytes}")
+        raise UpdateRejected(
+            "size", f"payload decompresses to {len(out)} bytes, envelope says {raw_bytes}"
+        )
     return out
 
 
@@ -325,8 +348,11 @@ def _unzstd(data: bytes, raw_bytes: int) -> bytes:
     if declared < 0:
         raise UpdateRejected("size", "zstd frame does not declare its content size")
     if declared > raw_bytes:
-        raise UpdateRejected("size", f"zstd frame declares {declared} bytes, more than the "
-                                     f"envelope's raw_bytes = {raw_bytes}")
+        raise UpdateRejected(
+            "size",
+            f"zstd frame declares {declared} bytes, more than the "
+            f"envelope's raw_bytes = {raw_bytes}",
+        )
     parts: list[bytes] = []
     left = raw_bytes + 1
     # read_across_frames: data after the first frame is decoded too and counts
@@ -376,9 +402,17 @@ class UpdateEncoder:
     ``torch_threads``: intra-op threads while encoding (None: leave torch's).
     """
 
-    def __init__(self, *, node_id: str, vsn: str, model: str, key: bytes,
-                 settings: CodecSettings | None = None,
-                 feedback: ErrorFeedback | None = None, torch_threads: int | None = 1):
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        vsn: str,
+        model: str,
+        key: bytes,
+        settings: CodecSettings | None = None,
+        feedback: ErrorFeedback | None = None,
+        torch_threads: int | None = 1,
+    ):
         if len(key) < 16:
             raise ValueError("HMAC key must be at least 16 bytes")
         self.node_id, self.vsn, self.model = node_id, vsn, model
@@ -388,30 +422,55 @@ class UpdateEncoder:
         self.feedback = feedback if feedback is not None else (ErrorFeedback() if lossy else None)
         self.torch_threads = torch_threads
 
-    def encode(self, weights: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], *,
-               base_version: str, round: int, samples: int,
-               metrics: Mapping[str, float] | None = None,
-               update_id: str | None = None) -> EncodedUpdate:
+    def encode(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor],
+        *,
+        base_version: str,
+        round: int,
+        samples: int,
+        metrics: Mapping[str, float] | None = None,
+        update_id: str | None = None,
+    ) -> EncodedUpdate:
         """Encode ``weights - base`` (floating tensors of ``base``).  ``update_id``:
         a caller-chosen id (a node derives it from its id and round, so a retried
         round keeps its id); default a random UUID."""
         with _torch_threads(self.torch_threads):
-            return self.encode_delta(weight_delta(weights, base), base_version=base_version,
-                                     round=round, samples=samples, metrics=metrics,
-                                     update_id=update_id)
+            return self.encode_delta(
+                weight_delta(weights, base),
+                base_version=base_version,
+                round=round,
+                samples=samples,
+                metrics=metrics,
+                update_id=update_id,
+            )
 
-    def encode_delta(self, delta: Mapping[str, torch.Tensor], *, base_version: str,
-                     round: int, samples: int,
-                     metrics: Mapping[str, float] | None = None,
-                     update_id: str | None = None) -> EncodedUpdate:
+    def encode_delta(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        *,
+        base_version: str,
+        round: int,
+        samples: int,
+        metrics: Mapping[str, float] | None = None,
+        update_id: str | None = None,
+    ) -> EncodedUpdate:
         """Encode a ready-made delta (name -> tensor)."""
         with _torch_threads(self.torch_threads):
-            return self._encode(delta, str(base_version), int(round), int(samples), metrics,
-                                update_id)
+            return self._encode(
+                delta, str(base_version), int(round), int(samples), metrics, update_id
+            )
 
-    def _encode(self, delta: Mapping[str, torch.Tensor], base_version: str, round: int,
-                samples: int, metrics: Mapping[str, float] | None,
-                update_id: str | None = None) -> EncodedUpdate:
+    def _encode(
+        self,
+        delta: Mapping[str, torch.Tensor],
+        base_version: str,
+        round: int,
+        samples: int,
+        metrics: Mapping[str, float] | None,
+        update_id: str | None = None,
+    ) -> EncodedUpdate:
         s = self.settings
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         for metric, value in metrics.items():
@@ -453,12 +512,18 @@ class UpdateEncoder:
         raw = st_save(tensors, metadata=meta)
         payload = _compress(raw, s)
         env = Envelope(
-            update_id=update_id or str(uuid.uuid4()), node_id=self.node_id, vsn=self.vsn,
+            update_id=update_id or str(uuid.uuid4()),
+            node_id=self.node_id,
+            vsn=self.vsn,
             model=self.model,
-            base_version=base_version, round=round, samples=samples, metrics=metrics,
+            base_version=base_version,
+            round=round,
+            samples=samples,
+            metrics=metrics,
             created_ns=time.time_ns(),
             encoding={"dtype": s.dtype, "topk": s.topk, "compression": s.compression},
-            payload_sha256=hashlib.sha256(payload).hexdigest(), payload_bytes=len(payload),
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            payload_bytes=len(payload),
             raw_bytes=len(raw),
         )
         blob = _seal(env.to_json(), payload, self._key)
@@ -484,7 +549,7 @@ def _split(blob: bytes) -> tuple[bytes, bytes, bytes, bytes]:
     if n > MAX_ENVELOPE_BYTES or len(blob) < 8 + n + MAC_BYTES:
         raise UpdateRejected("format", "truncated update or oversized envelope")
     head = blob[: 8 + n]
-    return head, blob[8: 8 + n], blob[8 + n: 8 + n + MAC_BYTES], blob[8 + n + MAC_BYTES:]
+    return head, blob[8 : 8 + n], blob[8 + n : 8 + n + MAC_BYTES], blob[8 + n + MAC_BYTES :]
 
 
 def peek_envelope(blob: bytes) -> Envelope:
@@ -504,8 +569,13 @@ class UpdateDecoder:
     blob and its decompressed payload.
     """
 
-    def __init__(self, keys: bytes | Mapping[str, bytes] | KeyLookup, *,
-                 max_update_bytes: int = 1 << 30, torch_threads: int | None = 1):
+    def __init__(
+        self,
+        keys: bytes | Mapping[str, bytes] | KeyLookup,
+        *,
+        max_update_bytes: int = 1 << 30,
+        torch_threads: int | None = 1,
+    ):
         if isinstance(keys, (bytes, bytearray)):
             k = bytes(keys)
             self._key_for: KeyLookup = lambda node: k
@@ -520,8 +590,9 @@ class UpdateDecoder:
         """Check size, framing, signature and payload hash; return the envelope
         and the (still compressed) payload."""
         if len(blob) > self.max_update_bytes:
-            raise UpdateRejected("size", f"update is {len(blob)} bytes, "
-                                         f"limit {self.max_update_bytes}")
+            raise UpdateRejected(
+                "size", f"update is {len(blob)} bytes, limit {self.max_update_bytes}"
+            )
         head, env_json, mac, payload = _split(blob)
         env = Envelope.from_json(env_json)
         key = self._key_for(env.node_id)
@@ -530,41 +601,58 @@ class UpdateDecoder:
         expected = hmac.new(key, head, hashlib.sha256)
         expected.update(payload)
         if not hmac.compare_digest(expected.digest(), mac):
-            raise UpdateRejected("signature", f"HMAC of update {env.update_id} from node "
-                                              f"{env.node_id!r} does not match")
+            raise UpdateRejected(
+                "signature",
+                f"HMAC of update {env.update_id} from node {env.node_id!r} does not match",
+            )
         if len(payload) != env.payload_bytes:
             raise UpdateRejected("size", "payload length differs from envelope")
         if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), env.payload_sha256):
             raise UpdateRejected("sha256", "payload SHA-256 differs from envelope")
         return env, payload
 
-    def decode(self, blob: bytes,
-               reference: Mapping[str, Any] | Callable[[Envelope], Mapping[str, Any] | None],
-               *,
-               expected_model: str | None = None,
-               expected_base_version: str | None = None) -> DecodedUpdate:
+    def decode(
+        self,
+        blob: bytes,
+        reference: Mapping[str, Any] | Callable[[Envelope], Mapping[str, Any] | None],
+        *,
+        expected_model: str | None = None,
+        expected_base_version: str | None = None,
+    ) -> DecodedUpdate:
         """Verify, then decode to dense float32 deltas shaped like ``reference``
         (a state dict or a mapping of :class:`TensorSpec`, or a callable that
         returns one for the verified envelope, e.g. by model and base version)."""
         env, payload = self.verify(blob)
         ref = reference(env) if callable(reference) else reference
         if ref is None:
-            raise UpdateRejected("base_version", f"no reference weights for model "
-                                                 f"{env.model!r} base {env.base_version!r}")
+            raise UpdateRejected(
+                "base_version",
+                f"no reference weights for model {env.model!r} base {env.base_version!r}",
+            )
         if expected_model is not None and env.model != expected_model:
-            raise UpdateRejected("model", f"update is for model {env.model!r}, "
-                                          f"expected {expected_model!r}")
+            raise UpdateRejected(
+                "model", f"update is for model {env.model!r}, expected {expected_model!r}"
+            )
         if expected_base_version is not None and env.base_version != str(expected_base_version):
-            raise UpdateRejected("base_version", f"update is against base {env.base_version!r}, "
-                                                 f"expected {expected_base_version!r}")
+            raise UpdateRejected(
+                "base_version",
+                f"update is against base {env.base_version!r}, expected {expected_base_version!r}",
+            )
         enc = env.encoding
         dtype, topk, comp = enc.get("dtype"), enc.get("topk"), enc.get("compression")
-        if dtype not in _WIRE_DTYPE or not isinstance(topk, (int, float)) or \
-                not 0 <= topk < 1 or not isinstance(comp, str):
+        if (
+            dtype not in _WIRE_DTYPE
+            or not isinstance(topk, (int, float))
+            or not 0 <= topk < 1
+            or not isinstance(comp, str)
+        ):
             raise UpdateRejected("format", f"bad encoding {enc!r:.200}")
         if env.raw_bytes > self.max_update_bytes or env.raw_bytes < 8:
-            raise UpdateRejected("size", f"decompressed payload would be {env.raw_bytes} bytes, "
-                                         f"limit {self.max_update_bytes}")
+            raise UpdateRejected(
+                "size",
+                f"decompressed payload would be {env.raw_bytes} bytes, "
+                f"limit {self.max_update_bytes}",
+            )
         raw = _decompress(payload, comp, env.raw_bytes)
         sparse = topk > 0
         header = _safetensors_header(raw)
@@ -574,8 +662,11 @@ class UpdateDecoder:
         except SafetensorError as e:
             raise UpdateRejected("format", f"payload is not safetensors: {e}") from None
         meta = header.get("__metadata__") or {}  # str -> str: st_load checked it
-        if meta.get("format") != PAYLOAD_FORMAT or meta.get("dtype") != dtype or \
-                meta.get("sparse") != ("topk" if sparse else "dense"):
+        if (
+            meta.get("format") != PAYLOAD_FORMAT
+            or meta.get("dtype") != dtype
+            or meta.get("sparse") != ("topk" if sparse else "dense")
+        ):
             raise UpdateRejected("format", f"payload metadata {meta!r} does not match envelope")
         spec = reference_spec(ref)
         with _torch_threads(self.torch_threads):
@@ -588,10 +679,11 @@ def _safetensors_header(raw: bytes) -> dict[str, Any]:
         raise UpdateRejected("format", "payload is not safetensors: too short")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > len(raw) - 8:
-        raise UpdateRejected("format", f"payload is not safetensors: header of {n} bytes "
-                                       f"in {len(raw)}")
+        raise UpdateRejected(
+            "format", f"payload is not safetensors: header of {n} bytes in {len(raw)}"
+        )
     try:
-        header = json.loads(raw[8: 8 + n])
+        header = json.loads(raw[8 : 8 + n])
     except (ValueError, RecursionError) as e:
         raise UpdateRejected("format", f"payload is not safetensors: header: {e}") from None
     if not isinstance(header, dict):
@@ -611,8 +703,10 @@ def _check_wire_dtypes(header: Mapping[str, Any], dtype: str, sparse: bool) -> N
             continue
         got = info.get("dtype") if isinstance(info, dict) else None
         if got not in allowed:
-            raise UpdateRejected("dtype", f"{name}: safetensors dtype {got!r:.40}, expected "
-                                          f"{' or '.join(sorted(allowed))}")
+            raise UpdateRejected(
+                "dtype",
+                f"{name}: safetensors dtype {got!r:.40}, expected {' or '.join(sorted(allowed))}",
+            )
 
 
 def _finite_number(v: Any) -> bool:
@@ -624,8 +718,13 @@ def _finite_number(v: Any) -> bool:
         return False
 
 
-def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, str],
-             spec: Mapping[str, TensorSpec], dtype: str, sparse: bool) -> dict[str, torch.Tensor]:
+def _rebuild(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    spec: Mapping[str, TensorSpec],
+    dtype: str,
+    sparse: bool,
+) -> dict[str, torch.Tensor]:
     wire = _WIRE_DTYPE[dtype]
     expected_names = set(spec)
     if sparse:
@@ -633,8 +732,10 @@ def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, str],
     got = set(tensors)
     if got != expected_names:
         missing, extra = sorted(expected_names - got)[:5], sorted(got - expected_names)[:5]
-        raise UpdateRejected("names", f"tensor names differ from the reference: "
-                                      f"missing {missing}, unexpected {extra}")
+        raise UpdateRejected(
+            "names",
+            f"tensor names differ from the reference: missing {missing}, unexpected {extra}",
+        )
     scales: dict[str, float] = {}
     if dtype == "int8":
         try:
@@ -654,18 +755,26 @@ def _rebuild(tensors: dict[str, torch.Tensor], meta: dict[str, str],
         numel = math.prod(sp.shape)
         if sparse:
             idx = tensors[name + INDEX_SUFFIX]
-            if idx.dtype != torch.int32 or idx.dim() != 1 or t.dim() != 1 or \
-                    idx.numel() != t.numel():
+            if (
+                idx.dtype != torch.int32
+                or idx.dim() != 1
+                or t.dim() != 1
+                or idx.numel() != t.numel()
+            ):
                 raise UpdateRejected("shape", f"{name}: sparse values/indices malformed")
             if idx.numel() > numel:
                 raise UpdateRejected("shape", f"{name}: {idx.numel()} indices for {numel} entries")
             idx64 = idx.to(torch.int64)
-            if idx64.numel() and (int(idx64.min()) < 0 or int(idx64.max()) >= numel or
-                                  not bool((idx64[1:] > idx64[:-1]).all())):
+            if idx64.numel() and (
+                int(idx64.min()) < 0
+                or int(idx64.max()) >= numel
+                or not bool((idx64[1:] > idx64[:-1]).all())
+            ):
                 raise UpdateRejected("shape", f"{name}: indices out of range or not increasing")
         elif tuple(t.shape) != tuple(sp.shape):
-            raise UpdateRejected("shape", f"{name}: shape {tuple(t.shape)}, "
-                                          f"expected {tuple(sp.shape)}")
+            raise UpdateRejected(
+                "shape", f"{name}: shape {tuple(t.shape)}, expected {tuple(sp.shape)}"
+            )
         vals = t.to(torch.float32)
         if dtype == "int8":
             vals = vals * float(scales[name])

@@ -84,11 +84,18 @@ class Outbox:
                 p.unlink(missing_ok=True)
                 continue
             self._entries[env.update_id] = OutboxEntry(
-                env.update_id, env.model, env.base_version, env.round, env.created_ns,
-                p.stat().st_size, p)
+                env.update_id,
+                env.model,
+                env.base_version,
+                env.round,
+                env.created_ns,
+                p.stat().st_size,
+                p,
+            )
         if self._entries:
-            log.info("outbox: %d update(s), %d bytes waiting from before", len(self._entries),
-                     self.bytes)
+            log.info(
+                "outbox: %d update(s), %d bytes waiting from before", len(self._entries), self.bytes
+            )
 
     # ------------------------------------------------------------------ queries
     @property
@@ -118,12 +125,14 @@ class Outbox:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"updates": len(self._entries),
-                    "bytes": sum(e.size for e in self._entries.values()),
-                    "dropped_superseded": self.dropped_superseded,
-                    "dropped_full": self.dropped_full,
-                    "dropped_corrupt": self.dropped_corrupt,
-                    "refused_too_large": self.refused_too_large}
+            return {
+                "updates": len(self._entries),
+                "bytes": sum(e.size for e in self._entries.values()),
+                "dropped_superseded": self.dropped_superseded,
+                "dropped_full": self.dropped_full,
+                "dropped_corrupt": self.dropped_corrupt,
+                "refused_too_large": self.refused_too_large,
+            }
 
     # ------------------------------------------------------------------ changes
     def put(self, blob: builtins.bytes) -> OutboxEntry:
@@ -133,8 +142,12 @@ class Outbox:
         with self._lock:
             if size > self.max_bytes:
                 self.refused_too_large += 1
-                log.error("outbox: refusing update %s: %d bytes exceed the outbox bound of %d",
-                          env.update_id, size, self.max_bytes)
+                log.error(
+                    "outbox: refusing update %s: %d bytes exceed the outbox bound of %d",
+                    env.update_id,
+                    size,
+                    self.max_bytes,
+                )
                 raise OutboxFull(f"update of {size} bytes exceeds outbox bound {self.max_bytes}")
             self._make_room(size, env.model, env.base_version, env.update_id)
             name = f"{env.created_ns:020d}-{env.update_id}{SUFFIX}"
@@ -150,8 +163,9 @@ class Outbox:
                 tmp.unlink(missing_ok=True)
                 raise
             _fsync_dir(self.dir)
-            entry = OutboxEntry(env.update_id, env.model, env.base_version, env.round,
-                                env.created_ns, size, path)
+            entry = OutboxEntry(
+                env.update_id, env.model, env.base_version, env.round, env.created_ns, size, path
+            )
             old = self._entries.get(env.update_id)
             if old is not None and old.path != path:  # the same update written again
                 old.path.unlink(missing_ok=True)
@@ -183,10 +197,20 @@ class Outbox:
             used -= e.size
             if e in same:
                 self.dropped_superseded += 1
-                log.warning("outbox full: update %s (round %d, base %s) superseded by newer "
-                            "cumulative update %s; dropped", e.update_id, e.round,
-                            e.base_version, new_id)
+                log.warning(
+                    "outbox full: update %s (round %d, base %s) superseded by newer "
+                    "cumulative update %s; dropped",
+                    e.update_id,
+                    e.round,
+                    e.base_version,
+                    new_id,
+                )
             else:
                 self.dropped_full += 1
-                log.warning("outbox full: dropped oldest update %s (base %s, %d bytes) to make "
-                            "room for %s", e.update_id, e.base_version, e.size, new_id)
+                log.warning(
+                    "outbox full: dropped oldest update %s (base %s, %d bytes) to make room for %s",
+                    e.update_id,
+                    e.base_version,
+                    e.size,
+                    new_id,
+                )

@@ -48,15 +48,26 @@ from .wire import (
 class UpdatePublisher(AmqpWorker):
     purpose = "updates"
 
-    def __init__(self, amqp: AmqpSettings, outbox: Outbox, *, node_id: str,
-                 exchange: str = UPDATE_EXCHANGE, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 declare_exchange: bool = True, unroutable_retry_s: float = 30.0,
-                 nack_retry_s: float = 5.0, poll_s: float = 0.2,
-                 releasable: Callable[[OutboxEntry], bool] | None = None):
+    def __init__(
+        self,
+        amqp: AmqpSettings,
+        outbox: Outbox,
+        *,
+        node_id: str,
+        exchange: str = UPDATE_EXCHANGE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        declare_exchange: bool = True,
+        unroutable_retry_s: float = 30.0,
+        nack_retry_s: float = 5.0,
+        poll_s: float = 0.2,
+        releasable: Callable[[OutboxEntry], bool] | None = None,
+    ):
         super().__init__(amqp)
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-            raise ValueError(f"chunk_size {chunk_size} is out of range ({MIN_CHUNK_SIZE}.."
-                             f"{MAX_CHUNK_SIZE} bytes: RabbitMQ refuses messages over 16 MiB)")
+            raise ValueError(
+                f"chunk_size {chunk_size} is out of range ({MIN_CHUNK_SIZE}.."
+                f"{MAX_CHUNK_SIZE} bytes: RabbitMQ refuses messages over 16 MiB)"
+            )
         self.outbox = outbox
         self.node_id = node_id
         self.exchange = exchange
@@ -96,19 +107,28 @@ class UpdatePublisher(AmqpWorker):
         return len(self.outbox) == 0
 
     def stats(self) -> dict[str, int]:
-        return {"published_updates": self.published_updates,
-                "published_chunks": self.published_chunks,
-                "published_bytes": self.published_bytes, "unroutable": self.unroutable,
-                "nacked": self.nacked, "connect_attempts": self.connect_attempts,
-                "connected": int(self.connected), "fatal": int(self.fatal_error is not None)}
+        return {
+            "published_updates": self.published_updates,
+            "published_chunks": self.published_chunks,
+            "published_bytes": self.published_bytes,
+            "unroutable": self.unroutable,
+            "nacked": self.nacked,
+            "connect_attempts": self.connect_attempts,
+            "connected": int(self.connected),
+            "fatal": int(self.fatal_error is not None),
+        }
 
     def register_gauges(self, telemetry) -> None:
         """Report outbox and delivery state through a :class:`~.telemetry.Telemetry`."""
         ob = self.outbox
         telemetry.gauge("outbox.bytes", lambda: ob.bytes)
         telemetry.gauge("outbox.updates", lambda: len(ob))
-        telemetry.gauge("outbox.dropped", lambda: ob.dropped_superseded + ob.dropped_full +
-                        ob.dropped_corrupt + ob.refused_too_large)
+        telemetry.gauge(
+            "outbox.dropped",
+            lambda: (
+                ob.dropped_superseded + ob.dropped_full + ob.dropped_corrupt + ob.refused_too_large
+            ),
+        )
         telemetry.gauge("transport.updates_published", lambda: self.published_updates)
         telemetry.gauge("transport.unroutable", lambda: self.unroutable)
         telemetry.gauge("transport.connected", lambda: int(self.connected))
@@ -146,9 +166,15 @@ class UpdatePublisher(AmqpWorker):
             if self._stop.is_set():
                 return
             props = pika.BasicProperties(
-                delivery_mode=pika.DeliveryMode.Persistent, content_type=CONTENT_TYPE,
-                message_id=c.message_id, headers=c.headers(), user_id=self.user_id,
-                app_id=APP_ID, type=MESSAGE_TYPE, timestamp=int(time.time()))
+                delivery_mode=pika.DeliveryMode.Persistent,
+                content_type=CONTENT_TYPE,
+                message_id=c.message_id,
+                headers=c.headers(),
+                user_id=self.user_id,
+                app_id=APP_ID,
+                type=MESSAGE_TYPE,
+                timestamp=int(time.time()),
+            )
             try:
                 ch.basic_publish(self.exchange, self.routing_key, c.body, props, mandatory=True)
             except px.UnroutableError:
@@ -159,29 +185,45 @@ class UpdatePublisher(AmqpWorker):
             except px.NackError:
                 self.nacked += 1
                 self._hold[entry.update_id] = time.monotonic() + self.nack_retry_s
-                self._log.warning("broker refused (nack) chunk %d of update %s; retry in %.0f s",
-                                  c.index, entry.update_id, self.nack_retry_s)
+                self._log.warning(
+                    "broker refused (nack) chunk %d of update %s; retry in %.0f s",
+                    c.index,
+                    entry.update_id,
+                    self.nack_retry_s,
+                )
                 return
             except px.ChannelClosedByBroker as e:
                 if e.reply_code == 406 and "user_id" in str(e.reply_text):
                     raise FatalAmqpError(
                         f"broker refused user_id {self.user_id!r}: it must equal the broker "
-                        f"user this connection authenticated as ({e.reply_text})") from e
+                        f"user this connection authenticated as ({e.reply_text})"
+                    ) from e
                 raise
             self.published_chunks += 1
-            self._log.debug("update %s: chunk %d/%d confirmed", entry.update_id, c.index + 1,
-                            c.count)
+            self._log.debug(
+                "update %s: chunk %d/%d confirmed", entry.update_id, c.index + 1, c.count
+            )
         self.outbox.remove(entry.update_id)
         self._hold.pop(entry.update_id, None)
         if self._unroutable_since is not None:
-            self._log.info("updates are routable again (exchange %r, routing key %r) after %d "
-                           "unroutable attempt(s)", self.exchange, self.routing_key,
-                           self.unroutable - self._unroutable_since)
+            self._log.info(
+                "updates are routable again (exchange %r, routing key %r) after %d "
+                "unroutable attempt(s)",
+                self.exchange,
+                self.routing_key,
+                self.unroutable - self._unroutable_since,
+            )
             self._unroutable_since = None
         self.published_updates += 1
         self.published_bytes += len(blob)
-        self._log.info("update %s (round %d, base %s, %d bytes, %d chunk(s)) delivered",
-                       entry.update_id, entry.round, entry.base_version, len(blob), len(chunks))
+        self._log.info(
+            "update %s (round %d, base %s, %d bytes, %d chunk(s)) delivered",
+            entry.update_id,
+            entry.round,
+            entry.base_version,
+            len(blob),
+            len(chunks),
+        )
 
     def _note_unroutable(self, entry: OutboxEntry) -> None:
         """One ERROR per episode (until an update is delivered again), DEBUG after."""
@@ -191,8 +233,15 @@ class UpdatePublisher(AmqpWorker):
             self._log.error(
                 "update %s is unroutable: nothing is bound to exchange %r for routing key "
                 "%r; updates stay in the outbox and are retried every %.0f s (logged once "
-                "until one is delivered)", entry.update_id, self.exchange, self.routing_key,
-                self.unroutable_retry_s)
+                "until one is delivered)",
+                entry.update_id,
+                self.exchange,
+                self.routing_key,
+                self.unroutable_retry_s,
+            )
         else:
-            self._log.debug("update %s still unroutable (%d returns so far)", entry.update_id,
-                            self.unroutable - self._unroutable_since)
+            self._log.debug(
+                "update %s still unroutable (%d returns so far)",
+                entry.update_id,
+                self.unroutable - self._unroutable_since,
+            )

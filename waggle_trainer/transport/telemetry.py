@@ -92,8 +92,14 @@ class Telemetry:
         self._gauges: dict[str, Callable[[], Scalar | None]] = {}
         self.dropped = 0
 
-    def record(self, name: str, value: Scalar, *, ts_ns: int | None = None,
-               meta: Mapping[str, str] | None = None) -> None:
+    def record(
+        self,
+        name: str,
+        value: Scalar,
+        *,
+        ts_ns: int | None = None,
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
         """Queue one measurement (validated now, so a bad name fails at the caller)."""
         msg = make_message(name, value, ts_ns or time.time_ns(), {**self.meta, **(meta or {})})
         with self._lock:
@@ -101,8 +107,11 @@ class Telemetry:
                 self._buf.popleft()
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 100 == 0:
-                    log.warning("telemetry buffer full (%d): %d oldest message(s) dropped so far",
-                                self._max, self.dropped)
+                    log.warning(
+                        "telemetry buffer full (%d): %d oldest message(s) dropped so far",
+                        self._max,
+                        self.dropped,
+                    )
             self._buf.append(msg)
 
     def gauge(self, name: str, fn: Callable[[], Scalar | None]) -> None:
@@ -158,15 +167,22 @@ class TelemetryRoute:
             raise ValueError(f"scope {self.scope!r}: one of {', '.join(SCOPES)}")
 
     @classmethod
-    def beehive(cls, exchange: str = TELEMETRY_EXCHANGE, *,
-                declare_exchange: bool = True) -> TelemetryRoute:
+    def beehive(
+        cls, exchange: str = TELEMETRY_EXCHANGE, *, declare_exchange: bool = True
+    ) -> TelemetryRoute:
         return cls(exchange=exchange, declare_exchange=declare_exchange)
 
     @classmethod
     def node(cls, scope: str = "all", app_id: str | None = None) -> TelemetryRoute:
         """pywaggle's route: ``to-validator``, routing key = scope, persistent."""
-        return cls(exchange=NODE_EXCHANGE, routing="scope", scope=scope, app_id=app_id or None,
-                   persistent=True, declare_exchange=False)
+        return cls(
+            exchange=NODE_EXCHANGE,
+            routing="scope",
+            scope=scope,
+            app_id=app_id or None,
+            persistent=True,
+            declare_exchange=False,
+        )
 
     def routing_key(self, msg: Mapping[str, Any]) -> str:
         return self.scope if self.routing == "scope" else str(msg["name"])
@@ -177,9 +193,17 @@ class TelemetryPublisher(AmqpWorker):
 
     purpose = "telemetry"
 
-    def __init__(self, amqp: AmqpSettings, telemetry: Telemetry, *,
-                 route: TelemetryRoute | None = None, exchange: str = TELEMETRY_EXCHANGE,
-                 interval_s: float = 60.0, declare_exchange: bool = True, batch: int = 200):
+    def __init__(
+        self,
+        amqp: AmqpSettings,
+        telemetry: Telemetry,
+        *,
+        route: TelemetryRoute | None = None,
+        exchange: str = TELEMETRY_EXCHANGE,
+        interval_s: float = 60.0,
+        declare_exchange: bool = True,
+        batch: int = 200,
+    ):
         """``route`` says where messages go; without it, the beehive route to
         ``exchange`` (declared unless ``declare_exchange=False``)."""
         super().__init__(amqp)
@@ -192,8 +216,9 @@ class TelemetryPublisher(AmqpWorker):
         self.batch = batch
         self.sent = 0
         self.user_id = amqp.broker_user()
-        self._sampler = threading.Thread(target=self._sample_loop, name="telemetry-sampler",
-                                         daemon=True)
+        self._sampler = threading.Thread(
+            target=self._sample_loop, name="telemetry-sampler", daemon=True
+        )
 
     def start(self) -> None:
         super().start()
@@ -219,10 +244,13 @@ class TelemetryPublisher(AmqpWorker):
                 conn.process_data_events(time_limit=0.5)
                 continue
             for m in msgs:
-                props = pika.BasicProperties(content_type="application/json",
-                                             delivery_mode=delivery,
-                                             timestamp=m["ts"] // 1_000_000_000,
-                                             user_id=self.user_id, app_id=r.app_id)
+                props = pika.BasicProperties(
+                    content_type="application/json",
+                    delivery_mode=delivery,
+                    timestamp=m["ts"] // 1_000_000_000,
+                    user_id=self.user_id,
+                    app_id=r.app_id,
+                )
                 # Confirmed, not mandatory: a metric nobody subscribes to is simply
                 # dropped by the broker rather than held on the node.
                 ch.basic_publish(r.exchange, r.routing_key(m), encode_message(m), props)
