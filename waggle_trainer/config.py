@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -76,6 +77,19 @@ def _size(v: Any) -> int:
 
 
 Size = Annotated[int, BeforeValidator(_size)]
+
+
+def _chunk_size(v: int) -> int:
+    if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
+        raise ValueError(
+            f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
+            f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over 16MiB)"
+        )
+    return v
+
+
+#: A message size the broker takes (updates and models travel in chunks of it).
+ChunkSize = Annotated[Size, AfterValidator(_chunk_size)]
 
 
 Budget = Annotated[int | Literal["auto"], BeforeValidator(parse_budget)]
@@ -415,20 +429,9 @@ class TransportSection(_Section):
     codec: Literal["fp32", "fp16", "int8"] = "fp16"
     compression: Literal["zstd", "deflate", "none"] = "zstd"
     topk: float = Field(0.0, ge=0, le=1, description="fraction kept by top-k; 0 = dense")
-    chunk_size: Size = DEFAULT_CHUNK_SIZE
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE
     outbox_max_bytes: Size = 512 * 2**20
     heartbeat_s: int = Field(15, ge=10, le=20)
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _below_broker_limit(cls, v: int) -> int:
-        if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
-            raise ValueError(
-                f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
-                f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
-                "16MiB)"
-            )
-        return v
 
 
 # [telemetry] keys that pywaggle's environment variables fill when the file leaves

@@ -46,7 +46,8 @@ def _budget_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: a whole number >= 1, else one clear line."""
     try:
         n = int(value)
     except ValueError:
@@ -58,16 +59,16 @@ def _positive(value: str) -> int:
 
 def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
     p.add_argument("--arch", choices=ARCHES, default="resnet18")
-    p.add_argument("--batch", type=_positive, default=8, help="batch size (default 8)")
+    p.add_argument("--batch", type=positive_int, default=8, help="batch size (default 8)")
     p.add_argument(
         "--image",
-        type=_positive,
+        type=positive_int,
         default=224,
         help=f"image side in pixels, {IMAGE_SIZE_MIN}..{IMAGE_SIZE_MAX} (default 224)",
     )
     p.add_argument(
         "--classes",
-        type=_positive,
+        type=positive_int,
         default=DEFAULT_CLASSES,
         help=f"output classes, >= 2 (default {DEFAULT_CLASSES}, as the config)",
     )
@@ -107,7 +108,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("bench", help="real training steps under a plan: step time, peak RSS")
     _model_args(p, strategy=True)
-    p.add_argument("--steps", type=_positive, default=5, help="measured steps (default 5)")
+    p.add_argument("--steps", type=positive_int, default=5, help="measured steps (default 5)")
     p.add_argument(
         "--allocator",
         choices=ALLOCATORS,

@@ -10,18 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from waggle_trainer.common import format_size
+from waggle_trainer.learn.cli import positive_int
 
 EXIT_USAGE = 2
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return n
 
 
 def _positive_float(value: str) -> float:
@@ -45,7 +36,7 @@ def register(sub) -> None:
         "--config", type=Path, default=None, help="node config file (default: embedded defaults)"
     )
     p.add_argument(
-        "--max-rounds", type=_positive_int, default=None, help="stop after N rounds in this run"
+        "--max-rounds", type=positive_int, default=None, help="stop after N rounds in this run"
     )
     p.add_argument(
         "--duration",

@@ -22,12 +22,18 @@ from pydantic import (
     model_validator,
 )
 
-from waggle_trainer.config import ConfigError, Size, describe_error, format_size, read_toml
+from waggle_trainer.config import (
+    ChunkSize,
+    ConfigError,
+    Size,
+    describe_error,
+    format_size,
+    read_toml,
+)
 from waggle_trainer.transport.wire import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    DEFAULT_CHUNK_SIZE,
     MODEL_EXCHANGE,
     SERVER_QUEUE,
     TELEMETRY_EXCHANGE,
@@ -134,19 +140,8 @@ class BroadcastSection(_Section):
     enabled: StrictBool = True
     exchange: str = MODEL_EXCHANGE
     signing_key_file: Path = Path("/etc/waggle-trainer-server/model-signing.pem")
-    chunk_size: Size = 8 * 2**20
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE
     compression: Literal["zstd", "none"] = "zstd"
-
-    @field_validator("chunk_size")
-    @classmethod
-    def _below_broker_limit(cls, v: int) -> int:
-        if not MIN_CHUNK_SIZE <= v <= MAX_CHUNK_SIZE:
-            raise ValueError(
-                f"{format_size(v)} is out of range ({format_size(MIN_CHUNK_SIZE)}.."
-                f"{format_size(MAX_CHUNK_SIZE)}: RabbitMQ refuses messages over "
-                "16MiB)"
-            )
-        return v
 
 
 class TelemetrySection(_Section):
