@@ -51,31 +51,11 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "transport"))
 @pytest.fixture
 def names():
     """Unique exchange/queue names on the real broker; deleted afterwards."""
-    import uuid
-    from types import SimpleNamespace
-
-    import pika
-    from brokerutil import BROKER, ensure_broker_running
+    from brokerutil import ensure_broker_running, unique_names
 
     try:
         ensure_broker_running(60)
     except RuntimeError as e:
         pytest.fail(f"this test needs RabbitMQ at 127.0.0.1:5672 ({e})")
-    s = uuid.uuid4().hex[:10]
-    n = SimpleNamespace(
-        exchange=f"test.updates.{s}",
-        queue=f"test.server.{s}",
-        dlx=f"test.dead.{s}",
-        dlq=f"test.dead.{s}",
-        telemetry=f"test.msg.{s}",
-        tq=f"test.msgq.{s}",
-    )
-    yield n
-    ensure_broker_running()
-    conn = pika.BlockingConnection(BROKER)
-    ch = conn.channel()
-    for q in (n.queue, n.dlq, n.tq):
-        ch.queue_delete(q)
-    for x in (n.exchange, n.dlx, n.telemetry):
-        ch.exchange_delete(x)
-    conn.close()
+    with unique_names() as n:
+        yield n

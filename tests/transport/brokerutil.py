@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+import uuid
+from types import SimpleNamespace
 
 import pika
 
@@ -83,3 +86,26 @@ def queue_depth(name: str) -> int:
     n = conn.channel().queue_declare(name, passive=True).method.message_count
     conn.close()
     return n
+
+
+@contextlib.contextmanager
+def unique_names():
+    """Unique exchange and queue names for one test; deleted afterwards."""
+    s = uuid.uuid4().hex[:10]
+    n = SimpleNamespace(
+        exchange=f"test.updates.{s}",
+        queue=f"test.server.{s}",
+        dlx=f"test.dead.{s}",
+        dlq=f"test.dead.{s}",
+        telemetry=f"test.msg.{s}",
+        tq=f"test.msgq.{s}",
+    )
+    yield n
+    ensure_broker_running()
+    conn = pika.BlockingConnection(BROKER)
+    ch = conn.channel()
+    for q in (n.queue, n.dlq, n.tq):
+        ch.queue_delete(q)
+    for x in (n.exchange, n.dlx, n.telemetry):
+        ch.exchange_delete(x)
+    conn.close()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from types import SimpleNamespace
 
-import pika
 import pytest
-from brokerutil import BROKER, ensure_broker_running
+from brokerutil import ensure_broker_running, unique_names
 
 
 @pytest.fixture(autouse=True)
@@ -35,21 +32,5 @@ def broker():
 @pytest.fixture
 def names(broker):
     """Unique exchange and queue names for one test; deleted afterwards."""
-    s = uuid.uuid4().hex[:10]
-    n = SimpleNamespace(
-        exchange=f"test.updates.{s}",
-        queue=f"test.server.{s}",
-        dlx=f"test.dead.{s}",
-        dlq=f"test.dead.{s}",
-        telemetry=f"test.msg.{s}",
-        tq=f"test.msgq.{s}",
-    )
-    yield n
-    ensure_broker_running()
-    conn = pika.BlockingConnection(BROKER)
-    ch = conn.channel()
-    for q in (n.queue, n.dlq, n.tq):
-        ch.queue_delete(q)
-    for x in (n.exchange, n.dlx, n.telemetry):
-        ch.exchange_delete(x)
-    conn.close()
+    with unique_names() as n:
+        yield n
