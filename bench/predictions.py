@@ -23,7 +23,7 @@ Verdicts (issue 11): ``within 10%`` of the predicted growth; else ``within budge
     .venv/bin/python bench/predictions.py --cases resnet18:1:224 --allocators tcmalloc
 
 Writes bench/results/predictions.{md,json} (``predictions-partial.*`` for a restricted
-run).
+grid; ``--append`` keeps the other allocators' tables of an earlier run).
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ def markdown(header: list[str], blocks: list[dict]) -> str:
         out += [
             f"## {b['allocator']}",
             "",
+            *b.get("header", []),
+            "",
             f"Step model ({probed}), probed in {b['probe_s']:.0f} s; points "
             f"(plain's predicted activations: measured step overhead, MiB): {pts}.",
             "",
@@ -203,11 +205,16 @@ def main() -> int:
     ap.add_argument("--cpu", default="1", help="taskset -c CPU for every process (default 1)")
     ap.add_argument("--cache-dir", type=Path, default=ROOT / ".bench-cache")
     ap.add_argument("--out", default=None, help="results file stem (default by the run)")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the tables of other allocators already in the results file",
+    )
     args = ap.parse_args()
     from waggle_trainer.remat.overhead import StepModel
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    partial = args.cases != GRID or args.allocators != ["glibc", "tcmalloc", "jemalloc"]
+    partial = args.cases != GRID
     note = (
         f"Every process pinned to CPU {args.cpu} (`taskset -c {args.cpu}`), "
         f"OMP_NUM_THREADS={args.threads}; budget B = {args.fraction} x plain's predicted "
@@ -215,9 +222,15 @@ def main() -> int:
     )
     md = results_path("predictions", "md", partial=partial, out=args.out and f"{args.out}.md")
 
+    kept: list[dict] = []
+    if args.append and md.with_suffix(".json").exists():
+        old = json.loads(md.with_suffix(".json").read_text())
+        kept = [b for b in old["allocators"] if b["allocator"] not in args.allocators]
+
     def write(blocks: list[dict]) -> None:
         """The tables so far (rewritten after every case: a long run keeps its rows)."""
         header = provenance(args.threads, note)
+        blocks = [*kept, *({**b, "header": header} for b in blocks)]
         md.write_text(markdown(header, blocks) + "\n")
         data = {"header": header, "allocators": blocks}
         md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

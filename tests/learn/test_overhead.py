@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from waggle_trainer.remat.overhead import Overhead, load_overhead, overhead_path, save_overhead
 
 MiB = 2**20
@@ -91,20 +93,21 @@ def test_a_second_run_plans_with_the_measured_overhead(tmp_path):
     )
 
 
-def test_step_model_interpolates_levels_off_and_keeps_the_worst_seen():
+def test_step_model_interpolates_and_keeps_the_worst_seen_at_a_scale():
     from waggle_trainer.remat.overhead import StepModel
 
     model = StepModel.fit(
-        [(10 * MiB, 4 * MiB), (40 * MiB, 20 * MiB), (40 * MiB, 16 * MiB), (100 * MiB, 30 * MiB)]
+        [(40 * MiB, 20 * MiB), (10 * MiB, 4 * MiB), (40 * MiB, 16 * MiB), (100 * MiB, 8 * MiB)]
     )
-    assert model.points == ((10 * MiB, 4 * MiB), (40 * MiB, 20 * MiB), (100 * MiB, 30 * MiB))
+    assert model.points == ((10 * MiB, 4 * MiB), (40 * MiB, 20 * MiB), (100 * MiB, 8 * MiB))
     assert model.predict(5 * MiB) == 2 * MiB  # proportional below the smallest probe
     assert model.predict(25 * MiB) == 12 * MiB  # halfway between 4 and 20
-    assert model.predict(70 * MiB) == 25 * MiB
-    assert model.predict(3000 * MiB) == 30 * MiB  # flat beyond the largest
-    # a smaller overhead at a larger scale does not pull the curve down
-    dip = StepModel.fit([(10 * MiB, 8 * MiB), (20 * MiB, 2 * MiB), (40 * MiB, 12 * MiB)])
-    assert dip.predict(20 * MiB) == 8 * MiB and dip.predict(30 * MiB) == 10 * MiB
+    assert model.predict(70 * MiB) == 14 * MiB  # falling again towards 8
+    assert model.predict(3000 * MiB) == 8 * MiB  # flat beyond the largest
+    with pytest.raises(ValueError, match="ascending"):
+        StepModel(((40 * MiB, 1), (10 * MiB, 1)))
+    with pytest.raises(ValueError, match="at least one"):
+        StepModel(())
 
 
 def test_step_model_cache_is_keyed_by_the_machine(tmp_path):

@@ -122,6 +122,13 @@ def register(sub) -> None:
         help="no calibration step: the plan made before the first step (with the overhead "
         "known for this machine) runs as it is",
     )
+    p.add_argument(
+        "--probe-overhead",
+        action="store_true",
+        help="when this machine's step-overhead model is not cached yet, measure it first "
+        "(a few small runs, once per machine, threads and allocator) so that a "
+        "configuration's first run plans for its overhead",
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -376,7 +383,7 @@ def _bench(args) -> int:
 
     reexec_under(args.allocator, getattr(args, "reexec_argv", None))  # before torch is imported
     try:
-        spec = _spec(args, strategy=args.strategy, probe_overhead=True)
+        spec = _spec(args, strategy=args.strategy, probe_overhead=args.probe_overhead)
     except (UsageError, ValueError) as exc:
         print(f"waggle-trainer bench: {exc}", file=sys.stderr)
         return EXIT_USAGE

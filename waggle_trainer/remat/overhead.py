@@ -28,12 +28,13 @@ glibc with the fixed mmap threshold the step overhead is mostly the *heap*: bloc
 below the threshold (small activations, gradients of small parameters, oneDNN's and
 autograd's small buffers) and big blocks served from free heap chunks stay resident
 after ``free`` until the next trim, so a step's resident peak is the heap's
-high-water mark, not its live bytes.  It grows with the size of the activations and
-levels off once they are mostly large enough to get their own mappings; transparent
-huge pages add nothing measurable (a tensor's mapping ends where the tensor ends).
-The model is that curve, measured: overhead as a function of the activation scale
-(plain training's predicted peak), interpolated between the probe's points and flat
-beyond the largest.  Pure standard library.
+high-water mark, not its live bytes.  It grows with the size of the activations up
+to about 25 MiB and falls again once they are large enough to get their own
+mappings (a few MiB for resnet50 batch 8); transparent huge pages add nothing
+measurable (a tensor's mapping ends where the tensor ends).  The model is that
+curve, measured: overhead as a function of the activation scale (plain training's
+predicted peak), interpolated between the probe's points, flat beyond the largest.
+Pure standard library.
 """
 
 from __future__ import annotations
@@ -136,9 +137,8 @@ class StepModel:
     ``points`` are ``(scale_bytes, overhead_bytes)`` measured by the probe (scale:
     plain training's predicted peak of the probed configuration; overhead: its step's
     measured growth beyond its plan's prediction).  :meth:`predict` interpolates
-    linearly between them after taking, at each scale, the largest overhead seen at
-    that scale or below (the overhead does not shrink as activations grow); below the
-    smallest scale it is proportional to the scale, beyond the largest it stays flat.
+    linearly between them; below the smallest scale it is proportional to the scale,
+    beyond the largest it stays at the largest's.
     """
 
     points: tuple[tuple[int, int], ...]
@@ -148,6 +148,10 @@ class StepModel:
             raise ValueError("a step model needs at least one measured point")
         if any(s <= 0 or o < 0 for s, o in self.points):
             raise ValueError(f"scales must be > 0 and overheads >= 0, got {self.points}")
+        if list(self.points) != sorted(self.points) or len({s for s, _ in self.points}) != len(
+            self.points
+        ):
+            raise ValueError(f"scales must be distinct and ascending, got {self.points}")
 
     @classmethod
     def fit(cls, measured: list[tuple[int, int]]) -> StepModel:
@@ -158,16 +162,10 @@ class StepModel:
             best[int(scale)] = max(best.get(int(scale), 0), max(0, int(over)))
         return cls(tuple(sorted(best.items())))
 
-    def _envelope(self) -> list[tuple[int, int]]:
-        out: list[tuple[int, int]] = []
-        for scale, over in self.points:
-            out.append((scale, max(over, out[-1][1] if out else 0)))
-        return out
-
     def predict(self, scale_bytes: int) -> int:
         """The step overhead of a configuration whose plain training predicts
         ``scale_bytes`` of activations."""
-        pts = self._envelope()
+        pts = self.points
         s = max(0, int(scale_bytes))
         if s <= pts[0][0]:
             return round(pts[0][1] * s / pts[0][0])
