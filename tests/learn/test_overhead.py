@@ -93,17 +93,20 @@ def test_a_second_run_plans_with_the_measured_overhead(tmp_path):
     )
 
 
-def test_step_model_interpolates_and_keeps_the_worst_seen_at_a_scale():
+def test_step_model_interpolates_the_worst_seen_and_levels_off():
     from waggle_trainer.remat.overhead import StepModel
 
     model = StepModel.fit(
-        [(40 * MiB, 20 * MiB), (10 * MiB, 4 * MiB), (40 * MiB, 16 * MiB), (100 * MiB, 8 * MiB)]
+        [(40 * MiB, 20 * MiB), (10 * MiB, 4 * MiB), (40 * MiB, 16 * MiB), (100 * MiB, 30 * MiB)]
     )
-    assert model.points == ((10 * MiB, 4 * MiB), (40 * MiB, 20 * MiB), (100 * MiB, 8 * MiB))
+    assert model.points == ((10 * MiB, 4 * MiB), (40 * MiB, 20 * MiB), (100 * MiB, 30 * MiB))
     assert model.predict(5 * MiB) == 2 * MiB  # proportional below the smallest probe
     assert model.predict(25 * MiB) == 12 * MiB  # halfway between 4 and 20
-    assert model.predict(70 * MiB) == 14 * MiB  # falling again towards 8
-    assert model.predict(3000 * MiB) == 8 * MiB  # flat beyond the largest
+    assert model.predict(70 * MiB) == 25 * MiB
+    assert model.predict(3000 * MiB) == 30 * MiB  # flat beyond the largest
+    # a smaller overhead at a larger scale does not pull the curve below the worst seen
+    dip = StepModel.fit([(10 * MiB, 8 * MiB), (20 * MiB, 2 * MiB), (40 * MiB, 12 * MiB)])
+    assert dip.predict(20 * MiB) == 8 * MiB and dip.predict(30 * MiB) == 10 * MiB
     with pytest.raises(ValueError, match="ascending"):
         StepModel(((40 * MiB, 1), (10 * MiB, 1)))
     with pytest.raises(ValueError, match="at least one"):
@@ -148,6 +151,8 @@ def test_a_first_run_plans_right_from_the_machine_probe_without_calibration(tmp_
         "--points",
         "resnet18:1:64",
         "resnet18:1:128",
+        "--repeats",
+        "1",
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert len(json.loads(p.stdout)["points"]) == 2

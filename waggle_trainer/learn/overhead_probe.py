@@ -31,18 +31,18 @@ from waggle_trainer.remat.overhead import StepModel, load_step_model, save_step_
 
 log = logging.getLogger(__name__)
 
-#: (arch, batch, image): activation scales from 11 to about 250 MiB; on the x86-64
-#: test machine the overhead rises to about 25 MiB and falls again beyond a few
-#: hundred MiB of activations (bench/results/predictions.md).  None of them is a
-#: configuration of that benchmark's grid.
+#: (arch, batch, image): activation scales from 11 to about 160 MiB, where the
+#: overhead has reached its highest on the x86-64 test machine
+#: (bench/results/predictions.md).  None of them is a configuration of that
+#: benchmark's grid.  Each runs :data:`PROBE_REPEATS` times (the largest counts).
 PROBE: tuple[tuple[str, int, int], ...] = (
     ("resnet18", 1, 64),
     ("resnet18", 1, 128),
     ("resnet18", 1, 160),
     ("resnet18", 4, 192),
     ("resnet18", 8, 192),
-    ("resnet18", 2, 500),
 )
+PROBE_REPEATS = 2
 PROBE_STEPS = 4
 
 
@@ -109,20 +109,23 @@ def probe_point(arch: str, batch: int, image: int, cache_dir: Path) -> dict:
 
 
 def probe_machine(
-    cache_dir: Path, allocator_mode: str, points: tuple[tuple[str, int, int], ...] = PROBE
+    cache_dir: Path,
+    allocator_mode: str,
+    points: tuple[tuple[str, int, int], ...] = PROBE,
+    repeats: int = PROBE_REPEATS,
 ) -> StepModel | None:
-    """Run ``points`` (default :data:`PROBE`) in fresh processes, fit and cache the
-    model (None: no point could be measured; logged)."""
+    """Run ``points`` (default :data:`PROBE`) ``repeats`` times each in fresh processes,
+    fit and cache the model (None: no point could be measured; logged)."""
     import torch
 
     key = machine_key(allocator_mode)
     log.info(
         "measuring this machine's step overhead once (%d small runs, cached in %s)",
-        len(points),
+        len(points) * repeats,
         cache_dir,
     )
     measured = []
-    for arch, batch, image in points:
+    for arch, batch, image in [p for p in points for _ in range(repeats)]:
         argv = [
             sys.executable,
             "-m",
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="ARCH:BATCH:IMAGE",
         help="with --machine: the configurations probed (default: PROBE)",
     )
+    ap.add_argument("--repeats", type=int, default=PROBE_REPEATS, help="runs per point")
     args = ap.parse_args(argv)
     import torch
 
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     points = PROBE
     if args.points:
         points = tuple((a, int(b), int(i)) for a, b, i in (p.split(":") for p in args.points))
-    model = probe_machine(args.cache_dir, mode, points)
+    model = probe_machine(args.cache_dir, mode, points, args.repeats)
     if model is None:
         print("overhead probe: no point could be measured", file=sys.stderr)
         return 1

@@ -28,13 +28,14 @@ glibc with the fixed mmap threshold the step overhead is mostly the *heap*: bloc
 below the threshold (small activations, gradients of small parameters, oneDNN's and
 autograd's small buffers) and big blocks served from free heap chunks stay resident
 after ``free`` until the next trim, so a step's resident peak is the heap's
-high-water mark, not its live bytes.  It grows with the size of the activations up
-to about 25 MiB and falls again once they are large enough to get their own
-mappings (a few MiB for resnet50 batch 8); transparent huge pages add nothing
-measurable (a tensor's mapping ends where the tensor ends).  The model is that
-curve, measured: overhead as a function of the activation scale (plain training's
-predicted peak), interpolated between the probe's points, flat beyond the largest.
-Pure standard library.
+high-water mark, not its live bytes (``bench/results/step_overhead_anatomy.md``).
+It grows with the size of the activations to 15-35 MiB and falls again once they
+are large enough to get their own mappings (5-10 MiB for resnet50 batch 8);
+transparent huge pages add nothing measurable (a tensor's mapping ends where the
+tensor ends); two threads add about 10 MiB at mid sizes (per-thread heaps).  The
+model is that curve, measured: overhead as a function of the activation scale (plain
+training's predicted peak), the upper envelope of the probe's points, flat beyond
+the largest.  Pure standard library.
 """
 
 from __future__ import annotations
@@ -137,8 +138,12 @@ class StepModel:
     ``points`` are ``(scale_bytes, overhead_bytes)`` measured by the probe (scale:
     plain training's predicted peak of the probed configuration; overhead: its step's
     measured growth beyond its plan's prediction).  :meth:`predict` interpolates
-    linearly between them; below the smallest scale it is proportional to the scale,
-    beyond the largest it stays at the largest's.
+    linearly between them after taking, at each scale, the largest overhead seen at
+    that scale or below; below the smallest scale it is proportional to the scale,
+    beyond the largest it stays flat.  The envelope is deliberate: one configuration's
+    overhead varies by up to 8 MiB from process to process (heap layout), which
+    matters for small plans, where the budget must hold the worst; the overhead falls
+    again for large activations, where over-predicting it costs a few percent.
     """
 
     points: tuple[tuple[int, int], ...]
@@ -162,10 +167,16 @@ class StepModel:
             best[int(scale)] = max(best.get(int(scale), 0), max(0, int(over)))
         return cls(tuple(sorted(best.items())))
 
+    def _envelope(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for scale, over in self.points:
+            out.append((scale, max(over, out[-1][1] if out else 0)))
+        return out
+
     def predict(self, scale_bytes: int) -> int:
         """The step overhead of a configuration whose plain training predicts
         ``scale_bytes`` of activations."""
-        pts = self.points
+        pts = self._envelope()
         s = max(0, int(scale_bytes))
         if s <= pts[0][0]:
             return round(pts[0][1] * s / pts[0][0])
