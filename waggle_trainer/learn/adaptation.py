@@ -21,10 +21,16 @@ systemd, AMQP or the outbox.
   buffer (random horizontal flips with ``[training] hflip``), each through the
   student's :class:`~waggle_trainer.remat.executor.CheckpointedSequential` under the
   plan for the activation budget; free memory is re-read before every round and the
-  chain re-planned when it moved (``[memory] replan_threshold``).
+  chain re-planned when it moved (``[memory] replan_threshold``).  With ``[memory]
+  fused_step`` each parameter is stepped inside the backward
+  (:mod:`waggle_trainer.remat.fused_step`).  What a step needed beyond the plan (and,
+  in the first round of a fresh optimiser, what training left resident) is cached
+  beside the profile after every round, so that the next start plans with it
+  (:mod:`waggle_trainer.remat.overhead`).
 * **Drift guard.**  Agreement on the held-out slice before and after the round; when
   it falls by more than ``rollback_margin`` (or the loss is not finite) the round is
-  rolled back: weights, BatchNorm statistics and optimiser state as before it.
+  rolled back: weights, BatchNorm statistics and optimiser state as before it (the
+  fused step keeps its state in the same optimiser).
   Agreement is AP50 of the student's boxes against the teacher's (mean over the
   classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
   for ``detect``, top-1 agreement for ``classify``.
@@ -72,6 +78,7 @@ from waggle_trainer.learn.student import (
     to_input,
 )
 from waggle_trainer.learn.task import Task
+from waggle_trainer.remat import allocator
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +175,7 @@ def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
         replan_threshold=m.replan_threshold,
         cache_dir=state_dir / "profiles",
         seed=t.seed,
+        fused_step=m.fused_step,
     )
 
 
@@ -215,6 +223,7 @@ class AdaptationLoop:
         self._rng = torch.Generator().manual_seed(cfg.training.seed)
         self._version = 0  # bumped whenever the weights change
         self._calibrated = False
+        self._overhead_warned = False
         self.teacher_stride = a.teacher_stride_min
         self._since_teacher = self.teacher_stride - 1  # the first frame is labelled
         self._new_train = 0
@@ -375,15 +384,20 @@ class AdaptationLoop:
         t.maybe_replan()
         before, _ = self.agreement()
         snap = self._snapshot()
+        # the first round of a fresh optimiser measures what training leaves resident
+        first = not self._calibrated and not t.optimizer.state
         losses, times = [], []
         t0 = time.perf_counter()
         with RssSampler(interval_s=0.005) as rss:
+            allocator.trim()
+            start = rss.reset()
             if not self._calibrated:
                 self._calibrated = True
                 c0 = time.perf_counter()
                 t.calibrate(rss, batch=self._batch)
                 self.times.train += time.perf_counter() - c0
                 self._version += 1
+            allocator.trim()
             base = rss.reset()
             for _ in range(self.cfg.training.steps_per_round):
                 x, y = self._batch()
@@ -393,7 +407,12 @@ class AdaptationLoop:
                 self._version += 1
                 del x, y
             peak = rss.peak - base
+            residue = None
+            if first:
+                allocator.trim()
+                residue = rss.current() - start - t.state_bytes_created_by_first_step()
         self.times.train += sum(times)
+        self._record_overhead(peak, residue)
         loss = statistics.fmean(losses)
         after, kl = self.agreement()
         finite = all(math.isfinite(v) for v in losses)
@@ -440,6 +459,21 @@ class AdaptationLoop:
         )
         self.rounds += 1
         return result
+
+    def _record_overhead(self, step_growth: int, residue: int | None) -> None:
+        """Cache what this round measured beside the profile, so that the next start
+        plans with it (:mod:`waggle_trainer.remat.overhead`); a cache that cannot be
+        written costs only that (one warning)."""
+        try:
+            self.training.record_overhead(
+                step_growth_bytes=step_growth, first_step_residue_bytes=residue
+            )
+        except OSError as exc:
+            if not self._overhead_warned:
+                self._overhead_warned = True
+                log.warning(
+                    "measured overhead not cached (%s); the next start plans without it", exc
+                )
 
     def _adapt_stride(self, agreement: float) -> None:
         a = self.cfg.adaptation
