@@ -124,6 +124,9 @@ def test_every_round_caches_its_overhead_for_the_next_start(tmp_path):
     again = make_loop(tmp_path, own, frames, fused=True)
     assert again.training.overhead_source == "cache"
     assert again.training.overhead.steps_measured == 1
+    # the first round of a fresh optimiser measured what training left resident
+    # (oneDNN's caches, the heap): the next start reserves that, not the default
+    assert 0 < again.training.overhead.first_step_residue_bytes
     feed_until_round(again, frames)
     assert make_loop(tmp_path, own, frames, fused=True).training.overhead.steps_measured == 2
 
@@ -145,3 +148,30 @@ def test_an_overhead_cache_that_cannot_be_written_is_one_warning(
         "measured overhead not cached ([Errno 28] No space left on device); "
         "the next start plans without it"
     ]
+
+
+def test_a_cached_overhead_that_leaves_no_plan_runs_the_smallest_one(tmp_path, caplog):
+    """The node's second start must not refuse what its first start trained under."""
+    from waggle_trainer.learn.adaptation import _run_spec
+    from waggle_trainer.remat.overhead import Overhead, save_overhead
+    from waggle_trainer.remat.planner import InfeasibleBudget, Planner
+
+    frames = clip(12)
+    own = tmp_path / "own"
+    probe = make_loop(tmp_path, own, frames, fused=False)
+    lowest = Planner(probe.training.chain.costs).min_feasible_budget("optimal")
+    budget = {"memory": {"budget": lowest + 2**20}}  # fits, with 1 MiB to spare
+    first = make_loop(tmp_path, own, frames, fused=False, **budget)
+    assert first.training.allocator_mode == "mmap"  # a tight budget: the key below
+    save_overhead(own / "profiles", first.training.overhead_key(), Overhead(8 * 2**20, 0))
+    with caplog.at_level(logging.WARNING):
+        again = make_loop(tmp_path, own, frames, fused=False, **budget)
+    assert again.training.overhead_source == "cache"
+    assert again.training.chain.plan.predicted_peak_bytes == lowest
+    assert any("leaves too little for any plan" in r.getMessage() for r in caplog.records)
+    r = feed_until_round(again, frames)
+    assert r.strategy == "optimal" and r.predicted_peak_bytes == lowest
+    # bench's way (the default): refused before the first step
+    spec = _run_spec(again.cfg, again.spec, own)
+    with pytest.raises(InfeasibleBudget):
+        planned_training.PlannedTraining.for_model(again.student, spec)

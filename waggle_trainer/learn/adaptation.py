@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -213,9 +214,17 @@ class AdaptationLoop:
                 hard_confidence=a.hard_label_confidence,
                 hard_weight=a.hard_label_weight,
             )
+        # A cached overhead that leaves no plan within the budget: the smallest plan
+        # runs (one warning), as in the start that measured it; never a refusal to start.
         self.training = PlannedTraining.for_model(
-            self.student, _run_spec(cfg, self.spec, self.state_dir), loss_fn
+            self.student,
+            _run_spec(cfg, self.spec, self.state_dir),
+            loss_fn,
+            smallest_plan_when_tight=True,
         )
+        # resident when the budget was read: the first round's residue is counted from here
+        allocator.trim()
+        self._rss_planned = psutil.Process().memory_info().rss
         holdout_cap = max(1, round(a.buffer_size * a.holdout_fraction))
         self._holdout: deque[_Sample] = deque(maxlen=holdout_cap)
         self._train: deque[_Sample] = deque(maxlen=max(1, a.buffer_size - holdout_cap))
@@ -384,13 +393,12 @@ class AdaptationLoop:
         t.maybe_replan()
         before, _ = self.agreement()
         snap = self._snapshot()
-        # the first round of a fresh optimiser measures what training leaves resident
+        # the first round of a fresh optimiser measures what the process keeps resident
+        # beyond what it held when the budget was read (see _first_round_residue)
         first = not self._calibrated and not t.optimizer.state
         losses, times = [], []
         t0 = time.perf_counter()
         with RssSampler(interval_s=0.005) as rss:
-            allocator.trim()
-            start = rss.reset()
             if not self._calibrated:
                 self._calibrated = True
                 c0 = time.perf_counter()
@@ -407,10 +415,7 @@ class AdaptationLoop:
                 self._version += 1
                 del x, y
             peak = rss.peak - base
-            residue = None
-            if first:
-                allocator.trim()
-                residue = rss.current() - start - t.state_bytes_created_by_first_step()
+            residue = self._first_round_residue(rss.current) if first else None
         self.times.train += sum(times)
         self._record_overhead(peak, residue)
         loss = statistics.fmean(losses)
@@ -459,6 +464,18 @@ class AdaptationLoop:
         )
         self.rounds += 1
         return result
+
+    def _first_round_residue(self, rss_now) -> int:
+        """What the process keeps resident after its first training round beyond what it
+        held when the budget was read, less the optimiser state (and resident gradients)
+        the round created and the samples buffered since: the teacher's and the held-out
+        evaluation's buffers, oneDNN's caches, the heap.  Free memory read at the start
+        does not include it, so the next start's budget reserves it."""
+        allocator.trim()
+        samples = sum(s.image.numel() * s.image.element_size() for s in self._train)
+        samples += sum(s.image.numel() * s.image.element_size() for s in self._holdout)
+        created = self.training.state_bytes_created_by_first_step()
+        return rss_now() - self._rss_planned - created - samples
 
     def _record_overhead(self, step_growth: int, residue: int | None) -> None:
         """Cache what this round measured beside the profile, so that the next start
