@@ -232,4 +232,3 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
         "rounds 2: 0 accepted, 0 rolled back, 2 not judged; held-out agreement not measured: "
         "the held-out slice never held enough teacher labels (adaptation.min_holdout_labels)"
     ) in out
-
