@@ -223,7 +223,7 @@ def adapt_arm(cfg, teacher, vtest: Path, start: int, stop: int, state_dir: Path,
         r = loop.feed(f)
         if r is not None:
             rounds.append(r)
-            if r.agreement is not None:  # judged on held-out evidence
+            if r.agreement is not None:  # measured (enough held-out labels)
                 curve.append((r.frames_seen, r.agreement))
             log(
                 f"  round {r.index:2d} frames {r.frames_seen:3d} stride {r.teacher_stride:2d} "

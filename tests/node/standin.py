@@ -144,6 +144,7 @@ class StandInLoop:
             rounds_accepted=self.counts["accepted"],
             rounds_rolled_back=self.counts["rolled_back"],
             judged=judged,
+            why_not_judged="" if judged else f"held-out has 0 labels, need {HOLDOUT_LABELS}",
             holdout_labels=HOLDOUT_LABELS if judged else 0,
             holdout_labels_needed=HOLDOUT_LABELS,
             rounds_not_judged=self.counts["not_judged"],

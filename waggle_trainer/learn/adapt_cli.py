@@ -184,8 +184,8 @@ def _adapt(args) -> int:
         for frame in _frames(source, args.live_range):
             result = loop.feed(frame)
             if result is not None:
-                if first is None and result.judged:
-                    first = result  # the first round with held-out evidence
+                if first is None and result.agreement_before is not None:
+                    first = result  # the first round with enough held-out labels
                 last = result
                 _log_round(result)
             progress.show(_status(loop, last))
@@ -234,7 +234,7 @@ def _status(loop, last) -> str:
     if last is not None:
         judged = (
             f"agreement {loop.last_agreement:.3f}"
-            if last.judged and loop.last_agreement is not None
+            if last.agreement is not None and loop.last_agreement is not None
             else f"held-out {last.holdout_labels}/{last.holdout_labels_needed} labels"
         )
         text += (

@@ -28,12 +28,14 @@ systemd, AMQP or the outbox.
   Agreement is AP50 of the student's boxes against the teacher's (mean over the
   classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
   for ``detect``, top-1 agreement for ``classify``.  The guard judges only on
-  evidence: while the held-out slice holds fewer than ``min_holdout_labels`` teacher
-  labels (boxes for ``detect``, samples for ``classify``) a round is *not judged*:
-  no agreement is measured or reported, its weights are kept (a non-finite loss
-  still rolls it back), the teacher stride halves, and it is not accepted (the
-  daemon sends no update for it; the next accepted round's update, weights minus
-  base, carries its change).
+  evidence.  A round is *not judged* while the held-out slice holds fewer than
+  ``min_holdout_labels`` teacher labels (boxes for ``detect``, samples for
+  ``classify``: no agreement is measured, the teacher stride halves), or when
+  agreement before and after are both within ``rollback_margin`` of zero (a student
+  that matches almost none of the teacher's labels cannot show a regression: 0.000
+  -> 0.000 says nothing).  A round not judged keeps its weights (a non-finite loss
+  still rolls it back) and is not accepted: the daemon sends no update for it; the
+  next accepted round's update, weights minus base, carries its change.
 """
 
 from __future__ import annotations
@@ -126,11 +128,13 @@ class RoundResult:
     holdout_labels_needed: int = 0
     rounds_not_judged: int = 0
 
+    why_not_judged: str = ""
+
     @property
     def agreement(self) -> float | None:
-        """The kept model's held-out agreement (after an accepted round, before a
-        rolled-back one); None when the round was not judged."""
-        return self.agreement_after if self.accepted else self.agreement_before
+        """The kept model's held-out agreement (before a rolled-back round, after any
+        other); None when it was not measured (too few held-out labels)."""
+        return self.agreement_before if self.rolled_back else self.agreement_after
 
     @property
     def rolled_back(self) -> bool:
@@ -140,10 +144,7 @@ class RoundResult:
     def verdict(self) -> str:
         """What the drift guard did, in words for a log line."""
         if not self.judged:
-            return (
-                f"not judged (held-out has {self.holdout_labels} labels, "
-                f"need {self.holdout_labels_needed})"
-            )
+            return f"not judged ({self.why_not_judged})"
         what = "accepted" if self.accepted else "rolled back"
         if self.agreement_before is None or self.agreement_after is None:
             return f"{what} (loss not finite)"
@@ -449,8 +450,14 @@ class AdaptationLoop:
         if finite and before is not None:
             after, kl = self.agreement()
         margin = self.cfg.adaptation.rollback_margin
-        accepted = after is not None and before is not None and after >= before - margin
-        judged = evidence or not finite  # a non-finite loss is evidence enough
+        why = "" if evidence else f"held-out has {labels} labels, need {needed}"
+        if before is not None and after is not None and max(before, after) <= margin:
+            why = (
+                f"agreement {before:.3f} -> {after:.3f}, both within the rollback margin "
+                f"{margin:g} of zero: a regression could not show"
+            )
+        judged = not why or not finite  # a non-finite loss is evidence enough
+        accepted = judged and before is not None and after is not None and after >= before - margin
         if accepted:
             self.rounds_accepted += 1
         elif not judged:
@@ -459,7 +466,7 @@ class AdaptationLoop:
             self._restore(snap)
             self.rounds_rolled_back += 1
         del snap
-        kept = after if accepted else before
+        kept = before if judged and not accepted else after
         if kept is not None:
             self.last_agreement = kept
         self._adapt_stride(kept if kept is not None else 0.0)  # no evidence: more teacher
@@ -486,12 +493,12 @@ class AdaptationLoop:
             mean_kl=kl,
             time_s=time.perf_counter() - t0,
             judged=judged,
+            why_not_judged="" if judged else why,
             holdout_labels=labels,
             holdout_labels_needed=needed,
             rounds_not_judged=self.rounds_not_judged,
         )
-        if not accepted:
-            log.info("round %d %s (loss %.4g)", self.rounds, result.verdict, loss)
+        log.debug("round %d %s (loss %.4g)", self.rounds, result.verdict, loss)  # callers say it
         self.rounds += 1
         return result
 

@@ -210,6 +210,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
                         "round",
                         "accepted",
                         "judged",
+                        "why_not_judged",
                         "holdout_labels",
                         "holdout_labels_needed",
                         "agreement_before",
@@ -264,10 +265,7 @@ def history_line(h: dict[str, Any]) -> str:
     round without held-out evidence says so; "judged" is absent from older states)."""
     loss = f"loss {h['loss']:.4f}" if h.get("loss") is not None else "loss not finite"
     if h.get("judged") is False:
-        return (
-            f"not judged (held-out has {h.get('holdout_labels')} labels, "
-            f"need {h.get('holdout_labels_needed')})  {loss}"
-        )
+        return f"not judged ({h.get('why_not_judged')})  {loss}"
     before, after = h.get("agreement_before"), h.get("agreement_after")
     mark = "accepted" if h["accepted"] else "rolled back"
     if before is None or after is None:

@@ -218,7 +218,7 @@ class Counters:
     rounds: int = 0  # this run
     accepted_run: int = 0
     rolled_back_run: int = 0
-    not_judged_run: int = 0  # too little held-out evidence to judge (weights kept, no update)
+    not_judged_run: int = 0  # no held-out evidence either way (weights kept, no update)
     accepted: int = 0  # since the state began (saved with it)
     rolled_back: int = 0
     not_judged: int = 0
@@ -523,7 +523,7 @@ class Daemon:
         c.rounds += 1
         c.teacher_calls = int(r.teacher_calls)  # the loop's totals since it started
         c.loop_frames = int(r.frames_seen)
-        if r.agreement is not None:  # a round judged on held-out evidence
+        if r.agreement is not None:  # measured on the held-out slice
             if c.first_agreement is None and r.agreement_before is not None:
                 c.first_agreement = float(r.agreement_before)
             c.last_agreement = float(r.agreement)
@@ -531,6 +531,7 @@ class Daemon:
             "round": self.round,
             "accepted": bool(r.accepted),
             "judged": bool(r.judged),
+            "why_not_judged": str(r.why_not_judged),
             "holdout_labels": int(r.holdout_labels),
             "holdout_labels_needed": int(r.holdout_labels_needed),
             "agreement_before": _maybe_float(r.agreement_before),
@@ -927,7 +928,7 @@ class Daemon:
             if c.not_judged:
                 parts[-1] += f"/{c.not_judged} not judged"
         r = self._last_result
-        if r is not None and not r.judged:
+        if r is not None and r.agreement is None:  # too few held-out labels to measure
             parts.append(f"held-out {r.holdout_labels}/{r.holdout_labels_needed} labels")
         elif c.last_agreement is not None:
             parts.append(f"agreement {c.last_agreement:.3f}")
