@@ -225,6 +225,8 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
         "budget_bytes": 2**20,
         "predicted_peak_bytes": 2**19,
         "measured_peak_bytes": 2**19,
+        "allocator": "glibc",
+        "fused_step": False,
     }
     _print_summary(summary, format_size)
     out = capsys.readouterr().out
