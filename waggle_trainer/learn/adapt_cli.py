@@ -157,6 +157,10 @@ def _adapt(args) -> int:
     cfg, code = _load(args, "adapt")
     if cfg is None:
         return code
+    from waggle_trainer.remat.allocator import reexec_under
+
+    # [memory] allocator, before torch is imported
+    reexec_under(cfg.memory.allocator, getattr(args, "reexec_argv", None))
     from waggle_trainer.common import format_size
     from waggle_trainer.learn.adaptation import AdaptationLoop
     from waggle_trainer.learn.student import StudentError, save_student
@@ -184,7 +188,8 @@ def _adapt(args) -> int:
         for frame in _frames(source, args.live_range):
             result = loop.feed(frame)
             if result is not None:
-                first = first or result
+                if first is None and result.agreement_before is not None:
+                    first = result  # the first round with enough held-out labels
                 last = result
                 _log_round(result)
             progress.show(_status(loop, last))
@@ -212,12 +217,9 @@ def _log_round(r) -> None:
     import logging
 
     logging.getLogger("waggle_trainer.adapt").info(
-        "round %d %s: agreement %.3f -> %.3f, loss %.4g, %d samples, teacher stride %d, "
-        "plan %s, step %.2f s",
+        "round %d %s; loss %.4g, %d samples, teacher stride %d, plan %s, step %.2f s",
         r.index,
-        "kept" if r.accepted else "rolled back",
-        r.agreement_before,
-        r.agreement_after,
+        r.verdict,
         r.loss,
         r.samples,
         r.teacher_stride,
@@ -234,15 +236,21 @@ def _status(loop, last) -> str:
         f"(stride {loop.teacher_stride})  rounds {loop.rounds}"
     )
     if last is not None:
+        judged = (
+            f"agreement {loop.last_agreement:.3f}"
+            if last.agreement is not None and loop.last_agreement is not None
+            else f"held-out {last.holdout_labels}/{last.holdout_labels_needed} labels"
+        )
         text += (
-            f" ({loop.rounds_rolled_back} rolled back)  agreement "
-            f"{loop.last_agreement:.3f}  plan {last.strategy} "
+            f" ({loop.rounds_rolled_back} rolled back, {loop.rounds_not_judged} not judged)  "
+            f"{judged}  plan {last.strategy} "
             f"{format_size(last.predicted_peak_bytes)}/{format_size(last.budget_bytes)}"
         )
     return text
 
 
 def _summary(loop, first, last, elapsed: float, source) -> dict:
+    from waggle_trainer.remat.allocator import loaded_allocator
     from waggle_trainer.remat.schedule import recomputes
 
     stats = loop.stats()
@@ -262,6 +270,7 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
                 "rounds",
                 "rounds_accepted",
                 "rounds_rolled_back",
+                "rounds_not_judged",
                 "teacher_stride",
                 "overhead_fraction",
             )
@@ -273,6 +282,8 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
         "budget_bytes": loop.training.budget.activation_budget_bytes,
         "predicted_peak_bytes": plan.predicted_peak_bytes if plan is not None else None,
         "measured_peak_bytes": last.measured_peak_bytes if last else None,
+        "allocator": loaded_allocator(),
+        "fused_step": loop.training.fused is not None,
         "seconds": elapsed,
         "fps": loop.frames_seen / elapsed if elapsed > 0 else 0.0,
         "source": getattr(source, "stats", None) and source.stats.as_dict(),
@@ -291,17 +302,27 @@ def _print_summary(s: dict, format_size) -> None:
         f"{s['teacher_stride']})"
     )
     if s["rounds"]:
+        if s["agreement_first"] is None or s["agreement_last"] is None:
+            agreement = (
+                "held-out agreement not measured: the held-out slice never held enough "
+                "teacher labels (adaptation.min_holdout_labels)"
+            )
+        else:
+            agreement = (
+                f"held-out agreement {s['agreement_first']:.3f} -> {s['agreement_last']:.3f}"
+            )
+        not_judged = f", {s['rounds_not_judged']} not judged" if s["rounds_not_judged"] else ""
         print(
-            f"rounds {s['rounds']}: {s['rounds_accepted']} kept, {s['rounds_rolled_back']} "
-            f"rolled back; held-out agreement {s['agreement_first']:.3f} -> "
-            f"{s['agreement_last']:.3f}"
+            f"rounds {s['rounds']}: {s['rounds_accepted']} accepted, {s['rounds_rolled_back']} "
+            f"rolled back{not_judged}; {agreement}"
         )
         print(
             f"memory plan {s['strategy']} "
             f"({'checkpointing' if s['recomputes'] else 'nothing recomputed'}): "
             f"activation budget {format_size(s['budget_bytes'])}, "
             f"predicted peak {format_size(s['predicted_peak_bytes'])}, measured "
-            f"{format_size(s['measured_peak_bytes'])} (last round)"
+            f"{format_size(s['measured_peak_bytes'])} (last round); allocator "
+            f"{s['allocator']}{', optimiser step fused' if s['fused_step'] else ''}"
         )
     else:
         print("rounds 0: too few labelled frames for a round (no training happened)")

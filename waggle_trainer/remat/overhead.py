@@ -13,29 +13,31 @@ The profile (:mod:`.profiler`) sees tensors.  A real process also pays:
   include it yet, so the budget reserves it.
 
 Both depend on the machine (CPU, threads), torch, the allocator and the model's
-shapes, so they are measured by the first training run of a configuration
-(:func:`waggle_trainer.learn.planned_training.measure`) and cached beside the
-profile, keyed by the same facts plus the allocator, its mode and whether the step is
-fused.  Later runs plan with them *before* their first step: the budget reserves the
-residue and the plan is made for the activation budget minus the step overhead.  The
-calibration step stays as the safety net (and updates the cache).
+shapes, so they are measured by the training runs of a configuration
+(:func:`waggle_trainer.learn.planned_training.measure`; the adaptation loop after
+every round) and cached beside the profile, keyed by the same facts plus the
+allocator and its mode (not the optimiser or the fused step: the state the first
+step creates is subtracted from the residue).  Later runs plan with them *before*
+their first step: the budget reserves the residue and the plan is made for the
+activation budget minus the step overhead.  The calibration step stays as the safety
+net (and updates the cache).
 
 The first run of a configuration has no record of its own: :class:`StepModel`
 predicts its step overhead from the machine's probe (a few small planned runs,
 :mod:`waggle_trainer.learn.overhead_probe`, cached once per machine, threads, torch,
 allocator and mode).  What it measures (``bench/results/predictions.md``): under
-glibc with the fixed mmap threshold the step overhead is mostly the *heap*: blocks
-below the threshold (small activations, gradients of small parameters, oneDNN's and
-autograd's small buffers) and big blocks served from free heap chunks stay resident
-after ``free`` until the next trim, so a step's resident peak is the heap's
-high-water mark, not its live bytes (``bench/results/step_overhead_anatomy.md``).
-It grows with the size of the activations to 15-35 MiB and falls again once they
-are large enough to get their own mappings (5-10 MiB for resnet50 batch 8);
-transparent huge pages add nothing measurable (a tensor's mapping ends where the
-tensor ends); two threads add about 10 MiB at mid sizes (per-thread heaps).  The
-model is that curve, measured: overhead as a function of the activation scale (plain
-training's predicted peak), the upper envelope of the probe's points, flat beyond
-the largest.  Pure standard library.
+glibc with the fixed mmap threshold the step overhead is the *heap*: blocks below the
+threshold (small activations, gradients of small parameters, oneDNN's and autograd's
+small buffers) and big blocks served from free heap chunks stay resident after
+``free`` until the next trim, so a step's resident peak is the heap's high-water
+mark, not its live bytes (``bench/results/step_overhead_anatomy.md``).  It grows with
+the size of the activations to 20-40 MiB and falls again once they are large enough
+to get their own mappings (under 8 MiB for resnet50 batch 8); transparent huge pages
+add nothing measurable (a tensor's mapping ends where the tensor ends); one
+configuration's overhead varies by up to 20 MiB from process to process.  The model
+is that curve, measured: overhead as a function of the activation scale (plain
+training's predicted peak), the upper envelope of the probe's points, flat beyond the
+largest.  Pure standard library.
 """
 
 from __future__ import annotations
