@@ -229,12 +229,13 @@ def main() -> int:
 
     def write(blocks: list[dict]) -> None:
         """The tables so far (rewritten after every case: a long run keeps its rows)."""
-        header = provenance(args.threads, note)
+        header = provenance(args.threads, note, load_before=load_before)
         blocks = [*kept, *({**b, "header": header} for b in blocks)]
         md.write_text(markdown(header, blocks) + "\n")
         data = {"header": header, "allocators": blocks}
         md.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
 
+    load_before = os.getloadavg()[0]
     blocks: list[dict] = []
     for name in args.allocators:
         env = _env(name, args.threads)
