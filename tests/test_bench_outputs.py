@@ -87,3 +87,22 @@ def test_allocator_bench_ckpt_measures_checkpointed_sequential():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["impl"].startswith("CheckpointedSequential(sequential, ")
     assert out["rss_growth"] > 0
+
+
+def test_predictions_verdicts_follow_the_issue_bar():
+    bench = importlib.import_module("bench.predictions")
+    mib = 2**20
+
+    def run(predicted, growth, budget):
+        return {
+            "predicted_growth_bytes": predicted * mib,
+            "peak_rss_growth_bytes": growth * mib,
+            "budget_bytes": budget * mib,
+        }
+
+    assert bench.verdict(run(100, 109, 100)) == ("within 10%", pytest.approx(0.09))
+    assert bench.verdict(run(100, 91, 100))[0] == "within 10%"
+    assert bench.verdict(run(100, 89, 100))[0] == "within budget + 5 MiB"  # -11%
+    assert bench.verdict(run(20, 28, 24))[0] == "within budget + 5 MiB"  # +40%, 4 MiB over
+    assert bench.verdict(run(20, 30, 24))[0] == "missed"
+    assert bench.verdict({"refused": "no plan fits", "code": 1}) == ("refused", None)

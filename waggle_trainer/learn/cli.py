@@ -116,6 +116,19 @@ def register(sub) -> None:
         help="malloc to run under: glibc's, or a distribution library loaded by "
         f"re-executing with LD_PRELOAD (default {DEFAULT_ALLOCATOR})",
     )
+    p.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="no calibration step: the plan made before the first step (with the overhead "
+        "known for this machine) runs as it is",
+    )
+    p.add_argument(
+        "--probe-overhead",
+        action="store_true",
+        help="when this machine's step-overhead model is not cached yet, measure it first "
+        "(a few small runs, once per machine, threads and allocator) so that a "
+        "configuration's first run plans for its overhead",
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -267,7 +280,7 @@ def _plan(args) -> int:
     return 0 if chosen else EXIT_DOES_NOT_FIT
 
 
-def _train(spec, steps: int, as_json: bool, prog: str) -> int:
+def _train(spec, steps: int, as_json: bool, prog: str, *, calibrate: bool = True) -> int:
     from waggle_trainer.learn.planned_training import PlannedTraining, measure
     from waggle_trainer.remat.planner import InfeasibleBudget
 
@@ -276,7 +289,7 @@ def _train(spec, steps: int, as_json: bool, prog: str) -> int:
     except InfeasibleBudget as exc:
         print(f"waggle-trainer {prog}: {exc}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
-    r = measure(training, steps)
+    r = measure(training, steps, calibrate=calibrate)
     failures = _failures(r)
     if as_json:
         print(json.dumps(r.to_dict(), indent=2))
@@ -334,7 +347,17 @@ def _report(r, training, spec) -> None:
         f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted, "
         f"{'within' if r.budget_kept else 'OVER'} the budget)"
     )
-    if r.calibration_bytes:
+    known = {
+        "cache": "measured before for this configuration",
+        "machine": "predicted by this machine's step model",
+    }.get(r.overhead_source)
+    print(
+        "step overhead planned for before the first step: "
+        + (f"{format_size(r.overhead_step_bytes)} ({known})" if known else "none known yet")
+    )
+    if r.calibration == "off":
+        print("calibration: off (--no-calibrate): the plan made before the first step ran")
+    elif r.calibration_bytes:
         need = (
             f"calibration: a measured step needed {format_size(r.calibration_bytes)} beyond "
             f"the prediction; "
@@ -360,8 +383,8 @@ def _bench(args) -> int:
 
     reexec_under(args.allocator, getattr(args, "reexec_argv", None))  # before torch is imported
     try:
-        spec = _spec(args, strategy=args.strategy)
+        spec = _spec(args, strategy=args.strategy, probe_overhead=args.probe_overhead)
     except (UsageError, ValueError) as exc:
         print(f"waggle-trainer bench: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return _train(spec, args.steps, args.json, "bench")
+    return _train(spec, args.steps, args.json, "bench", calibrate=not args.no_calibrate)

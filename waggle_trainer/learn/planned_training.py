@@ -78,6 +78,12 @@ class RunSpec:
     # The optimiser step runs inside the backward, one parameter at a time
     # (remat/fused_step.py): no whole-model gradients, same results.
     fused_step: bool = False
+    # Plan before the first step with the overhead known on this machine: this
+    # configuration's record, else the machine's step model (remat/overhead.py).
+    known_overhead: bool = True
+    # When the machine's step model is missing: measure it now (small runs in fresh
+    # processes, once per machine: learn/overhead_probe.py).
+    probe_overhead: bool = False
 
     def __post_init__(self) -> None:
         """The limits of the config file, named as the command line's flags."""
@@ -229,13 +235,14 @@ class PlannedTraining:
     replans: int = 0
     allocator_mode: str = "default"
     overshoot_bytes: int = 0
-    #: What calibration did: "" (nothing to do), "re-planned", "no smaller plan"
+    #: What calibration did: "" (nothing to do), "off" (not run), "re-planned", "no smaller plan"
     #: (the plan for the budget minus the overhead is the one already running) or
     #: "infeasible" (nothing fits the budget minus the overhead: the smallest plan runs).
     calibration: str = ""
     fused: FusedStep | None = None
-    #: The overhead this run planned with before its first step: measured before on
-    #: this machine ("cache") or :data:`~waggle_trainer.remat.overhead.DEFAULT`.
+    #: The overhead this run planned with before its first step: measured before for
+    #: this configuration ("cache"), predicted by the machine's step model ("machine")
+    #: or :data:`~waggle_trainer.remat.overhead.DEFAULT` ("default").
     overhead: Overhead = DEFAULT
     overhead_source: str = "default"
 
@@ -377,11 +384,15 @@ class PlannedTraining:
         """Before the first step: reserve the cached first-step residue in an automatic
         budget and plan for the activation budget minus the cached step overhead
         (see :meth:`for_model` for a budget the overhead leaves too small)."""
-        cached = load_overhead(self.spec.cache_dir, self.overhead_key())
-        if cached is None:
-            cached = DEFAULT
-        else:
+        cached = (
+            load_overhead(self.spec.cache_dir, self.overhead_key())
+            if self.spec.known_overhead
+            else None
+        )
+        if cached is not None:
             self.overhead_source = "cache"
+        else:
+            cached = self._predicted_overhead()
         self.overhead = cached
         if self.spec.budget == "auto":
             self.budget = resolve_budget(
@@ -401,13 +412,30 @@ class PlannedTraining:
         self._configure_allocator()
         log.info(
             "overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB of tensors",
-            "measured before on this machine"
-            if self.overhead_source == "cache"
-            else "default until measured",
+            {
+                "cache": "measured before for this configuration",
+                "machine": "predicted by this machine's step model",
+            }.get(self.overhead_source, "default until measured"),
             cached.step_bytes >> 20,
             cached.first_step_residue_bytes >> 20,
             self._plan.predicted_peak_bytes >> 20,
         )
+
+    def _predicted_overhead(self) -> Overhead:
+        """The machine's step model's prediction for this chain (probed now when
+        ``spec.probe_overhead`` and none is cached), else :data:`DEFAULT`.  Only for a
+        plan that runs with the fixed mmap threshold: what the probe measures."""
+        from waggle_trainer.learn.overhead_probe import activation_scale, step_model
+
+        if not self.spec.known_overhead or self.allocator_mode != "mmap":
+            return DEFAULT
+        assert self.chain.costs is not None  # profiled at build
+        model = step_model(self.spec.cache_dir, self.allocator_mode, probe=self.spec.probe_overhead)
+        if model is None:
+            return DEFAULT
+        self.overhead_source = "machine"
+        step = model.predict(activation_scale(self.chain.costs))
+        return Overhead(step, DEFAULT.first_step_residue_bytes, steps_measured=0)
 
     def state_bytes_created_by_first_step(self) -> int:
         """Optimiser state (and resident gradients, when not fused) the first step creates."""
@@ -557,8 +585,14 @@ class RunResult:
         return {**asdict(self), "budget_kept": self.budget_kept, "diverged_at": self.diverged_at}
 
 
-def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunResult:
-    """Run ``warmup`` + ``steps`` training steps; time them and sample RSS."""
+def measure(
+    training: PlannedTraining, steps: int, *, warmup: int = 1, calibrate: bool = True
+) -> RunResult:
+    """Run ``warmup`` + ``steps`` training steps; time them and sample RSS.
+
+    ``calibrate=False`` skips the calibration step (:meth:`PlannedTraining.calibrate`):
+    the plan made before the first step runs as it is (recorded as ``"off"``), which is
+    how the overhead model's predictions are checked."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     times, losses = [], []
@@ -573,7 +607,10 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
         residue = None
         if fresh and warmup:
             residue = max(0, after - before - training.state_bytes_created_by_first_step())
-        training.calibrate(rss)
+        if calibrate:
+            training.calibrate(rss)
+        else:
+            training.calibration = "off"
         allocator.trim()
         baseline = rss.reset()
         for _ in range(steps):

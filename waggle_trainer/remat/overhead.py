@@ -20,7 +20,24 @@ allocator and its mode (not the optimiser or the fused step: the state the first
 step creates is subtracted from the residue).  Later runs plan with them *before*
 their first step: the budget reserves the residue and the plan is made for the
 activation budget minus the step overhead.  The calibration step stays as the safety
-net (and updates the cache).  Pure standard library.
+net (and updates the cache).
+
+The first run of a configuration has no record of its own: :class:`StepModel`
+predicts its step overhead from the machine's probe (a few small planned runs,
+:mod:`waggle_trainer.learn.overhead_probe`, cached once per machine, threads, torch,
+allocator and mode).  What it measures (``bench/results/predictions.md``): under
+glibc with the fixed mmap threshold the step overhead is the *heap*: blocks below the
+threshold (small activations, gradients of small parameters, oneDNN's and autograd's
+small buffers) and big blocks served from free heap chunks stay resident after
+``free`` until the next trim, so a step's resident peak is the heap's high-water
+mark, not its live bytes (``bench/results/step_overhead_anatomy.md``).  It grows with
+the size of the activations to 20-40 MiB and falls again once they are large enough
+to get their own mappings (under 8 MiB for resnet50 batch 8); transparent huge pages
+add nothing measurable (a tensor's mapping ends where the tensor ends); one
+configuration's overhead varies by up to 20 MiB from process to process.  The model
+is that curve, measured: overhead as a function of the activation scale (plain
+training's predicted peak), the upper envelope of the probe's points, flat beyond the
+largest.  Pure standard library.
 """
 
 from __future__ import annotations
@@ -32,9 +49,19 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["DEFAULT", "Overhead", "overhead_path", "load_overhead", "save_overhead"]
+__all__ = [
+    "DEFAULT",
+    "Overhead",
+    "overhead_path",
+    "load_overhead",
+    "save_overhead",
+    "StepModel",
+    "load_step_model",
+    "save_step_model",
+]
 
 FORMAT_VERSION = 1
+STEP_MODEL_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -104,3 +131,99 @@ def save_overhead(cache_dir: str | os.PathLike | None, key: dict, overhead: Over
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """A machine's step overhead as a function of a configuration's activation scale.
+
+    ``points`` are ``(scale_bytes, overhead_bytes)`` measured by the probe (scale:
+    plain training's predicted peak of the probed configuration; overhead: its step's
+    measured growth beyond its plan's prediction).  :meth:`predict` interpolates
+    linearly between them after taking, at each scale, the largest overhead seen at
+    that scale or below; below the smallest scale it is proportional to the scale,
+    beyond the largest it stays flat.  The envelope is deliberate: one configuration's
+    overhead varies by up to 8 MiB from process to process (heap layout), which
+    matters for small plans, where the budget must hold the worst; the overhead falls
+    again for large activations, where over-predicting it costs a few percent.
+    """
+
+    points: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.points:
+            raise ValueError("a step model needs at least one measured point")
+        if any(s <= 0 or o < 0 for s, o in self.points):
+            raise ValueError(f"scales must be > 0 and overheads >= 0, got {self.points}")
+        if list(self.points) != sorted(self.points) or len({s for s, _ in self.points}) != len(
+            self.points
+        ):
+            raise ValueError(f"scales must be distinct and ascending, got {self.points}")
+
+    @classmethod
+    def fit(cls, measured: list[tuple[int, int]]) -> StepModel:
+        """The model of ``(scale, overhead)`` measurements (repeats at one scale: the
+        largest counts, as a budget must hold the worst seen)."""
+        best: dict[int, int] = {}
+        for scale, over in measured:
+            best[int(scale)] = max(best.get(int(scale), 0), max(0, int(over)))
+        return cls(tuple(sorted(best.items())))
+
+    def _envelope(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for scale, over in self.points:
+            out.append((scale, max(over, out[-1][1] if out else 0)))
+        return out
+
+    def predict(self, scale_bytes: int) -> int:
+        """The step overhead of a configuration whose plain training predicts
+        ``scale_bytes`` of activations."""
+        pts = self._envelope()
+        s = max(0, int(scale_bytes))
+        if s <= pts[0][0]:
+            return round(pts[0][1] * s / pts[0][0])
+        for (s0, o0), (s1, o1) in zip(pts, pts[1:], strict=False):
+            if s <= s1:
+                return round(o0 + (o1 - o0) * (s - s0) / (s1 - s0))
+        return pts[-1][1]
+
+
+def _model_path(cache_dir: str | os.PathLike, key: dict) -> Path:
+    digest = hashlib.sha256(
+        json.dumps({"format": STEP_MODEL_VERSION, **key}, sort_keys=True).encode()
+    ).hexdigest()[:24]
+    return Path(cache_dir) / f"machine-{digest}.json"
+
+
+def load_step_model(cache_dir: str | os.PathLike | None, key: dict) -> StepModel | None:
+    """The machine's cached :class:`StepModel` for ``key`` (machine, threads, torch,
+    allocator and mode), or None (not probed yet, or unreadable)."""
+    if cache_dir is None:
+        return None
+    try:
+        data = json.loads(_model_path(cache_dir, key).read_text(encoding="utf-8"))
+        if data.get("key") != key:
+            return None
+        points = tuple((int(s), int(o)) for s, o in data["points"])
+        if not all(
+            isinstance(v, int) and not isinstance(v, bool) for p in data["points"] for v in p
+        ):
+            return None
+        return StepModel(points)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_step_model(cache_dir: str | os.PathLike, key: dict, model: StepModel) -> Path:
+    """Cache ``model`` for ``key`` (atomic write); returns the file."""
+    path = _model_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".machine-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "points": [list(p) for p in model.points]}, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
