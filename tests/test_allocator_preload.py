@@ -86,3 +86,19 @@ def test_loaded_allocator_reads_the_maps(tmp_path):
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
     assert A.loaded_allocator(maps) == "glibc"
     assert A.loaded_allocator() == "glibc"  # pytest itself runs on glibc
+
+
+def test_an_allocator_preloaded_by_the_environment_is_kept(monkeypatch):
+    # a systemd unit's Environment=LD_PRELOAD=...libjemalloc.so.2, the config asks for another
+    monkeypatch.setattr(A, "loaded_allocator", lambda maps="/proc/self/maps": "jemalloc")
+    monkeypatch.setattr(A, "find_allocator", lambda name: f"/lib/{name}.so")
+    environ = {"LD_PRELOAD": "/lib/jemalloc.so"}
+    plan = A.plan_preload("tcmalloc", environ=environ)
+    assert plan.env is None and plan.name == "jemalloc"  # no re-execution, never two stacked
+    assert plan.note == (
+        "allocator tcmalloc: jemalloc is already preloaded (LD_PRELOAD='/lib/jemalloc.so'); "
+        "using jemalloc"
+    )
+    # the config's default (glibc) under it: carry on, nothing to say; the run reports it
+    assert A.plan_preload("glibc", environ=environ) == A.PreloadPlan("jemalloc", None)
+    assert A.plan_preload("jemalloc", environ=environ) == A.PreloadPlan("jemalloc", None)

@@ -23,6 +23,7 @@ REQUIRED = {
     "train.frames_skipped",
     "train.samples",
     "train.memory.budget_bytes",
+    "train.memory.allocator",
     "train.plan.strategy",
     "train.plan.predicted_peak_bytes",
     "train.plan.measured_peak_bytes",

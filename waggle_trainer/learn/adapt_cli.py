@@ -157,6 +157,10 @@ def _adapt(args) -> int:
     cfg, code = _load(args, "adapt")
     if cfg is None:
         return code
+    from waggle_trainer.remat.allocator import reexec_under
+
+    # [memory] allocator, before torch is imported
+    reexec_under(cfg.memory.allocator, getattr(args, "reexec_argv", None))
     from waggle_trainer.common import format_size
     from waggle_trainer.learn.adaptation import AdaptationLoop
     from waggle_trainer.learn.student import StudentError, save_student
@@ -243,6 +247,7 @@ def _status(loop, last) -> str:
 
 
 def _summary(loop, first, last, elapsed: float, source) -> dict:
+    from waggle_trainer.remat.allocator import loaded_allocator
     from waggle_trainer.remat.schedule import recomputes
 
     stats = loop.stats()
@@ -273,6 +278,8 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
         "budget_bytes": loop.training.budget.activation_budget_bytes,
         "predicted_peak_bytes": plan.predicted_peak_bytes if plan is not None else None,
         "measured_peak_bytes": last.measured_peak_bytes if last else None,
+        "allocator": loaded_allocator(),
+        "fused_step": loop.training.fused is not None,
         "seconds": elapsed,
         "fps": loop.frames_seen / elapsed if elapsed > 0 else 0.0,
         "source": getattr(source, "stats", None) and source.stats.as_dict(),
@@ -301,7 +308,8 @@ def _print_summary(s: dict, format_size) -> None:
             f"({'checkpointing' if s['recomputes'] else 'nothing recomputed'}): "
             f"activation budget {format_size(s['budget_bytes'])}, "
             f"predicted peak {format_size(s['predicted_peak_bytes'])}, measured "
-            f"{format_size(s['measured_peak_bytes'])} (last round)"
+            f"{format_size(s['measured_peak_bytes'])} (last round); allocator "
+            f"{s['allocator']}{', optimiser step fused' if s['fused_step'] else ''}"
         )
     else:
         print("rounds 0: too few labelled frames for a round (no training happened)")

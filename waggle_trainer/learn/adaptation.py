@@ -21,10 +21,16 @@ systemd, AMQP or the outbox.
   buffer (random horizontal flips with ``[training] hflip``), each through the
   student's :class:`~waggle_trainer.remat.executor.CheckpointedSequential` under the
   plan for the activation budget; free memory is re-read before every round and the
-  chain re-planned when it moved (``[memory] replan_threshold``).
+  chain re-planned when it moved (``[memory] replan_threshold``).  With ``[memory]
+  fused_step`` each parameter is stepped inside the backward
+  (:mod:`waggle_trainer.remat.fused_step`).  What a step needed beyond the plan (and,
+  in the first round of a fresh optimiser, what training left resident) is cached
+  beside the profile after every round, so that the next start plans with it
+  (:mod:`waggle_trainer.remat.overhead`).
 * **Drift guard.**  Agreement on the held-out slice before and after the round; when
   it falls by more than ``rollback_margin`` (or the loss is not finite) the round is
-  rolled back: weights, BatchNorm statistics and optimiser state as before it.
+  rolled back: weights, BatchNorm statistics and optimiser state as before it (the
+  fused step keeps its state in the same optimiser).
   Agreement is AP50 of the student's boxes against the teacher's (mean over the
   classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
   for ``detect``, top-1 agreement for ``classify``.
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -72,6 +79,7 @@ from waggle_trainer.learn.student import (
     to_input,
 )
 from waggle_trainer.learn.task import Task
+from waggle_trainer.remat import allocator
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +176,7 @@ def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
         replan_threshold=m.replan_threshold,
         cache_dir=state_dir / "profiles",
         seed=t.seed,
+        fused_step=m.fused_step,
     )
 
 
@@ -205,9 +214,17 @@ class AdaptationLoop:
                 hard_confidence=a.hard_label_confidence,
                 hard_weight=a.hard_label_weight,
             )
+        # A cached overhead that leaves no plan within the budget: the smallest plan
+        # runs (one warning), as in the start that measured it; never a refusal to start.
         self.training = PlannedTraining.for_model(
-            self.student, _run_spec(cfg, self.spec, self.state_dir), loss_fn
+            self.student,
+            _run_spec(cfg, self.spec, self.state_dir),
+            loss_fn,
+            smallest_plan_when_tight=True,
         )
+        # resident when the budget was read: the first round's residue is counted from here
+        allocator.trim()
+        self._rss_planned = psutil.Process().memory_info().rss
         holdout_cap = max(1, round(a.buffer_size * a.holdout_fraction))
         self._holdout: deque[_Sample] = deque(maxlen=holdout_cap)
         self._train: deque[_Sample] = deque(maxlen=max(1, a.buffer_size - holdout_cap))
@@ -215,6 +232,7 @@ class AdaptationLoop:
         self._rng = torch.Generator().manual_seed(cfg.training.seed)
         self._version = 0  # bumped whenever the weights change
         self._calibrated = False
+        self._overhead_warned = False
         self.teacher_stride = a.teacher_stride_min
         self._since_teacher = self.teacher_stride - 1  # the first frame is labelled
         self._new_train = 0
@@ -375,6 +393,9 @@ class AdaptationLoop:
         t.maybe_replan()
         before, _ = self.agreement()
         snap = self._snapshot()
+        # the first round of a fresh optimiser measures what the process keeps resident
+        # beyond what it held when the budget was read (see _first_round_residue)
+        first = not self._calibrated and not t.optimizer.state
         losses, times = [], []
         t0 = time.perf_counter()
         with RssSampler(interval_s=0.005) as rss:
@@ -384,6 +405,7 @@ class AdaptationLoop:
                 t.calibrate(rss, batch=self._batch)
                 self.times.train += time.perf_counter() - c0
                 self._version += 1
+            allocator.trim()
             base = rss.reset()
             for _ in range(self.cfg.training.steps_per_round):
                 x, y = self._batch()
@@ -393,7 +415,9 @@ class AdaptationLoop:
                 self._version += 1
                 del x, y
             peak = rss.peak - base
+            residue = self._first_round_residue(rss.current) if first else None
         self.times.train += sum(times)
+        self._record_overhead(peak, residue)
         loss = statistics.fmean(losses)
         after, kl = self.agreement()
         finite = all(math.isfinite(v) for v in losses)
@@ -440,6 +464,33 @@ class AdaptationLoop:
         )
         self.rounds += 1
         return result
+
+    def _first_round_residue(self, rss_now) -> int:
+        """What the process keeps resident after its first training round beyond what it
+        held when the budget was read, less the optimiser state (and resident gradients)
+        the round created and the samples buffered since: the teacher's and the held-out
+        evaluation's buffers, oneDNN's caches, the heap.  Free memory read at the start
+        does not include it, so the next start's budget reserves it."""
+        allocator.trim()
+        samples = sum(s.image.numel() * s.image.element_size() for s in self._train)
+        samples += sum(s.image.numel() * s.image.element_size() for s in self._holdout)
+        created = self.training.state_bytes_created_by_first_step()
+        return rss_now() - self._rss_planned - created - samples
+
+    def _record_overhead(self, step_growth: int, residue: int | None) -> None:
+        """Cache what this round measured beside the profile, so that the next start
+        plans with it (:mod:`waggle_trainer.remat.overhead`); a cache that cannot be
+        written costs only that (one warning)."""
+        try:
+            self.training.record_overhead(
+                step_growth_bytes=step_growth, first_step_residue_bytes=residue
+            )
+        except OSError as exc:
+            if not self._overhead_warned:
+                self._overhead_warned = True
+                log.warning(
+                    "measured overhead not cached (%s); the next start plans without it", exc
+                )
 
     def _adapt_stride(self, agreement: float) -> None:
         a = self.cfg.adaptation

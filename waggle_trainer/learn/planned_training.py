@@ -341,11 +341,23 @@ class PlannedTraining:
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, spec: RunSpec, loss_fn=None, *, progress: Progress | None = None
+        cls,
+        model: nn.Module,
+        spec: RunSpec,
+        loss_fn=None,
+        *,
+        progress: Progress | None = None,
+        smallest_plan_when_tight: bool = False,
     ) -> PlannedTraining:
         """``model`` (a chain :mod:`waggle_trainer.remat.chain` can split) planned for
         batches of ``spec.input_shape`` within ``spec.budget``; ``loss_fn(output, y)``
-        (default cross-entropy)."""
+        (default cross-entropy).
+
+        A budget no plan fits raises ``InfeasibleBudget``.  When the budget fits a plan
+        but not once the cached step overhead is taken off, that is refused too, unless
+        ``smallest_plan_when_tight``: then the smallest plan runs, after one warning, as
+        after a calibration step that measured the same (the node's loop, which must
+        not stop where its first start trained)."""
         budget = resolve_budget(model, spec)
         chain = CheckpointedSequential(
             model,
@@ -364,7 +376,7 @@ class PlannedTraining:
         if spec.fused_step:
             training.fuse_step()
         training._configure_allocator()
-        training._plan_with_cached_overhead()
+        training._plan_with_cached_overhead(smallest_plan_when_tight)
         return training
 
     def overhead_key(self) -> dict:
@@ -381,9 +393,10 @@ class PlannedTraining:
             "allocator_mode": self.allocator_mode,
         }
 
-    def _plan_with_cached_overhead(self) -> None:
+    def _plan_with_cached_overhead(self, smallest_plan_when_tight: bool = False) -> None:
         """Before the first step: reserve the cached first-step residue in an automatic
-        budget and plan for the activation budget minus the cached step overhead."""
+        budget and plan for the activation budget minus the cached step overhead
+        (see :meth:`for_model` for a budget the overhead leaves too small)."""
         cached = load_overhead(self.spec.cache_dir, self.overhead_key())
         if cached is None:
             cached = DEFAULT
@@ -396,8 +409,15 @@ class PlannedTraining:
             )
         self.overshoot_bytes = max(self.overshoot_bytes, cached.step_bytes)
         # Before the first step nothing runs yet: a budget that the overhead leaves too
-        # small is refused (InfeasibleBudget), not trained into an OOM kill.
-        self.chain.replan(max(0, self.budget.activation_budget_bytes - self.overshoot_bytes))
+        # small is refused (InfeasibleBudget), not trained into an OOM kill, unless the
+        # caller keeps training in the smallest plan (the budget itself must fit it).
+        budget = self.budget.activation_budget_bytes
+        try:
+            self.chain.replan(max(0, budget - self.overshoot_bytes))
+        except InfeasibleBudget as exc:
+            if not smallest_plan_when_tight or budget < exc.min_bytes:
+                raise
+            self._replan_within(budget)  # the smallest plan, one warning
         self._configure_allocator()
         log.info(
             "overhead (%s): %d MiB per step, %d MiB after the first; planned for %d MiB of tensors",

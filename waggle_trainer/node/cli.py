@@ -146,7 +146,7 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
             f"memory: {s['strategy']} plan, budget {format_size(s['budget_bytes'])}, "
             f"predicted peak {format_size(max(1, s['predicted_peak_bytes']))}, "
             f"measured {format_size(max(1, s['measured_peak_bytes']))}; "
-            f"step {s['step_time_s']:.2f} s"
+            f"step {s['step_time_s']:.2f} s; allocator {s['allocator']}"
         )
     last = f" (last {format_size(s['last_update_bytes'])})" if s["last_update_bytes"] else ""
     lines.append(
@@ -195,6 +195,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
             "strategy": last.get("strategy"),
             "predicted_peak_bytes": last.get("predicted_peak_bytes"),
             "measured_peak_bytes": last.get("measured_peak_bytes"),
+            "allocator": meta.get("allocator"),
             "last_publish_age_s": None
             if not meta.get("last_publish_ns")
             else round((now_ns - int(meta["last_publish_ns"])) / 1e9, 1),
@@ -276,12 +277,17 @@ def status_command(args) -> int:
             f"({s['adopted']} global model(s) adopted, {s['stale_dropped']} update(s) dropped "
             "as stale)"
         )
+        memory = []
         if s["budget_bytes"]:
-            print(
-                f"memory: {s['strategy']} plan, budget {format_size(s['budget_bytes'])}, "
+            memory.append(
+                f"{s['strategy']} plan, budget {format_size(s['budget_bytes'])}, "
                 f"last peak {format_size(max(1, s['measured_peak_bytes'] or 1))} "
                 f"(predicted {format_size(max(1, s['predicted_peak_bytes'] or 1))})"
             )
+        if s["allocator"]:
+            memory.append(f"allocator {s['allocator']}")
+        if memory:
+            print("memory: " + ", ".join(memory))
         if s["history"]:
             print("recent rounds (agreement before -> after):")
             for h in s["history"]:

@@ -59,6 +59,7 @@ from waggle_trainer.config import Config, ConfigError, load_config
 from waggle_trainer.node import brokers
 from waggle_trainer.node.sdnotify import Notifier, watchdog_interval_s
 from waggle_trainer.node.state import NodeState, StateError, StateStore
+from waggle_trainer.remat.allocator import loaded_allocator
 from waggle_trainer.transport import (
     CodecSettings,
     ErrorFeedback,
@@ -333,6 +334,10 @@ class Daemon:
         self.telemetry_publisher: TelemetryPublisher | None = None
         self.models: ModelSubscriber | None = None
         self.exit_reason = ""
+        #: The malloc this process runs under (``/proc/self/maps``): the one
+        #: ``[memory] allocator`` asked for, one preloaded by the environment (a
+        #: systemd unit's ``LD_PRELOAD``), or glibc's when the library is missing.
+        self.allocator = loaded_allocator()
 
     # ----------------------------------------------------------------- startup
     def start(self) -> None:
@@ -462,11 +467,13 @@ class Daemon:
         self._t0 = time.monotonic()
         self.notifier.ready(self.status_line())
         log.info(
-            "ready: node %s, state %s, transport %s, telemetry %s",
+            "ready: node %s, state %s, transport %s, telemetry %s, allocator %s%s",
             self.node_id,
             self.state_dir,
             "on" if self.publisher else "off",
             "on" if self.telemetry else "off",
+            self.allocator,
+            ", optimiser step fused" if self.cfg.memory.fused_step else "",
         )
         try:
             self._main_loop()
@@ -631,6 +638,7 @@ class Daemon:
                     "stale_dropped": self.counters.stale_dropped,
                 },
                 "last_publish_ns": self._last_publish_ns,
+                "allocator": self.allocator,
                 "model_file_seen": list(self._model_file_seen) if self._model_file_seen else None,
             }
         )
@@ -953,6 +961,7 @@ class Daemon:
         t.gauge(f"{p}.frames_skipped", last("frames_skipped"))
         t.gauge(f"{p}.samples", last("samples"))
         t.gauge(f"{p}.memory.budget_bytes", last("budget_bytes"))
+        t.gauge(f"{p}.memory.allocator", lambda: self.allocator)
         t.gauge(f"{p}.plan.strategy", last("strategy"))
         t.gauge(f"{p}.plan.predicted_peak_bytes", last("predicted_peak_bytes"))
         t.gauge(f"{p}.plan.measured_peak_bytes", last("measured_peak_bytes"))
@@ -1088,6 +1097,7 @@ class Daemon:
             "base_version": getattr(self, "base_version", None),
             "disk_full_events": c.disk_full_events,
             "exit_reason": self.exit_reason,
+            "allocator": self.allocator,
             "wall_s": round(time.monotonic() - self._t0, 1) if hasattr(self, "_t0") else 0.0,
         }
         if r is not None:

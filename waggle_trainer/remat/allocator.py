@@ -426,16 +426,27 @@ class PreloadPlan:
 def plan_preload(name: str, environ: dict[str, str] | None = None) -> PreloadPlan:
     """Decide how to run under allocator ``name`` (``waggle-trainer`` re-executes itself).
 
-    Already loaded (or glibc asked for): carry on.  Installed: re-execute with
-    :func:`preload_env`.  Missing: carry on under glibc, with one line saying so.
-    A re-executed process that still lacks it (``WAGGLE_PRELOADED`` set) carries on
-    too, so there is never a loop.
+    Already loaded (or glibc asked for): carry on.  Another one preloaded by the
+    environment (a systemd unit's ``Environment=LD_PRELOAD=...``): carry on under it,
+    with one line saying so (two allocators are never stacked).  Installed:
+    re-execute with :func:`preload_env`.  Missing: carry on under glibc, with one line
+    saying so.  A re-executed process that still lacks it (``WAGGLE_PRELOADED`` set)
+    carries on too, so there is never a loop.
     """
     _check_allocator(name)
     environ = dict(os.environ) if environ is None else environ
     loaded = loaded_allocator()
-    if name == loaded or name == "glibc":
+    if name == loaded:
         return PreloadPlan(name, None)
+    if name == "glibc":
+        return PreloadPlan(loaded, None)
+    if loaded != "glibc":
+        return PreloadPlan(
+            loaded,
+            None,
+            f"allocator {name}: {loaded} is already preloaded (LD_PRELOAD="
+            f"{environ.get('LD_PRELOAD', '')!r}); using {loaded}",
+        )
     path = find_allocator(name)
     if path is None:
         return PreloadPlan(

@@ -13,13 +13,14 @@ The profile (:mod:`.profiler`) sees tensors.  A real process also pays:
   include it yet, so the budget reserves it.
 
 Both depend on the machine (CPU, threads), torch, the allocator and the model's
-shapes, so they are measured by the first training run of a configuration
-(:func:`waggle_trainer.learn.planned_training.measure`) and cached beside the
-profile, keyed by the same facts plus the allocator, its mode and whether the step is
-fused.  Later runs plan with them *before* their first step: the budget reserves the
-residue and the plan is made for the activation budget minus the step overhead.  The
-calibration step stays as the safety net (and updates the cache).  Pure standard
-library.
+shapes, so they are measured by the training runs of a configuration
+(:func:`waggle_trainer.learn.planned_training.measure`; the adaptation loop after
+every round) and cached beside the profile, keyed by the same facts plus the
+allocator and its mode (not the optimiser or the fused step: the state the first
+step creates is subtracted from the residue).  Later runs plan with them *before*
+their first step: the budget reserves the residue and the plan is made for the
+activation budget minus the step overhead.  The calibration step stays as the safety
+net (and updates the cache).  Pure standard library.
 """
 
 from __future__ import annotations
