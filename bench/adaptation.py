@@ -179,10 +179,7 @@ def train_factory(teacher, tud: list[Path], state_dir: Path, cache_dir: Path, lo
             cached.key = (p, f.index)
             r = loop.feed(f)
             if r is not None:
-                log(
-                    f"  factory round {r.index}: held-out AP50 {r.agreement_after:.3f} "
-                    f"loss {r.loss:.3f} ({'kept' if r.accepted else 'rolled back'})"
-                )
+                log(f"  factory round {r.index}: {r.verdict}, loss {r.loss:.3f}")
     save_student(loop.student, loop.spec, path)
     log(f"factory student: {loop.rounds} rounds in {time.perf_counter() - t0:.0f} s -> {path}")
     loop.close()
@@ -226,11 +223,11 @@ def adapt_arm(cfg, teacher, vtest: Path, start: int, stop: int, state_dir: Path,
         r = loop.feed(f)
         if r is not None:
             rounds.append(r)
-            curve.append((r.frames_seen, r.agreement_after if r.accepted else r.agreement_before))
+            if r.agreement is not None:  # measured (enough held-out labels)
+                curve.append((r.frames_seen, r.agreement))
             log(
                 f"  round {r.index:2d} frames {r.frames_seen:3d} stride {r.teacher_stride:2d} "
-                f"held-out AP50 {r.agreement_before:.3f} -> {r.agreement_after:.3f} "
-                f"{'kept' if r.accepted else 'ROLLED BACK'}; {r.strategy} step "
+                f"{r.verdict} (held-out AP50); {r.strategy} step "
                 f"{r.step_time_s:.2f} s, peak {format_size(r.measured_peak_bytes)} "
                 f"(plan {format_size(r.predicted_peak_bytes)})"
             )
@@ -359,7 +356,7 @@ def main() -> int:
 
 
 def write_results(args, rows, plan_info, teacher_ms, total) -> None:
-    from provenance import commit, provenance
+    from provenance import commit, provenance, write_report
 
     command = "python bench/adaptation.py " + " ".join(sys.argv[1:])
     cpu = cpu_model()
@@ -367,9 +364,7 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
         "# Viewpoint adaptation on vtest.avi (student vs. teacher)",
         "",
         *provenance(
-            args.threads,
-            f"{os.cpu_count()} cores, shared; whole run "
-            f"{total / 60:.1f} min; state directory {args.state_dir}.",
+            args.threads, f"Whole run {total / 60:.1f} min; state directory {args.state_dir}."
         ),
         "",
         f"Stream vtest {args.stream}, evaluation vtest {args.eval} (never trained on). "
@@ -415,7 +410,7 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
         f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
     ]
     name = "adaptation-partial" if args.partial else "adaptation"
-    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out / f"{name}.md", lines)
     (args.out / f"{name}.json").write_text(
         json.dumps(
             {
@@ -451,7 +446,6 @@ def write_results(args, rows, plan_info, teacher_ms, total) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out / f"{name}.png", dpi=120)
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.provenance import provenance, write_report  # noqa: E402
 from waggle_trainer.common import format_size  # noqa: E402
 from waggle_trainer.config import config_from_dict  # noqa: E402
 from waggle_trainer.learn.adaptation import AdaptationLoop  # noqa: E402
@@ -105,10 +105,11 @@ def main() -> int:
     lines = [
         "# Adaptation loop memory over a long stream",
         "",
-        f"Command: `python bench/adaptation_rss.py {' '.join(sys.argv[1:])}`; "
-        f"{args.frames} synthetic 640x480 frames (looping), student 160x128, buffer 64, "
-        f"teacher stride 4-8; {loop.rounds} rounds; {time.perf_counter() - t0:.0f} s; "
-        f"{os.cpu_count()} cores (shared), 1 torch thread.",
+        *provenance(
+            1,
+            f"{args.frames} synthetic 640x480 frames (looping), student 160x128, buffer 64, "
+            f"teacher stride 4-8; {loop.rounds} rounds; {time.perf_counter() - t0:.0f} s.",
+        ),
         "",
         "| frames | RSS |",
         "|---|---|",
@@ -118,14 +119,12 @@ def main() -> int:
         f"(peak {format_size(peak)}): growth {100 * growth:+.2f}% "
         f"({'met' if growth < 0.02 else 'MISSED'}: target < 2%).",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adaptation_rss.md").write_text("\n".join(lines) + "\n")
+    write_report(args.out / "adaptation_rss.md", lines)
     (args.out / "adaptation_rss.json").write_text(
         json.dumps(
             {"samples": samples, "warmup": args.warmup, "growth": growth, "rounds": loop.rounds}
         )
     )
-    print("\n".join(lines))
     return 0
 
 

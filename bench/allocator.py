@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import provenance, results_path  # noqa: E402
+from bench.provenance import provenance, results_path, write_report  # noqa: E402
 
 MB = 2**20
 
@@ -319,14 +319,9 @@ def main() -> int:
                     f"| {arch} | {variant} | {config} | {f(g / MB)} | {f(rg, 2)} | "
                     f"{f(c / MB if c else None)} | {f(rc, 2)} | {f(s, 3)} | {f(rs_, 2)} |"
                 )
-    text = "\n".join(lines) + "\n"
     print()
-    print(text)
     partial = a.arch != DEFAULT_ARCHS or a.configs != list(CONFIGS) or a.variants != list(VARIANTS)
-    out = results_path("allocator", "md", partial=partial, out=a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_report(results_path("allocator", "md", partial=partial, out=a.out), lines)
     return 0
 
 

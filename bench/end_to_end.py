@@ -112,21 +112,6 @@ def torch_child(arch: str, batch: int, image: int, segments: int, steps: int) ->
 # ------------------------------------------------------------------ parent
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, cwd=ROOT, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    from waggle_trainer.remat.profiler import _cpu_model as cpu
-
-    return cpu()
-
-
 def plan_case(arch: str, batch: int, image: int, fraction: float, cache: Path) -> dict:
     """Budget (fraction of plain's predicted activations) and torch's best segment count."""
     from waggle_trainer.learn.planned_training import profiled_resnet
@@ -401,12 +386,13 @@ def main() -> int:
 
 def write(args, cases: list[dict], load_before, started: str, torch) -> None:
     load_after = os.getloadavg()
-    commit = _git("rev-parse", "--short", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    from bench.provenance import commit
+    from waggle_trainer.common import cpu_model
+
     header = [
         f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- commit: {commit}{' (uncommitted changes)' if dirty else ''}, run {started}",
-        f"- CPU: {_cpu_model()} ({os.cpu_count()} CPUs, {platform.machine()}), torch "
+        f"- commit: {commit()}, run {started}",
+        f"- CPU: {cpu_model()} ({os.cpu_count()} CPUs, {platform.machine()}), torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads",
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
         f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import provenance  # noqa: E402
+from bench.provenance import provenance, write_report  # noqa: E402
 
 
 def main() -> int:
@@ -70,11 +70,7 @@ def main() -> int:
         "meas/pred = RSS growth / predicted step growth.",
         "",
     ]
-    lines = head + format_rows(rows)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text + f"\n({time.time() - t0:.0f} s)\n")
+    write_report(Path(a.out), [*head, *format_rows(rows), "", f"({time.time() - t0:.0f} s)"])
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Where a benchmark's numbers come from: command, commit, CPU, threads; and where
-its results go, so that a partial run never overwrites the committed full table."""
+"""Where a benchmark's numbers come from: command, commit, CPU, threads, the load on
+the (shared) machine; and where its results go, so that a partial run never
+overwrites the committed full table."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
 import sys
@@ -29,8 +31,13 @@ def commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def provenance(threads: int, extra: str = "") -> list[str]:
-    """Markdown lines naming the command, commit, CPU model, threads and date."""
+def provenance(
+    threads: int | str | None, extra: str = "", *, load_before: float | None = None
+) -> list[str]:
+    """Markdown lines naming the command, commit, CPU model and cores, the 1-minute load
+    average now (and ``load_before``, taken when the measuring began), threads (None:
+    not said, the measured processes choose), torch and Python versions and the date;
+    ``extra`` ends the second line."""
     sys.path.insert(0, str(ROOT))
     from waggle_trainer.common import cpu_model
 
@@ -38,11 +45,33 @@ def provenance(threads: int, extra: str = "") -> list[str]:
     versions = f"torch {torch.__version__}, " if torch is not None else ""
     command = " ".join([".venv/bin/python", *sys.argv])
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = f"load average {os.getloadavg()[0]:.1f} at the end"
+    if load_before is not None:
+        load = f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     return [
         f"Command: `{command}`  ",
-        f"Commit {commit()}; CPU: {cpu_model()} ({platform.machine()}); {threads} threads; "
-        f"{versions}Python {platform.python_version()}; {when}.{' ' + extra if extra else ''}",
+        f"Commit {commit()}; CPU: {cpu_model()} ({platform.machine()}, {os.cpu_count()} "
+        f"cores, shared: {load}); {_threads(threads)}"
+        f"{versions}Python "
+        f"{platform.python_version()}; {when}.{' ' + extra if extra else ''}",
     ]
+
+
+def _threads(threads: int | str | None) -> str:
+    if threads is None:
+        return ""
+    return f"{threads} thread{'' if str(threads) == '1' else 's'}; "
+
+
+def write_report(path: Path, lines: list[str]) -> str:
+    """Write the markdown ``lines`` to ``path`` (its folder made), print them and where
+    they went; returns the text."""
+    text = "\n".join(lines).rstrip("\n") + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    print(f"wrote {path}", file=sys.stderr)
+    return text
 
 
 def results_path(name: str, suffix: str, *, partial: bool, out: str | None = None) -> Path:

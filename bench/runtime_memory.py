@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.provenance import provenance, write_report  # noqa: E402
 
 MiB = 2**20
 
@@ -117,10 +117,11 @@ def main() -> int:
     lines = [
         "# Runtime memory: what a training process keeps besides its tensors",
         "",
-        f"- command: `{' '.join(shlex.quote(a) for a in sys.argv)}`",
-        f"- {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {args.arch} batch "
-        f"{args.batch} {args.image} px, SGD momentum, "
-        f"{'fused step' if args.fused else 'unfused step'}, budget {args.budget_mib} MiB",
+        *provenance(
+            None,
+            f"{args.arch} batch {args.batch} {args.image} px, SGD momentum, "
+            f"{'fused step' if args.fused else 'unfused step'}, budget {args.budget_mib} MiB.",
+        ),
         "",
         "Anonymous RSS (the cgroup's charge) in MiB after each stage; 'lean' leaves "
         "TorchDynamo out (`waggle_trainer.lean_import`, default), 'full' imports as usual "
@@ -147,11 +148,7 @@ def main() -> int:
             f"{r['state_created'] / MiB:.0f} MiB of optimiser state it created; "
             f"TorchDynamo loaded at the end: {r['rows'][-1]['dynamo']}"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "bench" / "results" / "runtime_memory.md"
-    out.write_text(text)
-    print(f"wrote {out}")
+    write_report(ROOT / "bench" / "results" / "runtime_memory.md", lines)
     return 0
 
 

@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +40,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from bench.provenance import provenance, write_report  # noqa: E402
 from waggle_trainer.server.app import Server  # noqa: E402
 from waggle_trainer.server.config import server_config_from_dict  # noqa: E402
 from waggle_trainer.server.pipeline import UpdatePipeline  # noqa: E402
@@ -284,16 +283,6 @@ def latency(repeats: int) -> list[float]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--updates", type=int, default=20, help="updates per setting (20)")
@@ -302,6 +291,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     rss = PeakRss()
     rows = []
     for s in SETTINGS:
@@ -310,17 +300,10 @@ def main() -> int:
     rss.stop()
     print("end-to-end latency ...", file=sys.stderr)
     lat = latency(args.latency)
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    load = os.getloadavg()
     lines = [
         "# Server benchmark",
         "",
-        f"`.venv/bin/python bench/server.py --updates {args.updates} --round {args.round} "
-        f"--latency {args.latency}` — commit {commit}, {cpu_model()}, {os.cpu_count()} CPUs "
-        f"(shared; load average {load[0]:.1f} at the end), torch {torch.__version__} on 1 "
-        "thread, state directory on the local disk (fsync on).",
+        *provenance(1, "State directory on the local disk (fsync on).", load_before=load_before),
         "",
         "## Verified and aggregated updates per second (resnet18, in process)",
         "",
@@ -365,8 +348,7 @@ def main() -> int:
         f"| {len(lat)} | {statistics.median(lat):.2f} | {min(lat):.2f} | {max(lat):.2f} |",
         "",
     ]
-    args.out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines)
     return 0
 
 

@@ -19,6 +19,7 @@ default); one extra line compares encoding with torch's own thread count.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import pika  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
+from bench.provenance import provenance, write_report  # noqa: E402
 from waggle_trainer.transport import (  # noqa: E402
     AmqpSettings,
     CodecSettings,
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--publish", type=int, default=10, help="updates per publish measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/transport.md")
     a = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
     codec, pubs, raws = [], [], {}
     for arch in a.arch:
         base, new = model_pair(arch)
@@ -193,10 +196,12 @@ def main(argv=None) -> int:
     lines = [
         "# Transport benchmark",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/transport.py'] + (argv or sys.argv[1:]))}`"
-        f" — torch {torch.__version__}, codec on 1 torch thread, "
-        f"median of {a.repeats} after a warm-up; update = N(0, 1e-3²) perturbation of a "
-        "random-init model.",
+        *provenance(
+            1,
+            f"Codec on 1 torch thread, median of {a.repeats} after a warm-up; update = "
+            "N(0, 1e-3²) perturbation of a random-init model.",
+            load_before=load_before,
+        ),
         "",
         "## Codec",
         "",
@@ -226,10 +231,7 @@ def main(argv=None) -> int:
             f"| {r['arch']} | {r['setting']} | {r['n']} | {r['size']:,.0f} | "
             f"{r['chunks']} | {r['ups']:.2f} | {r['mbs']:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(text)
+    write_report(a.out, lines)
     return 0
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
-import platform
 import socketserver
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,33 +35,11 @@ sys.path.insert(0, str(ROOT))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.provenance import provenance, write_report  # noqa: E402
 from waggle_trainer.config import CameraSection, default_config  # noqa: E402
 from waggle_trainer.learn.teachers import load_teacher  # noqa: E402
 from waggle_trainer.vision.frames import open_source  # noqa: E402
 from waggle_trainer.vision.preprocess import prepare_batch  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def read_frames(video: Path, indices: list[int]) -> list[np.ndarray]:
@@ -225,29 +201,25 @@ def main() -> int:
     load0 = os.getloadavg()[0]
     teacher = bench_teacher(args.video, args.frames, args.threads)
     sources = bench_sources(args.video, args.seconds)
-    load1 = os.getloadavg()[0]
-    cmd = " ".join(["python", "bench/vision.py", *sys.argv[1:]])
-    text = "\n".join(
-        [
-            "# Frame sources and the reference teacher",
-            "",
-            f"`{cmd}` — commit {commit()}, OpenCV {cv2.__version__}, {cpu_model()}, "
-            f"{os.cpu_count()} CPUs (shared: 1-min load average {load0:.1f} before, "
-            f"{load1:.1f} after), video {args.video.name}.",
-            "",
-            "## Teacher: ms per frame",
-            "",
-            *teacher,
-            "",
-            "## Sources: frames per second delivered to the caller (decoding and RGB included)",
-            "",
-            *sources,
-            "",
-        ]
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    threads = " and ".join(map(str, args.threads))
+    lines = [
+        "# Frame sources and the reference teacher",
+        "",
+        *provenance(
+            threads,
+            f"OpenCV {cv2.__version__}; video {args.video.name}.",
+            load_before=load0,
+        ),
+        "",
+        "## Teacher: ms per frame",
+        "",
+        *teacher,
+        "",
+        "## Sources: frames per second delivered to the caller (decoding and RGB included)",
+        "",
+        *sources,
+    ]
+    write_report(args.out, lines)
     return 0
 
 

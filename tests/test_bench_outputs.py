@@ -23,10 +23,19 @@ def test_results_path_keeps_the_full_table():
     assert provenance.results_path("x", "md", partial=True, out="/tmp/y.md") == Path("/tmp/y.md")
 
 
-def test_provenance_names_command_commit_cpu_and_threads():
-    text = "\n".join(provenance.provenance(3))
-    for part in ("Command: `", "Commit ", "CPU: ", "3 threads"):
+def test_provenance_names_command_commit_cpu_threads_and_load():
+    text = "\n".join(provenance.provenance(3, load_before=0.25))
+    for part in ("Command: `", "Commit ", "CPU: ", "3 threads", "cores, shared: load average 0.2"):
         assert part in text, part
+    assert "threads" not in "\n".join(provenance.provenance(None))  # the processes chose
+
+
+def test_write_report_writes_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "new" / "table.md"
+    text = provenance.write_report(out, ["# T", "", "| a |", "|---|", "| 1 |", ""])
+    assert out.read_text() == text == "# T\n\n| a |\n|---|\n| 1 |\n"
+    printed = capsys.readouterr()
+    assert printed.out.startswith(text) and f"wrote {out}" in printed.err
 
 
 @pytest.mark.parametrize(

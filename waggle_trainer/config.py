@@ -375,9 +375,15 @@ class AdaptationSection(_Section):
     teacher_stride_max: int = Field(32, ge=1)
     stride_agreement: float = Field(0.6, ge=0, le=1)
     rollback_margin: float = Field(0.05, ge=0, le=1)
+    min_holdout_labels: int = Field(8, ge=1)
     temperature: float = Field(2.0, gt=0)
     hard_label_confidence: float = Field(0.9, gt=0, le=1)
     hard_label_weight: float = Field(0.5, ge=0)
+
+    @property
+    def holdout_capacity(self) -> int:
+        """Samples the held-out slice keeps (its share of ``buffer_size``)."""
+        return max(1, round(self.buffer_size * self.holdout_fraction))
 
     @model_validator(mode="after")
     def _stride_bounds(self) -> AdaptationSection:
@@ -548,6 +554,20 @@ class Config(_Section):
             raise ValueError(
                 f"teacher.kind: {self.teacher.kind!r} cannot label task.kind = "
                 f"{self.task.kind!r} (use {want!r})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _holdout_can_hold_the_evidence(self) -> Config:
+        """A classify sample is one label: a held-out slice that can never hold
+        ``min_holdout_labels`` of them would leave every round unjudged."""
+        a = self.adaptation
+        if self.task.kind == "classify" and a.holdout_capacity < a.min_holdout_labels:
+            raise ValueError(
+                f"adaptation.min_holdout_labels: {a.min_holdout_labels} is more than the "
+                f"held-out slice holds ({a.holdout_capacity} frames = buffer_size "
+                f"{a.buffer_size} x holdout_fraction {a.holdout_fraction:g}, one label "
+                "each for a classifier): no round would be judged; lower it or hold out more"
             )
         return self
 

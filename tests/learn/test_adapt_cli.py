@@ -171,9 +171,10 @@ def test_adapt_runs_saves_a_student_and_summarises(tmp_path, state):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["frames_seen"] == 4 and summary["teacher_calls"] == 4
-    assert (
-        summary["rounds"] == 1 and summary["rounds_accepted"] + summary["rounds_rolled_back"] == 1
-    )
+    verdicts = ("rounds_accepted", "rounds_rolled_back", "rounds_not_judged")
+    assert summary["rounds"] == 1 and sum(summary[k] for k in verdicts) == 1
+    # a round without enough held-out evidence shows no agreement
+    assert (summary["agreement_first"] is None) == (summary["rounds_not_judged"] == 1)
     assert summary["strategy"] in ("optimal", "none") and summary["budget_bytes"] > 0
     assert out.is_file() and summary["saved"] == str(out)
     r = cli("detect", "--config", str(cfg), "--weights", str(out), "--frames", "0:1", "--jsonl")
@@ -196,3 +197,40 @@ def test_adapt_refuses_a_missing_source_and_bad_weights(tmp_path, capsys):
         == f"waggle-trainer adapt: {bad}: not a safetensors file "
         + err[-1].split("not a safetensors file ")[1]
     )
+
+
+def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
+    from waggle_trainer.common import format_size
+    from waggle_trainer.learn.adapt_cli import _print_summary
+
+    summary = {
+        "arch": "resnet18",
+        "task": "detect",
+        "classes": ["person"],
+        "input": [96, 64],
+        "frames_seen": 6,
+        "seconds": 2.0,
+        "fps": 3.0,
+        "teacher_calls": 6,
+        "teacher_calls_per_frame": 1.0,
+        "teacher_stride": 1,
+        "rounds": 2,
+        "rounds_accepted": 0,
+        "rounds_rolled_back": 0,
+        "rounds_not_judged": 2,
+        "agreement_first": None,
+        "agreement_last": None,
+        "strategy": "none",
+        "recomputes": False,
+        "budget_bytes": 2**20,
+        "predicted_peak_bytes": 2**19,
+        "measured_peak_bytes": 2**19,
+        "allocator": "glibc",
+        "fused_step": False,
+    }
+    _print_summary(summary, format_size)
+    out = capsys.readouterr().out
+    assert (
+        "rounds 2: 0 accepted, 0 rolled back, 2 not judged; held-out agreement not measured: "
+        "the held-out slice never held enough teacher labels (adaptation.min_holdout_labels)"
+    ) in out

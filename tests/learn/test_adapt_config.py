@@ -38,6 +38,15 @@ from waggle_trainer.config import ConfigError, load_config
             "adaptation.rollback_margin: 2 is out of range (must be <= 1.0)",
         ),
         ("[adaptation]\nbuffer = 3\n", "adaptation.buffer: unknown key (allowed: buffer_size, "),
+        (
+            "[adaptation]\nmin_holdout_labels = 0\n",
+            "adaptation.min_holdout_labels: 0 is out of range (must be >= 1)",
+        ),
+        (  # a classifier's frame is one label: 4 held-out frames can never give 8
+            '[task]\nkind = "classify"\nclasses = ["a", "b"]\n[teacher]\nkind = "classifier"\n'
+            "[adaptation]\nbuffer_size = 40\nholdout_fraction = 0.1\n",
+            "adaptation.min_holdout_labels: 8 is more than the held-out slice holds (4 frames",
+        ),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, text, expected):

@@ -4,6 +4,7 @@ state export/import, and a short adaptation that must improve agreement."""
 from __future__ import annotations
 
 import json
+import math
 
 import cv2
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from waggle_trainer.learn.adaptation import AdaptationLoop, RoundResult
 from waggle_trainer.learn.agreement import iou_matrix
 from waggle_trainer.learn.student import StudentError, save_student
-from waggle_trainer.learn.teachers import SoftLabels
+from waggle_trainer.learn.teachers import Detections, SoftLabels
 
 from .adapt_util import ClipTeacher, Frame, clip, tiny_config
 
@@ -119,6 +120,7 @@ def _guarded_round(small_loop, tmp_path, monkeypatch, before, after, margin):
             "holdout_fraction": 0.25,
             "rollback_margin": margin,
             "stride_agreement": 0.5,
+            "min_holdout_labels": 1,  # judged from the first round
         },
         training={"optimizer": "sgd", "momentum": 0.9},
     )
@@ -135,7 +137,8 @@ def _guarded_round(small_loop, tmp_path, monkeypatch, before, after, margin):
     }
     result = None
     for f, _ in frames[2:]:
-        result = loop.feed(f) or result
+        if (result := loop.feed(f)) is not None:
+            break
     assert result is not None and loop.rounds == 1
     return loop, result, weights, momentum
 
@@ -155,15 +158,115 @@ def test_a_round_that_lowers_agreement_beyond_the_margin_is_rolled_back(
         assert torch.equal(state[k], v), k
     for i, s in loop.training.optimizer.state_dict()["state"].items():
         assert torch.equal(s["momentum_buffer"], momentum[i])
-    assert loop.last_agreement == 0.8  # the kept model's agreement
+    assert loop.last_agreement == 0.8 == r.agreement  # the kept model's agreement
+    assert r.verdict == "rolled back: agreement 0.800 -> 0.700"
+    assert r.metrics()["agreement"] == 0.8 and r.metrics()["judged"] == 1.0
     assert loop.teacher_stride == 2  # 0.8 >= stride_agreement: the teacher is needed less
 
 
 def test_a_round_within_the_margin_is_kept(tmp_path, monkeypatch, small_loop):
     loop, r, weights, _ = _guarded_round(small_loop, tmp_path, monkeypatch, 0.8, 0.76, 0.05)
     assert r.accepted and (loop.rounds_accepted, loop.rounds_rolled_back) == (1, 0)
+    assert r.verdict == "accepted: agreement 0.800 -> 0.760" and r.metrics()["agreement"] == 0.76
     state = loop.student.state_dict()
     assert any(not torch.equal(state[k], v) for k, v in weights.items())
+
+
+class BlindTeacher(ClipTeacher):
+    """Finds nothing in any frame (a street at night): no evidence for the guard."""
+
+    def label(self, images):
+        self.calls += len(images)
+        return [Detections.empty() for _ in images]
+
+
+def test_without_held_out_labels_a_round_is_not_judged_until_they_exist(tmp_path, small_loop):
+    """1 in 4 samples is held out (samples 1, 5, 9, ...), each with 2 teacher boxes;
+    rounds after 3 new training samples.  Round 0 sees 2 held-out labels, round 1 sees
+    4 = min_holdout_labels."""
+    frames = clip(12)
+    loop = small_loop(
+        tmp_path,
+        frames,
+        adaptation={
+            "teacher_stride_min": 1,
+            "teacher_stride_max": 4,
+            "new_samples_per_round": 3,
+            "holdout_fraction": 0.25,
+            "min_holdout_labels": 4,
+            "rollback_margin": 0.05,
+        },
+    )
+    rounds, changed = [], []
+    for f, _ in frames:
+        weights = {k: v.clone() for k, v in loop.student.state_dict().items()}
+        if (r := loop.feed(f)) is not None:
+            rounds.append(r)
+            state = loop.student.state_dict()
+            changed.append(any(not torch.equal(state[k], v) for k, v in weights.items()))
+    first, second = rounds[:2]
+    # no evidence: not judged, not called accepted, no agreement to show, weights kept
+    assert not first.judged and not first.accepted and not first.rolled_back
+    assert (first.agreement_before, first.agreement_after, first.agreement) == (None,) * 3
+    assert first.verdict == "not judged (held-out has 2 labels, need 4)"
+    assert changed[0] and first.rounds_not_judged == 1 and first.rounds_accepted == 0
+    m = first.metrics()
+    assert m["judged"] == 0.0 and m["accepted"] == 0.0 and m["holdout_labels"] == 2.0
+    assert not {"agreement", "agreement_before", "agreement_after"} & m.keys()
+    assert all(isinstance(v, float) and math.isfinite(v) for v in m.values())
+    # enough labels: agreement measured before and after, the verdict says what it showed
+    assert second.holdout_labels == 4
+    assert second.agreement_before is not None and second.agreement_after is not None
+    assert second.verdict.startswith(
+        ("accepted: agreement ", "rolled back: agreement ", "not judged (agreement ")
+    )
+    assert second.metrics()["agreement"] == second.agreement
+    assert second.rounds_not_judged == first.rounds_not_judged + (not second.judged)
+    assert loop.export_state()[1]["rounds_not_judged"] == loop.rounds_not_judged
+
+
+def test_a_student_that_matches_nothing_yet_is_not_judged_on_0_to_0(
+    tmp_path, monkeypatch, small_loop
+):
+    """Labels enough, but agreement 0.000 -> 0.000: within the margin of zero a
+    regression cannot show, so the round is not judged (weights kept, no update)."""
+    loop, r, weights, _ = _guarded_round(small_loop, tmp_path, monkeypatch, 0.0, 0.0, 0.05)
+    assert not r.judged and not r.accepted and not r.rolled_back
+    assert r.verdict == (
+        "not judged (agreement 0.000 -> 0.000, both within the rollback margin 0.05 of "
+        "zero: a regression could not show)"
+    )
+    state = loop.student.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in weights.items())  # kept
+    m = r.metrics()
+    assert m["judged"] == 0.0 and m["agreement_before"] == m["agreement_after"] == 0.0
+    assert loop.rounds_not_judged == 1 and loop.last_agreement == 0.0
+
+
+def test_a_student_that_starts_to_match_is_accepted_from_0(tmp_path, monkeypatch, small_loop):
+    _, r, _, _ = _guarded_round(small_loop, tmp_path, monkeypatch, 0.0, 0.3, 0.05)
+    assert r.judged and r.accepted and r.verdict == "accepted: agreement 0.000 -> 0.300"
+
+
+def test_a_teacher_that_finds_nothing_never_gets_a_round_accepted(tmp_path, small_loop):
+    """The '0.000 -> 0.000, accepted' case: no teacher box anywhere is no evidence."""
+    frames = clip(16)
+    loop = AdaptationLoop(
+        tiny_config(
+            tmp_path,
+            training={"batch_size": 1, "steps_per_round": 1},
+            student={"input_width": 64, "input_height": 64},
+            adaptation={"new_samples_per_round": 3, "teacher_stride_max": 8},
+        ),
+        BlindTeacher(frames),
+        state_dir=tmp_path / "state",
+    )
+    rounds = feed_all(loop, frames)
+    assert len(rounds) >= 3
+    assert all(not r.judged and not r.accepted and r.agreement is None for r in rounds)
+    assert {r.verdict for r in rounds} == {"not judged (held-out has 0 labels, need 8)"}
+    assert loop.last_agreement is None and loop.rounds_accepted == 0
+    assert loop.teacher_stride == 1  # no evidence of agreement: the teacher is not skipped
 
 
 def test_teacher_stride_grows_while_the_student_agrees_and_shrinks_when_not(tmp_path, small_loop):
@@ -267,12 +370,20 @@ def test_student_weights_from_the_config_file(tmp_path, small_loop):
         small_loop(tmp_path, frames, student={"weights": str(tmp_path / "junk.safetensors")})
 
 
-def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(tmp_path, state):
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, state):
+    """The tiny student after 48 frames of the tiny clip (run once for the module)."""
+    tmp_path = tmp_path_factory.mktemp("adapted")
     frames = clip(48)
     loop = AdaptationLoop(tiny_config(tmp_path), ClipTeacher(frames), state_dir=state)
-    rounds = feed_all(loop, frames)
-    assert len(rounds) >= 3
-    first, last = rounds[0].agreement_before, loop.last_agreement
+    return loop, feed_all(loop, frames), frames
+
+
+def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(adapted):
+    loop, rounds, frames = adapted
+    measured = [r for r in rounds if r.agreement_before is not None]
+    assert len(measured) >= 3
+    first, last = measured[0].agreement_before, loop.last_agreement
     assert first < 0.1
     # the adapted student on a frame twice as large: its best box in that frame's pixels
     frame, truth = frames[-1]
@@ -281,6 +392,34 @@ def test_a_short_adaptation_on_a_tiny_clip_improves_agreement(tmp_path, state):
     assert len(found.scores) >= 1
     assert iou_matrix(found.boxes[:1], truth.boxes * 2).max() >= 0.3, (found, truth)
     assert last > first + 0.25, [(r.agreement_before, r.agreement_after) for r in rounds]
+
+
+def test_the_drift_guard_rolls_back_a_real_regression(adapted, monkeypatch):
+    """A round whose steps wreck the adapted student: the guard measures the drop on
+    the held-out slice and restores the weights."""
+    loop, _, frames = adapted
+    guard = loop.cfg.adaptation.model_copy(update={"rollback_margin": 0.05})
+    monkeypatch.setattr(loop, "cfg", loop.cfg.model_copy(update={"adaptation": guard}))
+    good = {k: v.clone() for k, v in loop.student.state_dict().items()}
+    before = loop.last_agreement
+    assert before is not None and before > 0.2
+
+    def wrecking_step(x, y):
+        with torch.no_grad():
+            for p in loop.student.parameters():
+                p.zero_()
+        return 1.0  # a finite loss: only the held-out agreement can tell
+
+    monkeypatch.setattr(loop.training, "step", wrecking_step)
+    r = None
+    for f, _ in frames * 3:
+        if (r := loop.feed(f)) is not None:
+            break
+    assert r is not None and r.judged and r.rolled_back and not r.accepted
+    assert r.agreement_before > 0.2 and r.agreement_after < r.agreement_before - 0.05
+    assert loop.last_agreement == r.agreement_before == r.agreement
+    state = loop.student.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in good.items())
 
 
 class ColourTeacher:
@@ -306,13 +445,18 @@ def test_a_classify_task_trains_on_soft_labels(tmp_path, state):
     cfg = tiny_config(
         tmp_path,
         training={"batch_size": 2, "steps_per_round": 2},
-        adaptation={"new_samples_per_round": 4, "holdout_fraction": 0.25},
+        # a held-out frame is one label: measured once three frames are held out
+        adaptation={"new_samples_per_round": 4, "holdout_fraction": 0.25, "min_holdout_labels": 3},
     )
     loop = AdaptationLoop(cfg, ColourTeacher(frames), state_dir=state)
     assert loop.task.kind == "classify" and loop.student.fc.out_features == 2
     rounds = feed_all(loop, frames)
-    assert rounds and all(0.0 <= r.agreement_after <= 1.0 for r in rounds)
-    assert all(r.mean_kl is not None and r.mean_kl >= 0 for r in rounds)
-    assert "mean_kl" in rounds[-1].metrics()
+    assert [(r.agreement_after is not None, r.holdout_labels) for r in rounds] == [
+        (False, 2),
+        (True, 3),
+    ]
+    r = rounds[-1]
+    assert r.agreement_after is not None and 0.0 <= r.agreement_after <= 1.0
+    assert r.mean_kl is not None and r.mean_kl >= 0 and "mean_kl" in r.metrics()
     [probs] = loop.predict([frames[0][0].image])
     assert probs.shape == (2,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)

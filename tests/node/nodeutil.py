@@ -26,9 +26,9 @@ def write_config(path: Path, sections: dict) -> Path:
     return path
 
 
-def make_daemon(cfg, path=None, *, reject_every=4, loops=None, **kw) -> Daemon:
+def make_daemon(cfg, path=None, *, reject_every=4, not_judged=0, loops=None, **kw) -> Daemon:
     def loop_factory(c, d):
-        loop = StandInLoop(c, d, reject_every=reject_every)
+        loop = StandInLoop(c, d, reject_every=reject_every, not_judged=not_judged)
         if loops is not None:
             loops.append(loop)
         return loop

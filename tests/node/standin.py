@@ -13,37 +13,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from waggle_trainer.learn.adaptation import RoundResult
+
+HOLDOUT_LABELS = 8  # what the stand-in's held-out slice "holds" once rounds are judged
+
 
 @dataclass
 class Frame:
     image: np.ndarray
     ts_ns: int
     index: int
-
-
-@dataclass
-class StandInResult:
-    index: int
-    accepted: bool
-    agreement_before: float
-    agreement_after: float
-    loss: float
-    samples: int
-    teacher_calls: int
-    frames_seen: int
-    frames_skipped: int
-    step_time_s: float
-    strategy: str = "none"
-    budget_bytes: int = 64 * 2**20
-    predicted_peak_bytes: int = 2 * 2**20
-    measured_peak_bytes: int = 3 * 2**20
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "agreement": self.agreement_after,
-            "loss": self.loss,
-            "samples": float(self.samples),
-        }
 
 
 class StandInSource:
@@ -70,10 +49,20 @@ class StandInSource:
 
 
 class StandInLoop:
-    """One SGD step per frame on a tiny conv net; every ``reject_every``-th round is
-    rolled back (weights and optimiser restored)."""
+    """One SGD step per frame on a tiny conv net; the first ``not_judged`` rounds are
+    not judged (too little held-out evidence: weights kept, no agreement), then every
+    ``reject_every``-th round is rolled back (weights and optimiser restored).  Rounds
+    are the real loop's :class:`RoundResult`."""
 
-    def __init__(self, cfg, state_dir, *, reject_every: int = 4, step_sleep: float = 0.0):
+    def __init__(
+        self,
+        cfg,
+        state_dir,
+        *,
+        reject_every: int = 4,
+        step_sleep: float = 0.0,
+        not_judged: int = 0,
+    ):
         torch.manual_seed(0)
         self.student = nn.Sequential(
             nn.Conv2d(3, 4, 3),
@@ -86,7 +75,9 @@ class StandInLoop:
         self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9)
         self.steps_per_round = cfg.training.steps_per_round
         self.reject_every = reject_every
+        self.not_judged = not_judged
         self.step_sleep = step_sleep
+        self.counts = {"accepted": 0, "rolled_back": 0, "not_judged": 0}
         self.index = 0
         self.frames = 0
         self.steps = 0
@@ -103,7 +94,7 @@ class StandInLoop:
             {k: v for k, v in self.opt.state_dict().items()},
         )
 
-    def feed(self, frame) -> StandInResult | None:
+    def feed(self, frame) -> RoundResult | None:
         self.frames += 1
         self.frames_run += 1
         self._round_frames += 1
@@ -123,27 +114,40 @@ class StandInLoop:
         if self.steps % self.steps_per_round:
             return None
         self.index += 1
-        accepted = not (self.reject_every and self.index % self.reject_every == 0)
-        if accepted:
+        judged = self.index > self.not_judged
+        accepted = judged and not (self.reject_every and self.index % self.reject_every == 0)
+        if accepted or not judged:
             self._snapshot = self._copy()
         else:
             weights, opt = self._snapshot
             self.student.load_state_dict(weights)
             self.opt.load_state_dict(opt)
+        self.counts["accepted" if accepted else "rolled_back" if judged else "not_judged"] += 1
         frames, self._round_frames = self._round_frames, 0
         # counters are totals since the loop started, as the real loop reports them
         self.teacher_calls += frames // 2
-        return StandInResult(
+        return RoundResult(
             index=self.index,
             accepted=accepted,
-            agreement_before=0.5,
-            agreement_after=0.6 if accepted else 0.4,
+            agreement_before=0.5 if judged else None,
+            agreement_after=(0.6 if accepted else 0.4) if judged else None,
             loss=float(loss.detach()),
             samples=frames,
             teacher_calls=self.teacher_calls,
             frames_seen=self.frames_run,
             frames_skipped=0,
             step_time_s=time.perf_counter() - t0,
+            strategy="none",
+            budget_bytes=64 * 2**20,
+            predicted_peak_bytes=2 * 2**20,
+            measured_peak_bytes=3 * 2**20,
+            rounds_accepted=self.counts["accepted"],
+            rounds_rolled_back=self.counts["rolled_back"],
+            judged=judged,
+            why_not_judged="" if judged else f"held-out has 0 labels, need {HOLDOUT_LABELS}",
+            holdout_labels=HOLDOUT_LABELS if judged else 0,
+            holdout_labels_needed=HOLDOUT_LABELS,
+            rounds_not_judged=self.counts["not_judged"],
         )
 
     def export_state(self):

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from tests.node.nodeutil import make_daemon
 from waggle_trainer.node import daemon as daemonmod
+from waggle_trainer.node.cli import history_line, summary_lines
 from waggle_trainer.node.state import StateStore
-from waggle_trainer.transport import Outbox, UpdateDecoder, load_key, peek_envelope
+from waggle_trainer.transport import Outbox, Telemetry, UpdateDecoder, load_key, peek_envelope
 
 
 def outbox_envelopes(state_dir):
@@ -40,6 +41,50 @@ def test_each_accepted_round_is_spooled_once_under_a_deterministic_id(node, tmp_
         assert torch.allclose(base + delta[name], weights[name]), name
     meta = StateStore(cfg.state.dir / "node").read_meta()
     assert meta["round"] == 8 and meta["counters"]["accepted"] == 6
+
+
+def test_rounds_without_held_out_evidence_are_shown_as_not_judged_and_send_nothing(node, caplog):
+    """Rounds 1-2 not judged (weights kept), 3 accepted, 4 rolled back, 5 accepted."""
+    path, cfg = node(transport={"codec": "fp32", "compression": "none"})
+    d = make_daemon(cfg, path, not_judged=2, max_rounds=5)
+    caplog.set_level(logging.INFO, logger="waggle_trainer.daemon")
+    assert d.run() == 0
+    envs = outbox_envelopes(cfg.state.dir)
+    assert [e.round for e in envs] == [3, 5]  # nothing leaves without a verdict
+    # its metrics say it was judged, on what evidence, and the kept agreement
+    key = load_key(cfg.state.dir / "node" / "local-hmac.key")
+    first = Outbox(cfg.state.dir / "outbox", 2**30).pending()[0].path.read_bytes()
+    update = UpdateDecoder(key).decode(first, d.base)
+    m = update.envelope.metrics
+    assert m["judged"] == 1.0 and m["accepted"] == 1.0 and m["agreement"] == 0.6
+    assert m["holdout_labels"] == 8.0 and m["rounds_not_judged"] == 2.0
+    # what a user reads: the log, the status line, the saved history, the summary
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
+    assert lines[0].startswith("round 1 not judged (held-out has 0 labels, need 8), no update;")
+    assert lines[2].startswith("round 3 accepted: agreement 0.500 -> 0.600, update ")
+    assert lines[3].startswith("round 4 rolled back: agreement 0.500 -> 0.400;")
+    assert "2 accepted/1 rolled back/2 not judged, agreement 0.600" in d.status_line()
+    history = StateStore(cfg.state.dir / "node").read_meta()["history"]
+    assert [(h["judged"], h["agreement_after"]) for h in history[:3]] == [
+        (False, None),
+        (False, None),
+        (True, 0.6),
+    ]
+    assert history_line(history[0]).startswith("not judged (held-out has 0 labels, need 8)")
+    assert history_line(history[3]).startswith("0.500 -> 0.400  loss ")
+    s = d.summary()
+    assert (s["accepted"], s["rolled_back"], s["not_judged"]) == (2, 1, 2)
+    assert s["agreement_first"] == 0.5 and s["agreement_last"] == 0.6
+    assert "rounds: 5 this run (2 accepted, 1 rolled back, 2 not judged)" in "\n".join(
+        summary_lines(s)
+    )
+    # telemetry: the count and the evidence of the last round
+    t = Telemetry("n", "v")
+    d._register_gauges(t)
+    t.sample_gauges()
+    sampled = {m["name"]: m["val"] for m in t.peek(100)}
+    assert sampled["train.rounds_not_judged"] == 2 and sampled["train.holdout_labels"] == 8
+    assert sampled["train.agreement"] == 0.6
 
 
 def test_restart_resumes_at_the_last_round_with_the_saved_weights(node):
@@ -195,13 +240,14 @@ def test_broker_down_at_start_never_blocks_training(node, tmp_path):
     key.chmod(0o600)
     path, cfg = node(
         node={"id": "node1"},
-        transport={"enabled": True, "port": 1, "hmac_key_file": str(key), "outbox_max_bytes": 2500},
+        # room for two of the stand-in's updates (about 1.5 KB each: the real metrics)
+        transport={"enabled": True, "port": 1, "hmac_key_file": str(key), "outbox_max_bytes": 3500},
     )
     d = make_daemon(cfg, path, reject_every=0, max_rounds=6)
     assert d.run() == 0
     assert d.counters.rounds == 6 and d.publisher.published_updates == 0
     # the outbox stayed within its bound: older cumulative updates were superseded
-    assert d.outbox.bytes <= 2500 and d.outbox.dropped_superseded == 6 - len(d.outbox)
+    assert d.outbox.bytes <= 3500 and d.outbox.dropped_superseded == 6 - len(d.outbox)
     assert [e.round for e in outbox_envelopes(cfg.state.dir)] == [5, 6]
 
 

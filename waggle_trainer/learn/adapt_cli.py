@@ -188,7 +188,8 @@ def _adapt(args) -> int:
         for frame in _frames(source, args.live_range):
             result = loop.feed(frame)
             if result is not None:
-                first = first or result
+                if first is None and result.agreement_before is not None:
+                    first = result  # the first round with enough held-out labels
                 last = result
                 _log_round(result)
             progress.show(_status(loop, last))
@@ -216,12 +217,9 @@ def _log_round(r) -> None:
     import logging
 
     logging.getLogger("waggle_trainer.adapt").info(
-        "round %d %s: agreement %.3f -> %.3f, loss %.4g, %d samples, teacher stride %d, "
-        "plan %s, step %.2f s",
+        "round %d %s; loss %.4g, %d samples, teacher stride %d, plan %s, step %.2f s",
         r.index,
-        "kept" if r.accepted else "rolled back",
-        r.agreement_before,
-        r.agreement_after,
+        r.verdict,
         r.loss,
         r.samples,
         r.teacher_stride,
@@ -238,9 +236,14 @@ def _status(loop, last) -> str:
         f"(stride {loop.teacher_stride})  rounds {loop.rounds}"
     )
     if last is not None:
+        judged = (
+            f"agreement {loop.last_agreement:.3f}"
+            if last.agreement is not None and loop.last_agreement is not None
+            else f"held-out {last.holdout_labels}/{last.holdout_labels_needed} labels"
+        )
         text += (
-            f" ({loop.rounds_rolled_back} rolled back)  agreement "
-            f"{loop.last_agreement:.3f}  plan {last.strategy} "
+            f" ({loop.rounds_rolled_back} rolled back, {loop.rounds_not_judged} not judged)  "
+            f"{judged}  plan {last.strategy} "
             f"{format_size(last.predicted_peak_bytes)}/{format_size(last.budget_bytes)}"
         )
     return text
@@ -267,6 +270,7 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
                 "rounds",
                 "rounds_accepted",
                 "rounds_rolled_back",
+                "rounds_not_judged",
                 "teacher_stride",
                 "overhead_fraction",
             )
@@ -298,10 +302,19 @@ def _print_summary(s: dict, format_size) -> None:
         f"{s['teacher_stride']})"
     )
     if s["rounds"]:
+        if s["agreement_first"] is None or s["agreement_last"] is None:
+            agreement = (
+                "held-out agreement not measured: the held-out slice never held enough "
+                "teacher labels (adaptation.min_holdout_labels)"
+            )
+        else:
+            agreement = (
+                f"held-out agreement {s['agreement_first']:.3f} -> {s['agreement_last']:.3f}"
+            )
+        not_judged = f", {s['rounds_not_judged']} not judged" if s["rounds_not_judged"] else ""
         print(
-            f"rounds {s['rounds']}: {s['rounds_accepted']} kept, {s['rounds_rolled_back']} "
-            f"rolled back; held-out agreement {s['agreement_first']:.3f} -> "
-            f"{s['agreement_last']:.3f}"
+            f"rounds {s['rounds']}: {s['rounds_accepted']} accepted, {s['rounds_rolled_back']} "
+            f"rolled back{not_judged}; {agreement}"
         )
         print(
             f"memory plan {s['strategy']} "

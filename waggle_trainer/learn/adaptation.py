@@ -33,7 +33,15 @@ systemd, AMQP or the outbox.
   fused step keeps its state in the same optimiser).
   Agreement is AP50 of the student's boxes against the teacher's (mean over the
   classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
-  for ``detect``, top-1 agreement for ``classify``.
+  for ``detect``, top-1 agreement for ``classify``.  The guard judges only on
+  evidence.  A round is *not judged* while the held-out slice holds fewer than
+  ``min_holdout_labels`` teacher labels (boxes for ``detect``, samples for
+  ``classify``: no agreement is measured, the teacher stride halves), or when
+  agreement before and after are both within ``rollback_margin`` of zero (a student
+  that matches almost none of the teacher's labels cannot show a regression: 0.000
+  -> 0.000 says nothing).  A round not judged keeps its weights (a non-finite loss
+  still rolls it back) and is not accepted: the daemon sends no update for it; the
+  next accepted round's update, weights minus base, carries its change.
 """
 
 from __future__ import annotations
@@ -91,19 +99,22 @@ EVAL_BATCH = 8
 
 @dataclass
 class RoundResult:
-    """One round of ``steps_per_round`` optimiser steps, accepted or rolled back.
+    """One round of ``steps_per_round`` optimiser steps: accepted, rolled back, or not
+    judged (``judged`` False: the held-out slice had ``holdout_labels`` teacher labels,
+    fewer than ``holdout_labels_needed``, and the loss was finite; weights kept,
+    agreements None).
 
-    Counters (``teacher_calls``, ``frames_seen``, ``frames_skipped``) are totals since
-    the loop started; ``samples`` is the number of training samples the round drew
-    its batches from; ``step_time_s`` the median step; memory in bytes
+    Counters (``teacher_calls``, ``frames_seen``, ``frames_skipped``, ``rounds_*``) are
+    totals since the loop started; ``samples`` is the number of training samples the
+    round drew its batches from; ``step_time_s`` the median step; memory in bytes
     (``measured_peak_bytes``: peak RSS growth over the round's baseline while it
     stepped, the quantity the plan's ``predicted_peak_bytes`` predicts).
     """
 
     index: int
     accepted: bool
-    agreement_before: float
-    agreement_after: float
+    agreement_before: float | None
+    agreement_after: float | None
     loss: float
     samples: int
     teacher_calls: int
@@ -120,15 +131,43 @@ class RoundResult:
     rounds_rolled_back: int = 0
     mean_kl: float | None = None
     time_s: float = 0.0
+    judged: bool = True
+    holdout_labels: int = 0
+    holdout_labels_needed: int = 0
+    rounds_not_judged: int = 0
+
+    why_not_judged: str = ""
+
+    @property
+    def agreement(self) -> float | None:
+        """The kept model's held-out agreement (before a rolled-back round, after any
+        other); None when it was not measured (too few held-out labels)."""
+        return self.agreement_before if self.rolled_back else self.agreement_after
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.judged and not self.accepted
+
+    @property
+    def verdict(self) -> str:
+        """What the drift guard did, in words for a log line."""
+        if not self.judged:
+            return f"not judged ({self.why_not_judged})"
+        what = "accepted" if self.accepted else "rolled back"
+        if self.agreement_before is None or self.agreement_after is None:
+            return f"{what} (loss not finite)"
+        return f"{what}: agreement {self.agreement_before:.3f} -> {self.agreement_after:.3f}"
 
     def metrics(self) -> dict[str, float]:
-        """Every numeric field (``accepted`` as 0/1; ``strategy`` left out)."""
+        """Every numeric field that has a value (``accepted``, ``judged`` as 0/1;
+        ``strategy`` left out), ``agreement`` (the kept model's, when judged) and
+        ``teacher_calls_per_frame``: finite numbers, as an update's metrics must be."""
         out: dict[str, float] = {}
         for key, value in asdict(self).items():
-            if isinstance(value, bool):
+            if isinstance(value, bool | int | float) and math.isfinite(value):
                 out[key] = float(value)
-            elif isinstance(value, int | float):
-                out[key] = float(value)
+        if self.agreement is not None:
+            out["agreement"] = float(self.agreement)
         out["teacher_calls_per_frame"] = self.teacher_calls / max(1, self.frames_seen)
         return out
 
@@ -225,7 +264,7 @@ class AdaptationLoop:
         # resident when the budget was read: the first round's residue is counted from here
         allocator.trim()
         self._rss_planned = psutil.Process().memory_info().rss
-        holdout_cap = max(1, round(a.buffer_size * a.holdout_fraction))
+        holdout_cap = a.holdout_capacity
         self._holdout: deque[_Sample] = deque(maxlen=holdout_cap)
         self._train: deque[_Sample] = deque(maxlen=max(1, a.buffer_size - holdout_cap))
         self._holdout_credit = 1.0 - a.holdout_fraction  # the first sample is held out
@@ -239,6 +278,7 @@ class AdaptationLoop:
         self.rounds = 0
         self.rounds_accepted = 0
         self.rounds_rolled_back = 0
+        self.rounds_not_judged = 0
         self.frames_seen = 0
         self.frames_skipped = 0
         self.teacher_calls = 0
@@ -340,6 +380,13 @@ class AdaptationLoop:
                 s.pred, s.pred_version = p, self._version
         return [s.pred for s in self._holdout]
 
+    def holdout_labels(self) -> int:
+        """The teacher's labels on the held-out slice, the drift guard's evidence:
+        boxes (``detect``) or samples (``classify``)."""
+        if self.task.kind == "detect":
+            return sum(len(s.labels) for s in self._holdout)
+        return len(self._holdout)
+
     def agreement(self) -> tuple[float, float | None]:
         """(agreement, mean KL or None) of the student with the teacher on the
         held-out slice (1.0 when the slice is empty)."""
@@ -391,7 +438,9 @@ class AdaptationLoop:
     def _round(self) -> RoundResult:
         t = self.training
         t.maybe_replan()
-        before, _ = self.agreement()
+        labels, needed = self.holdout_labels(), self.cfg.adaptation.min_holdout_labels
+        evidence = labels >= needed
+        before: float | None = self.agreement()[0] if evidence else None
         snap = self._snapshot()
         # the first round of a fresh optimiser measures what the process keeps resident
         # beyond what it held when the budget was read (see _first_round_residue)
@@ -419,26 +468,32 @@ class AdaptationLoop:
         self.times.train += sum(times)
         self._record_overhead(peak, residue)
         loss = statistics.fmean(losses)
-        after, kl = self.agreement()
         finite = all(math.isfinite(v) for v in losses)
-        accepted = finite and after >= before - self.cfg.adaptation.rollback_margin
+        after: float | None = None
+        kl = None
+        if finite and before is not None:
+            after, kl = self.agreement()
+        margin = self.cfg.adaptation.rollback_margin
+        why = "" if evidence else f"held-out has {labels} labels, need {needed}"
+        if before is not None and after is not None and max(before, after) <= margin:
+            why = (
+                f"agreement {before:.3f} -> {after:.3f}, both within the rollback margin "
+                f"{margin:g} of zero: a regression could not show"
+            )
+        judged = not why or not finite  # a non-finite loss is evidence enough
+        accepted = judged and before is not None and after is not None and after >= before - margin
         if accepted:
             self.rounds_accepted += 1
-            kept = after
+        elif not judged:
+            self.rounds_not_judged += 1  # no evidence either way: the weights stay
         else:
             self._restore(snap)
             self.rounds_rolled_back += 1
-            kept = before
-            log.info(
-                "round %d rolled back: agreement %.3f -> %.3f (loss %.4g)",
-                self.rounds,
-                before,
-                after,
-                loss,
-            )
         del snap
-        self.last_agreement = kept
-        self._adapt_stride(kept)
+        kept = before if judged and not accepted else after
+        if kept is not None:
+            self.last_agreement = kept
+        self._adapt_stride(kept if kept is not None else 0.0)  # no evidence: more teacher
         plan = t.chain.plan
         result = RoundResult(
             index=self.rounds,
@@ -461,7 +516,13 @@ class AdaptationLoop:
             rounds_rolled_back=self.rounds_rolled_back,
             mean_kl=kl,
             time_s=time.perf_counter() - t0,
+            judged=judged,
+            why_not_judged="" if judged else why,
+            holdout_labels=labels,
+            holdout_labels_needed=needed,
+            rounds_not_judged=self.rounds_not_judged,
         )
+        log.debug("round %d %s (loss %.4g)", self.rounds, result.verdict, loss)  # callers say it
         self.rounds += 1
         return result
 
@@ -545,12 +606,17 @@ class AdaptationLoop:
             "rounds": self.rounds,
             "rounds_accepted": self.rounds_accepted,
             "rounds_rolled_back": self.rounds_rolled_back,
+            "rounds_not_judged": self.rounds_not_judged,
             "frames_seen": self.frames_seen,
             "frames_skipped": self.frames_skipped,
             "teacher_calls": self.teacher_calls,
             "teacher_stride": self.teacher_stride,
             "base_version": self.base_version,
-            "holdout": {"samples": len(self._holdout), "agreement": self.last_agreement},
+            "holdout": {
+                "samples": len(self._holdout),
+                "labels": self.holdout_labels(),
+                "agreement": self.last_agreement,
+            },
         }
         return tensors, meta
 
@@ -599,8 +665,9 @@ class AdaptationLoop:
             "frames_skipped",
             "teacher_calls",
             "teacher_stride",
+            "rounds_not_judged",  # absent from states saved before it was counted
         ):
-            count = meta.get(key)
+            count = meta.get(key, 0 if key == "rounds_not_judged" else None)
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ValueError(f"saved state: {key} = {count!r} is not a count")
             counters[key] = count
@@ -637,6 +704,7 @@ class AdaptationLoop:
             "rounds": self.rounds,
             "rounds_accepted": self.rounds_accepted,
             "rounds_rolled_back": self.rounds_rolled_back,
+            "rounds_not_judged": self.rounds_not_judged,
             "teacher_stride": self.teacher_stride,
             "time_s": tm.total,
             "teacher_s": tm.teacher,

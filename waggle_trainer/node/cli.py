@@ -110,13 +110,11 @@ def run_command(args, **factories: Any) -> int:
     import logging
 
     logging.getLogger("waggle_trainer.daemon").info(
-        "stopped (%s): round %d, %d rounds this run (%d accepted, %d rolled back), outbox %d, "
-        "published %d",
+        "stopped (%s): round %d, %d rounds this run (%s), outbox %d, published %d",
         summary["exit_reason"],
         summary["round"],
         summary["rounds_this_run"],
-        summary["accepted"],
-        summary["rolled_back"],
+        verdict_counts(summary["accepted"], summary["rolled_back"], summary["not_judged"]),
         summary["outbox_updates"],
         summary["published"],
     )
@@ -127,15 +125,21 @@ def run_command(args, **factories: Any) -> int:
     return 0
 
 
+def verdict_counts(accepted: int, rolled_back: int, not_judged: int) -> str:
+    """``3 accepted, 1 rolled back`` (``, 2 not judged`` when there were such rounds)."""
+    out = f"{accepted} accepted, {rolled_back} rolled back"
+    return out + (f", {not_judged} not judged" if not_judged else "")
+
+
 def summary_lines(s: dict[str, Any]) -> list[str]:
     def agreement(v):
         return "-" if v is None else f"{v:.3f}"
 
     lines = [
         f"stopped: {s['exit_reason']} after {s['wall_s']:.1f} s",
-        f"rounds: {s['rounds_this_run']} this run ({s['accepted']} accepted, "
-        f"{s['rolled_back']} rolled back), now at round {s['round']}, base "
-        f"{s['base_version']}",
+        f"rounds: {s['rounds_this_run']} this run "
+        f"({verdict_counts(s['accepted'], s['rolled_back'], s['not_judged'])}), "
+        f"now at round {s['round']}, base {s['base_version']}",
         f"agreement with the teacher: {agreement(s['agreement_first'])} -> "
         f"{agreement(s['agreement_last'])}",
         f"frames: {s['frames_seen']} fed to the loop, teacher called "
@@ -188,6 +192,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
             "saved_age_s": round((now_ns - int(meta.get("saved_ns", now_ns))) / 1e9, 1),
             "accepted": counters.get("accepted", 0),
             "rolled_back": counters.get("rolled_back", 0),
+            "not_judged": counters.get("not_judged", 0),
             "updates": counters.get("updates", 0),
             "adopted": counters.get("adopted", 0),
             "stale_dropped": counters.get("stale_dropped", 0),
@@ -205,6 +210,10 @@ def read_status(state_dir: Path) -> dict[str, Any]:
                     for k in (
                         "round",
                         "accepted",
+                        "judged",
+                        "why_not_judged",
+                        "holdout_labels",
+                        "holdout_labels_needed",
                         "agreement_before",
                         "agreement_after",
                         "loss",
@@ -252,6 +261,19 @@ def progress_check(state_dir: Path, within_s: float) -> int:
     return 0
 
 
+def history_line(h: dict[str, Any]) -> str:
+    """One round of the saved history: agreement before -> after, loss, verdict (a
+    round without held-out evidence says so; "judged" is absent from older states)."""
+    loss = f"loss {h['loss']:.4f}" if h.get("loss") is not None else "loss not finite"
+    if h.get("judged") is False:
+        return f"not judged ({h.get('why_not_judged')})  {loss}"
+    before, after = h.get("agreement_before"), h.get("agreement_after")
+    mark = "accepted" if h["accepted"] else "rolled back"
+    if before is None or after is None:
+        return f"{loss}  {mark}"
+    return f"{before:.3f} -> {after:.3f}  {loss}  {mark}"
+
+
 def status_command(args) -> int:
     cfg = _load(args)
     if cfg is None:
@@ -272,7 +294,8 @@ def status_command(args) -> int:
     else:
         print(f"state: {state_dir}/node (saved {s['saved_age_s']:.0f} s ago)")
         print(
-            f"round {s['round']}: {s['accepted']} accepted, {s['rolled_back']} rolled back, "
+            f"round {s['round']}: "
+            f"{verdict_counts(s['accepted'], s['rolled_back'], s['not_judged'])}, "
             f"{s['updates']} updates made; base {s['base_version']} "
             f"({s['adopted']} global model(s) adopted, {s['stale_dropped']} update(s) dropped "
             "as stale)"
@@ -291,11 +314,7 @@ def status_command(args) -> int:
         if s["history"]:
             print("recent rounds (agreement before -> after):")
             for h in s["history"]:
-                mark = "accepted" if h["accepted"] else "rolled back"
-                print(
-                    f"  round {h['round']:>5}: {h['agreement_before']:.3f} -> "
-                    f"{h['agreement_after']:.3f}  loss {h['loss']:.4f}  {mark}"
-                )
+                print(f"  round {h['round']:>5}: {history_line(h)}")
         last = s["last_publish_age_s"]
         print(
             "last confirmed publish: "

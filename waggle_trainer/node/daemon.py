@@ -74,6 +74,7 @@ from waggle_trainer.transport import (
 from waggle_trainer.transport.outbox import OutboxEntry
 
 if TYPE_CHECKING:
+    from waggle_trainer.learn.adaptation import RoundResult
     from waggle_trainer.transport.model_subscriber import ModelSubscriber
 
 log = logging.getLogger("waggle_trainer.daemon")
@@ -105,7 +106,7 @@ class Loop(Protocol):
 
     student: torch.nn.Module
 
-    def feed(self, frame: Any) -> Any | None: ...
+    def feed(self, frame: Any) -> RoundResult | None: ...
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]: ...
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
     def adopt_base(self, weights: dict[str, torch.Tensor], version: str) -> None: ...
@@ -218,8 +219,10 @@ class Counters:
     rounds: int = 0  # this run
     accepted_run: int = 0
     rolled_back_run: int = 0
+    not_judged_run: int = 0  # no held-out evidence either way (weights kept, no update)
     accepted: int = 0  # since the state began (saved with it)
     rolled_back: int = 0
+    not_judged: int = 0
     updates: int = 0
     update_bytes: int = 0
     disk_full_events: int = 0
@@ -320,7 +323,7 @@ class Daemon:
         self._disk_full_logged = False
         self._last_published = 0
         self._last_publish_ns: int | None = None
-        self._last_result: Any = None
+        self._last_result: RoundResult | None = None
         self._longest_feed_s = 0.0
         self._watchdog_s = watchdog_interval_s()
         self._last_ping = 0.0
@@ -408,6 +411,7 @@ class Daemon:
             for name in (
                 "accepted",
                 "rolled_back",
+                "not_judged",
                 "updates",
                 "update_bytes",
                 "adopted",
@@ -518,7 +522,7 @@ class Daemon:
             self.exit_reason = "stop requested (signal)"
 
     # ------------------------------------------------------------ one round
-    def _on_round(self, r: Any) -> None:
+    def _on_round(self, r: RoundResult) -> None:
         assert self.loop is not None
         self.round += 1
         self._last_result = r
@@ -526,15 +530,19 @@ class Daemon:
         c.rounds += 1
         c.teacher_calls = int(r.teacher_calls)  # the loop's totals since it started
         c.loop_frames = int(r.frames_seen)
-        agreement = float(r.agreement_after if r.accepted else r.agreement_before)
-        if c.first_agreement is None:
-            c.first_agreement = float(r.agreement_before)
-        c.last_agreement = agreement
+        if r.agreement is not None:  # measured on the held-out slice
+            if c.first_agreement is None and r.agreement_before is not None:
+                c.first_agreement = float(r.agreement_before)
+            c.last_agreement = float(r.agreement)
         entry = {
             "round": self.round,
             "accepted": bool(r.accepted),
-            "agreement_before": float(r.agreement_before),
-            "agreement_after": float(r.agreement_after),
+            "judged": bool(r.judged),
+            "why_not_judged": str(r.why_not_judged),
+            "holdout_labels": int(r.holdout_labels),
+            "holdout_labels_needed": int(r.holdout_labels_needed),
+            "agreement_before": _maybe_float(r.agreement_before),
+            "agreement_after": _maybe_float(r.agreement_after),
             "loss": float(r.loss),
             "samples": int(r.samples),
             "teacher_calls": int(r.teacher_calls),
@@ -548,7 +556,6 @@ class Daemon:
             "ts_ns": time.time_ns(),
         }
         self.history = (self.history + [_finite(entry)])[-HISTORY:]
-        what = "accepted" if r.accepted else "rolled back"
         if r.accepted:
             c.accepted += 1
             c.accepted_run += 1
@@ -564,23 +571,27 @@ class Daemon:
             c.updates += 1
             c.update_bytes = len(update.blob)
             self._pending.append(update)
-        else:
+        elif r.rolled_back:
             c.rolled_back += 1
             c.rolled_back_run += 1
+        else:
+            c.not_judged += 1
+            c.not_judged_run += 1
         self._unsaved = True
         spooled = self._spool()
         saved = spooled and self._save_state()
+        what = r.verdict
         if r.accepted:
             what += f", update {format_size(c.update_bytes)}" + (
                 " spooled" if spooled else " waiting (disk full)"
             )
+        elif not r.judged:
+            what += ", no update"
         log.info(
-            "round %d %s: agreement %.3f -> %.3f, loss %.4f, %d samples, teacher %.2f "
+            "round %d %s; loss %.4f, %d samples, teacher %.2f "
             "calls/frame, step %.2f s, %s plan, peak %s of %s%s",
             self.round,
             what,
-            r.agreement_before,
-            r.agreement_after,
             r.loss,
             r.samples,
             r.teacher_calls / max(1, r.frames_seen),
@@ -632,6 +643,7 @@ class Daemon:
                 "counters": {
                     "accepted": self.counters.accepted,
                     "rolled_back": self.counters.rolled_back,
+                    "not_judged": self.counters.not_judged,
                     "updates": self.counters.updates,
                     "update_bytes": self.counters.update_bytes,
                     "adopted": self.counters.adopted,
@@ -921,9 +933,13 @@ class Daemon:
         parts = [f"round {self.round}" if hasattr(self, "round") else "starting"]
         if c.rounds:
             parts.append(f"{c.accepted} accepted/{c.rolled_back} rolled back")
-        if c.last_agreement is not None:
-            parts.append(f"agreement {c.last_agreement:.3f}")
+            if c.not_judged:
+                parts[-1] += f"/{c.not_judged} not judged"
         r = self._last_result
+        if r is not None and r.agreement is None:  # too few held-out labels to measure
+            parts.append(f"held-out {r.holdout_labels}/{r.holdout_labels_needed} labels")
+        elif c.last_agreement is not None:
+            parts.append(f"agreement {c.last_agreement:.3f}")
         if r is not None:
             peak = format_size(max(1, int(r.measured_peak_bytes)))
             parts.append(
@@ -949,6 +965,8 @@ class Daemon:
         t.gauge(f"{p}.agreement", lambda: self.counters.last_agreement)
         t.gauge(f"{p}.rounds_accepted", lambda: self.counters.accepted)
         t.gauge(f"{p}.rollbacks", lambda: self.counters.rolled_back)
+        t.gauge(f"{p}.rounds_not_judged", lambda: self.counters.not_judged)
+        t.gauge(f"{p}.holdout_labels", last("holdout_labels"))
         t.gauge(
             f"{p}.teacher_calls_per_frame",
             lambda: (
@@ -1082,8 +1100,10 @@ class Daemon:
             "rounds_this_run": c.rounds,
             "accepted": c.accepted_run,
             "rolled_back": c.rolled_back_run,
+            "not_judged": c.not_judged_run,
             "accepted_total": c.accepted,
             "rolled_back_total": c.rolled_back,
+            "not_judged_total": c.not_judged,
             "agreement_first": c.first_agreement,
             "agreement_last": c.last_agreement,
             "frames_seen": c.frames_seen,
@@ -1109,6 +1129,10 @@ class Daemon:
                 step_time_s=float(r.step_time_s),
             )
         return out
+
+
+def _maybe_float(v: float | None) -> float | None:
+    return None if v is None else float(v)
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 pika is not thread-safe: every thread that talks to the broker opens its own
 ``BlockingConnection`` from :func:`connection_parameters` and nobody else
-touches it.  Errors fall in three kinds:
+touches it.  Errors fall in four kinds:
 
 * **fatal** - retrying cannot help and a human must act: wrong credentials,
   access refused, a precondition the broker refuses (``user_id`` mismatch,
@@ -15,6 +15,10 @@ touches it.  Errors fall in three kinds:
   missed heartbeats, resource alarm, a broker certificate that looks expired or
   not yet valid - a node's clock may be wrong right after boot): reconnect
   after a capped exponential backoff with jitter.
+* **not there yet** - an exchange or queue this side only checks
+  (``declare=False``: the operator's definitions create it) is missing
+  (:class:`NotThereYet`): one WARNING, quiet retries after the backoff, one
+  INFO line when it is there.
 * **a bug** - anything else (``TypeError``, ``KeyError``, ...): logged once
   with its traceback, and the thread stops like for a fatal error.  Retrying a
   programming error forever would only hide it.
@@ -32,6 +36,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -47,6 +52,32 @@ log = logging.getLogger(__name__)
 
 class FatalAmqpError(Exception):
     """Retrying will not help (credentials, permissions, configuration)."""
+
+
+class NotThereYet(Exception):
+    """A broker object this side only checks (``declare=False``) is missing: the
+    operator's definitions create it, so it is waited for.  :class:`AmqpWorker`
+    says so once per episode (WARNING), retries quietly (DEBUG) and says when it
+    is there (INFO).  The message names the object: ``the model queue 'q'``."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(f"{what} does not exist yet")
+
+
+def missing_object(e: px.ChannelClosedByBroker, what: str, declare: bool) -> Exception:
+    """What a failed declare of ``what`` means: :class:`NotThereYet` for a passive
+    check that found nothing (404), a :class:`FatalAmqpError` with the setting to
+    change for a declare the broker refuses (403), else ``e`` itself."""
+    if e.reply_code == 404 and not declare:
+        return NotThereYet(what)
+    if e.reply_code == 403 and declare:
+        return FatalAmqpError(
+            f"cannot declare {what}: {e.reply_code} {e.reply_text} (a broker that owns "
+            "its exchanges and queues, like Beehive, lets a node only check them and "
+            "read its own queue: set declare_exchanges = false)"
+        )
+    return e
 
 
 @dataclass
@@ -431,6 +462,9 @@ class AmqpWorker:
         self.connected = False
         self.fatal_error: FatalAmqpError | None = None
         self.last_error: str | None = None
+        self._waiting: NotThereYet | None = None  # the missing object of this episode
+        self._waiting_attempts = 0
+        self._waiting_since = 0.0
         self._log = logging.getLogger(f"{__name__}.{self.purpose}")
 
     # -- lifecycle ------------------------------------------------------------
@@ -457,7 +491,8 @@ class AmqpWorker:
                 self.connect_attempts += 1
                 conn = pika.BlockingConnection(connection_parameters(self.amqp, self.purpose))
                 self.connected = True
-                self._log.info(
+                self._log.log(
+                    logging.DEBUG if self._waiting else logging.INFO,  # said once already
                     "connected to %s:%d%s",
                     self.amqp.host,
                     self.amqp.effective_port,
@@ -477,6 +512,10 @@ class AmqpWorker:
 
     def _handle_failure(self, e: Exception, connecting: bool = False) -> bool:
         """Log ``e`` once; True to reconnect after the backoff, False to stop."""
+        if isinstance(e, NotThereYet):
+            self._note_waiting(e)
+            self._stop.wait(self._backoff.next())
+            return True
         if isinstance(e, FatalAmqpError) or is_retryable(e):
             fatal = classify(e, self.amqp)
             if fatal is None and connecting and self.amqp.tls:
@@ -504,9 +543,33 @@ class AmqpWorker:
         self._on_fatal(fatal)
         return False
 
+    def _note_waiting(self, e: NotThereYet) -> None:
+        """One WARNING per missing object (an episode), DEBUG for its retries."""
+        self.last_error = str(e)
+        if self._waiting is None or self._waiting.what != e.what:
+            self._waiting, self._waiting_attempts = e, 0
+            self._waiting_since = time.monotonic()
+            self._log.warning(
+                "%s: %s; retrying at most %g s apart", self.purpose, e, self.amqp.backoff_max_s
+            )
+        else:
+            self._log.debug("%s: %s (attempt %d)", self.purpose, e, self._waiting_attempts + 1)
+        self._waiting_attempts += 1
+
     def _connected_ok(self) -> None:
-        """Call once the session is set up: the next failure starts backoff afresh."""
+        """Call once the session is set up: the next failure starts backoff afresh,
+        and a wait for a missing object (:class:`NotThereYet`) is over."""
         self._backoff.reset()
+        if self._waiting is not None:
+            self._log.info(
+                "%s: %s is there now (waited %.0f s, %d failed check(s))",
+                self.purpose,
+                self._waiting.what,
+                time.monotonic() - self._waiting_since,
+                self._waiting_attempts,
+            )
+            self._waiting = None
+            self.last_error = None
 
     def _confirmed_channel(self, conn: pika.BlockingConnection, exchange: str, declare: bool):
         """A channel with publisher confirms on the durable topic ``exchange``
@@ -515,13 +578,7 @@ class AmqpWorker:
         try:
             ch.exchange_declare(exchange, exchange_type="topic", durable=True, passive=not declare)
         except px.ChannelClosedByBroker as e:
-            if e.reply_code == 403 and declare:
-                raise FatalAmqpError(
-                    f"cannot declare exchange {exchange!r}: {e.reply_code} {e.reply_text} (a "
-                    "broker that owns its exchanges, like Beehive, lets a node only check "
-                    "them: set declare_exchanges = false)"
-                ) from e
-            raise
+            raise missing_object(e, f"exchange {exchange!r}", declare) from e
         ch.confirm_delivery()
         self._connected_ok()
         return ch

@@ -36,7 +36,7 @@ from typing import Any
 
 import pika
 
-from .amqp import AmqpSettings, AmqpWorker, FatalAmqpError
+from .amqp import AmqpSettings, AmqpWorker, missing_object
 from .chunks import ChunkError, Reassembler, parse_headers
 from .codec import TensorSpec, UpdateRejected
 from .model_wire import ModelVersion, decode_model
@@ -127,13 +127,7 @@ class ModelSubscriber(AmqpWorker):
             if self.declare:
                 ch.queue_bind(self.queue, self.exchange, routing_key=model_routing_key(self.model))
         except pika.exceptions.ChannelClosedByBroker as e:
-            if e.reply_code == 403 and self.declare:
-                raise FatalAmqpError(
-                    f"cannot declare {what}: {e.reply_code} {e.reply_text} (a broker that "
-                    "owns its exchanges and queues, like Beehive, lets a node only read its "
-                    "own queue: set declare_exchanges = false)"
-                ) from e
-            raise
+            raise missing_object(e, what, self.declare) from e
         ch.basic_qos(prefetch_count=64)
         self._connected_ok()
         for method, props, body in ch.consume(self.queue, inactivity_timeout=0.5):
