@@ -10,6 +10,8 @@ fresh processes, alternating (A B C ... A B C ...) so machine noise hits all ali
   under glibc with the fixed mmap threshold (``glibc``) and under each preloadable
   allocator that is installed (``jemalloc``, ``tcmalloc``, ``mimalloc``: the command
   line re-executes itself with ``LD_PRELOAD`` and their retention settings);
+  ``planned/tcmalloc`` is the default (tcmalloc with the executor's release hook),
+  ``planned/tcmalloc-keep`` the same without the hook (tcmalloc keeps what it frees);
 * ``planned+fused/<allocator>``: the same with the optimiser step fused into the
   backward (``--fused-step``) under the allocator named by ``--fused-allocator``;
 * ``torch-ckpt``: ``torch.utils.checkpoint.checkpoint_sequential`` at its best
@@ -19,7 +21,10 @@ fresh processes, alternating (A B C ... A B C ...) so machine noise hits all ali
 
 Every process takes 1 warm-up step (plus calibration where the run does it) and
 ``--steps`` measured steps; the table gives medians over rounds of each process's
-median step, the peak RSS and the RSS growth of a step over the process's baseline.
+median step, its CPU seconds per step (user + kernel, from ``getrusage``: far less
+sensitive than wall time to other processes on a shared machine), the kernel's share
+and the page faults (the allocator's tax), the peak RSS and the RSS growth of a step
+over the process's baseline.
 The header records CPU, threads, commit, command and the load average before and
 after (the machine is shared: read ratios, not absolute times, when it is loaded).
 
@@ -63,7 +68,7 @@ def torch_child(arch: str, batch: int, image: int, segments: int, steps: int) ->
     import torch
     from torch.utils.checkpoint import checkpoint_sequential
 
-    from waggle_trainer.learn.planned_training import RssSampler
+    from waggle_trainer.learn.planned_training import RssSampler, StepUsage
     from waggle_trainer.remat.chain import build_resnet, chain_stages
 
     torch.manual_seed(0)
@@ -82,12 +87,14 @@ def torch_child(arch: str, batch: int, image: int, segments: int, steps: int) ->
         return time.perf_counter() - t0
 
     times = []
+    usage = StepUsage()
     with RssSampler() as rss:
         step()  # warm-up: gradients and momentum become resident
         allocator.trim()
         baseline = rss.reset()
         for _ in range(steps):
-            times.append(step())
+            with usage:
+                times.append(step())
         peak = rss.peak
     return {
         "median_step_s": statistics.median(times),
@@ -96,6 +103,9 @@ def torch_child(arch: str, batch: int, image: int, segments: int, steps: int) ->
         "segments": segments,
         "allocator": allocator.loaded_allocator(),
         "allocator_mode": "mmap",
+        "cpu_s_per_step": usage.cpu_s / steps,
+        "sys_s_per_step": usage.sys_s / steps,
+        "page_faults_per_step": usage.faults / steps,
     }
 
 
@@ -119,40 +129,38 @@ def plan_case(arch: str, batch: int, image: int, fraction: float, cache: Path) -
 
 
 def configs(case: dict, allocators: list[str], fused_allocator: str | None) -> list[tuple]:
-    from waggle_trainer.remat.allocator import find_allocator
+    """(name, bench arguments or None for torch's own, extra environment) per run."""
+    from waggle_trainer.remat.allocator import SLACK_ENV, find_allocator
 
     budget = str(case["budget_bytes"])
-    out = [("plain", ["--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"])]
+    planned = ["--strategy", "optimal", "--budget", budget]
+    out = [("plain", ["--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"], {})]
     for name in allocators:
         if name != "glibc" and find_allocator(name) is None:
             print(f"skipping {name}: not installed", file=sys.stderr)
             continue
-        out.append(
-            (f"planned/{name}", ["--strategy", "optimal", "--budget", budget, "--allocator", name])
-        )
+        out.append((f"planned/{name}", [*planned, "--allocator", name], {}))
+        if name == "tcmalloc":  # the same without the release hook: what it keeps
+            out.append(
+                ("planned/tcmalloc-keep", [*planned, "--allocator", name], {SLACK_ENV: "off"})
+            )
     if fused_allocator:
         out.append(
             (
                 f"planned+fused/{fused_allocator}",
-                [
-                    "--strategy",
-                    "optimal",
-                    "--budget",
-                    budget,
-                    "--allocator",
-                    fused_allocator,
-                    "--fused-step",
-                ],
+                [*planned, "--allocator", fused_allocator, "--fused-step"],
+                {},
             )
         )
     if case["segments"]:
-        out.append(("torch-ckpt", None))
+        out.append(("torch-ckpt", None, {}))
     return out
 
 
 def run_one(
     name: str,
     extra: list[str] | None,
+    env_add: dict[str, str],
     arch: str,
     batch: int,
     image: int,
@@ -196,7 +204,12 @@ def run_one(
             str(cache),
             *extra,
         ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MALLOC_", "LD_PRELOAD", "TCMALLOC_", "MIMALLOC_", "WAGGLE_"))
+    }
+    env.update(env_add)
     t0 = time.time()
     p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env)
     # exit 1 with a result: the run finished but a step outgrew the budget (recorded)
@@ -210,13 +223,19 @@ def run_one(
 
 def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
     plain = statistics.median(r["median_step_s"] for r in runs["plain"])
+    plain_cpu = statistics.median(r["cpu_s_per_step"] for r in runs["plain"])
     rows = {}
     for name, rs in runs.items():
         step = statistics.median(r["median_step_s"] for r in rs)
+        cpu = statistics.median(r["cpu_s_per_step"] for r in rs)
         rows[name] = {
             "step_s": step,
             "steps_s": [r["median_step_s"] for r in rs],
             "ratio": step / plain,
+            "cpu_s": cpu,
+            "cpu_ratio": cpu / plain_cpu,
+            "sys_s": statistics.median(r["sys_s_per_step"] for r in rs),
+            "faults": statistics.median(r["page_faults_per_step"] for r in rs),
             "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in rs),
             "growth_bytes": statistics.median(r["peak_rss_growth_bytes"] for r in rs),
             "predicted_bytes": rs[0].get("predicted_peak_bytes"),
@@ -237,9 +256,10 @@ def markdown(header: list[str], cases: list[dict]) -> str:
             f"({c['budget_bytes'] / c['plain_predicted_bytes']:.2f} of plain's predicted "
             f"{c['plain_predicted_bytes'] / MiB:.0f} MiB)",
             "",
-            "| run | allocator (mode) | median step s (per round) | x plain | peak RSS MiB "
+            "| run | allocator (mode) | median step s (per round) | x plain "
+            "| CPU s per step (x plain) | of it kernel s | page faults per step | peak RSS MiB "
             "| step growth MiB (predicted) |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in c["rows"].items():
             pred = f" ({r['predicted_bytes'] / MiB:.0f})" if r["predicted_bytes"] else ""
@@ -249,7 +269,8 @@ def markdown(header: list[str], cases: list[dict]) -> str:
             out.append(
                 f"| {name}{seg} | {r['allocator']}{mode} "
                 f"| {r['step_s']:.2f} ({', '.join(f'{s:.2f}' for s in r['steps_s'])}) "
-                f"| {r['ratio']:.2f} | {r['peak_rss_bytes'] / MiB:.0f} "
+                f"| {r['ratio']:.2f} | {r['cpu_s']:.2f} ({r['cpu_ratio']:.2f}) "
+                f"| {r['sys_s']:.2f} | {r['faults']:.0f} | {r['peak_rss_bytes'] / MiB:.0f} "
                 f"| {r['growth_bytes'] / MiB:.0f}{pred}{over} |"
             )
         out.append("")
@@ -266,6 +287,13 @@ def plot(cases: list[dict], path: Path) -> None:
     for ax, c in zip(axes[0], cases, strict=True):
         for name, r in c["rows"].items():
             ax.scatter(r["peak_rss_bytes"] / MiB, r["ratio"], s=40)
+            ax.scatter(
+                r["peak_rss_bytes"] / MiB,
+                r["cpu_ratio"],
+                s=40,
+                facecolors="none",
+                edgecolors="grey",
+            )
             ax.annotate(
                 name,
                 (r["peak_rss_bytes"] / MiB, r["ratio"]),
@@ -278,7 +306,7 @@ def plot(cases: list[dict], path: Path) -> None:
             f"{c['arch']} b{c['batch']} {c['image']}px, budget {c['budget_bytes'] / MiB:.0f} MiB"
         )
         ax.set_xlabel("peak RSS of the process (MiB)")
-        ax.set_ylabel("median step time / plain")
+        ax.set_ylabel("step time / plain (filled: wall, hollow: CPU)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -328,15 +356,24 @@ def main() -> int:
             **plan_case(arch, batch, image, args.fraction, args.cache_dir),
         }
         todo = configs(case, args.allocators, args.fused_allocator or None)
-        runs: dict[str, list[dict]] = {name: [] for name, _ in todo}
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in todo}
         for rnd in range(args.rounds):
-            for name, extra in todo:
+            for name, extra, env_add in todo:
                 r = run_one(
-                    name, extra, arch, batch, image, args.steps, case["segments"], args.cache_dir
+                    name,
+                    extra,
+                    env_add,
+                    arch,
+                    batch,
+                    image,
+                    args.steps,
+                    case["segments"],
+                    args.cache_dir,
                 )
                 runs[name].append(r)
                 print(
-                    f"{spec} round {rnd} {name}: {r['median_step_s']:.2f} s, peak "
+                    f"{spec} round {rnd} {name}: {r['median_step_s']:.2f} s, "
+                    f"{r['cpu_s_per_step']:.2f} CPU s, peak "
                     f"{r['peak_rss_bytes'] / MiB:.0f} MiB ({r['wall_s']:.0f} s wall)",
                     flush=True,
                 )
@@ -360,7 +397,8 @@ def write(args, cases: list[dict], load_before, started: str, torch) -> None:
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/"
         f"{load_before[2]:.2f}, after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}",
         f"- {args.rounds} rounds of alternating fresh processes, {args.steps} measured steps each "
-        "after 1 warm-up step; ratios against `plain` of the same case",
+        "after 1 warm-up step; ratios against `plain` of the same case; CPU seconds and "
+        "page faults from getrusage over the measured steps (the process's every thread)",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = markdown(header, cases)

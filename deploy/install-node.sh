@@ -100,7 +100,14 @@ for f in node-id train-hmac.key; do
   [ -e "$WAGGLE_ETC/$f" ] || say "warning: ${WAGGLE_ETC#"$P"}/$f is missing (see docs/deploy.md)"
 done
 
-# 5. systemd
+# 5. The default malloc ([memory] allocator = "tcmalloc"): a distribution package,
+#    not installed here; without it the daemon says so once and uses glibc's malloc.
+if command -v dpkg >/dev/null 2>&1 && ! dpkg -s libtcmalloc-minimal4 >/dev/null 2>&1; then
+  say "note: libtcmalloc-minimal4 is not installed (apt-get install libtcmalloc-minimal4);" \
+      "training runs under glibc's malloc without it (slower checkpointed steps)"
+fi
+
+# 6. systemd
 if [ "$ROOT" = / ] && command -v systemctl >/dev/null 2>&1; then
   [ "$changed" = 0 ] || run systemctl daemon-reload
   if [ "$ENABLE" = 1 ]; then

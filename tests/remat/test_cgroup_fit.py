@@ -49,8 +49,12 @@ def plain_need(tmp_path_factory) -> tuple[Path, int]:
     if reason:
         pytest.skip(reason)
     cache = tmp_path_factory.mktemp("cgroup-fit") / "profiles"
+    # plain as a user runs it: glibc's malloc with its defaults (the reference)
     plain = run_in_memory_cgroup(
-        bench(cache, "--strategy", "none", "--budget", "16GiB"), None, timeout=900, cwd=ROOT
+        bench(cache, "--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"),
+        None,
+        timeout=900,
+        cwd=ROOT,
     )
     assert plain.returncode == 0, plain.stderr[-2000:]
     assert plain.peak_bytes, "the cgroup reported no peak"
@@ -62,7 +66,10 @@ def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(plain_need)
     limit = int(0.75 * need)
 
     killed = run_in_memory_cgroup(
-        bench(cache, "--strategy", "none", "--budget", "16GiB"), limit, timeout=900, cwd=ROOT
+        bench(cache, "--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"),
+        limit,
+        timeout=900,
+        cwd=ROOT,
     )
     assert killed.returncode != 0 and killed.oom_killed, (
         f"plain training survived {limit >> 20} MiB (needs {need >> 20} MiB): "

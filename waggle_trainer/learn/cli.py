@@ -347,6 +347,10 @@ def _report(r, training, spec) -> None:
         f"({r.peak_rss_growth_bytes / max(1, r.predicted_peak_bytes):.2f}x predicted, "
         f"{'within' if r.budget_kept else 'OVER'} the budget)"
     )
+    print(
+        f"per step: {r.cpu_s_per_step:.2f} CPU s ({r.sys_s_per_step:.2f} s in the kernel), "
+        f"{r.page_faults_per_step:.0f} page faults"
+    )
     known = {
         "cache": "measured before for this configuration",
         "machine": "predicted by this machine's step model",

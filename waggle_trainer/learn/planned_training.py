@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import statistics
 import threading
 import time
@@ -291,6 +292,7 @@ class PlannedTraining:
         that, run the smallest plan there is and return False."""
         try:
             self.chain.replan(max(0, budget_bytes - self.overshoot_bytes))
+            self._set_release_hook()
             return True
         except InfeasibleBudget as exc:
             log.warning(
@@ -300,6 +302,7 @@ class PlannedTraining:
                 exc,
             )
             self.chain.replan(exc.min_bytes)
+            self._set_release_hook()
             return False
 
     def _configure_allocator(self) -> None:
@@ -316,7 +319,24 @@ class PlannedTraining:
                 if wanted == "mmap"
                 else "recomputes nothing and the budget has room",
             )
+        self._set_release_hook()
         allocator.trim()
+
+    def _set_release_hook(self) -> None:
+        """Under a reusing allocator (tcmalloc) the plan's freed activations stay with it
+        for the next stage to reuse (no page faults); past what the plan leaves unused
+        of the budget, the executor gives the excess back between operations, so the
+        process's growth follows the plan (:func:`.allocator.release_hook`)."""
+        unused = (
+            self.budget.activation_budget_bytes
+            - self._plan.predicted_peak_bytes
+            - max(self.overhead.step_bytes, self.overshoot_bytes)
+        )
+        self.chain.after_op = (
+            allocator.release_hook(allocator.release_slack_bytes(unused))
+            if self.allocator_mode == "mmap"
+            else None
+        )
 
     @classmethod
     def build(cls, spec: RunSpec, *, progress: Progress | None = None) -> PlannedTraining:
@@ -570,6 +590,13 @@ class RunResult:
     # predicted_peak_bytes + the modelled step overhead: what the growth should be
     predicted_growth_bytes: int = 0
     first_step_residue_bytes: int | None = None  # measured in this run (None: not its first)
+    # What the measured steps cost the process (getrusage, all its threads, the RSS
+    # sampler's included): CPU seconds (user + system), of which system (page faults,
+    # mmap/munmap: the allocator's share), and page faults (minor + major).  Unlike
+    # wall time, these hardly move when other processes load the machine.
+    cpu_s_per_step: float = 0.0
+    sys_s_per_step: float = 0.0
+    page_faults_per_step: float = 0.0
 
     @property
     def budget_kept(self) -> bool:
@@ -583,6 +610,24 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "budget_kept": self.budget_kept, "diverged_at": self.diverged_at}
+
+
+class StepUsage:
+    """Sums this process's CPU time (user + system), system time and page faults
+    over the ``with`` blocks (``getrusage``: every thread of the process)."""
+
+    def __init__(self) -> None:
+        self.cpu_s = self.sys_s = 0.0
+        self.faults = 0
+
+    def __enter__(self) -> None:
+        self._start = resource.getrusage(resource.RUSAGE_SELF)
+
+    def __exit__(self, *exc) -> None:
+        end, start = resource.getrusage(resource.RUSAGE_SELF), self._start
+        self.sys_s += end.ru_stime - start.ru_stime
+        self.cpu_s += end.ru_utime - start.ru_utime + end.ru_stime - start.ru_stime
+        self.faults += end.ru_minflt - start.ru_minflt + end.ru_majflt - start.ru_majflt
 
 
 def measure(
@@ -613,10 +658,12 @@ def measure(
             training.calibration = "off"
         allocator.trim()
         baseline = rss.reset()
+        usage = StepUsage()
         for _ in range(steps):
             x, y = training.batch()
             t0 = time.perf_counter()
-            losses.append(training.step(x, y))
+            with usage:
+                losses.append(training.step(x, y))
             times.append(time.perf_counter() - t0)
             del x, y
             training.maybe_replan()
@@ -654,4 +701,7 @@ def measure(
         overhead_residue_bytes=known.first_step_residue_bytes,
         predicted_growth_bytes=plan.predicted_peak_bytes + known.step_bytes,
         first_step_residue_bytes=residue,
+        cpu_s_per_step=usage.cpu_s / steps,
+        sys_s_per_step=usage.sys_s / steps,
+        page_faults_per_step=usage.faults / steps,
     )

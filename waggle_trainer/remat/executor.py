@@ -101,7 +101,14 @@ def _recomputing(stage: nn.Module, rng: tuple | None):
 class _Run:
     """The state of one forward/backward pair interpreting ``schedule``."""
 
-    def __init__(self, stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> None:
+    def __init__(
+        self,
+        stages: Sequence[nn.Module],
+        schedule,
+        x: torch.Tensor,
+        after_op: Callable[[], object] | None = None,
+    ) -> None:
+        self.after_op = after_op
         self.stages = list(stages)
         self.n = len(self.stages)
         self.schedule = tuple(schedule)
@@ -168,6 +175,8 @@ class _Run:
             self._backward(j)
         elif op != LOSS:
             self._forward(op, j)
+        if self.after_op is not None:
+            self.after_op()
 
     def forward(self) -> torch.Tensor:
         for op, j in self.schedule[: self.loss_at]:
@@ -212,10 +221,17 @@ class _ChainFunction(torch.autograd.Function):
         return (None, dx) + (None,) * ctx.n_params
 
 
-def run_schedule(stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> torch.Tensor:
+def run_schedule(
+    stages: Sequence[nn.Module],
+    schedule,
+    x: torch.Tensor,
+    after_op: Callable[[], object] | None = None,
+) -> torch.Tensor:
     """``stages`` applied to ``x`` in order, with forward and backward following ``schedule``.
 
     The low-level entry point of :class:`CheckpointedSequential` (which also plans).
+    ``after_op()``, if given, is called after every operation of the schedule (the
+    allocator's release point: :func:`.allocator.release_hook`).
     Under ``torch.no_grad()``, or when neither ``x`` nor any parameter requires grad,
     the stages simply run in order.
     """
@@ -225,7 +241,7 @@ def run_schedule(stages: Sequence[nn.Module], schedule, x: torch.Tensor) -> torc
         for stage in stages:
             x = stage(x)
         return x
-    return _ChainFunction.apply(_Run(stages, schedule, x), x, *params)
+    return _ChainFunction.apply(_Run(stages, schedule, x, after_op), x, *params)
 
 
 class CheckpointedSequential(nn.Module):
@@ -318,6 +334,10 @@ class CheckpointedSequential(nn.Module):
         self.loss_fn = loss_fn
         self.costs: ChainCosts | None = None
         self.plan: Plan | None = None
+        #: Called after every operation of a recomputing schedule; the training run
+        #: sets it to :func:`.allocator.release_hook` (return memory the allocator
+        #: keeps beyond a slack, so a reusing allocator cannot outgrow the plan).
+        self.after_op: Callable[[], object] | None = None
         self._planner: Planner | None = None
         if sample_input is not None:
             self.profile(sample_input)
@@ -367,7 +387,7 @@ class CheckpointedSequential(nn.Module):
             # Nothing is recomputed: the model's own forward is the same computation,
             # without per-stage overhead and with its in-place activations.
             return self.module(x)
-        return run_schedule(self._stages, self.plan.schedule, x)
+        return run_schedule(self._stages, self.plan.schedule, x, self.after_op)
 
     def extra_repr(self) -> str:
         return (
