@@ -61,6 +61,8 @@ def machine_key(allocator_mode: str) -> dict:
         "allocator": allocator.loaded_allocator(),
         "allocator_mode": allocator_mode,
         "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        # the release hook changes what a reusing allocator keeps (allocator.release_hook)
+        "release_slack": os.environ.get(allocator.SLACK_ENV, ""),
     }
 
 
