@@ -88,9 +88,9 @@ def plain_and_minimum(case: str, cache: Path, env: dict, cpu: str) -> tuple[int,
     return d["strategies"]["none"]["predicted_peak_bytes"], d["min_feasible_bytes"]
 
 
-def probe(cache: Path, env: dict, cpu: str, threads: int) -> dict:
+def probe(cache: Path, env: dict, cpu: str, threads: int, allocator: str) -> dict:
     p = _run(
-        ["-m", "waggle_trainer.learn.overhead_probe", "--machine"]
+        ["-m", "waggle_trainer.learn.overhead_probe", "--machine", "--allocator", allocator]
         + ["--cache-dir", str(cache), "--threads", str(threads)],
         env,
         cpu,
@@ -100,7 +100,9 @@ def probe(cache: Path, env: dict, cpu: str, threads: int) -> dict:
     return json.loads(p.stdout)
 
 
-def run_case(case: str, budget: int, steps: int, cache: Path, env: dict, cpu: str) -> dict:
+def run_case(
+    case: str, budget: int, steps: int, cache: Path, env: dict, cpu: str, allocator: str
+) -> dict:
     """One fresh ``bench`` process with the profiles and the step model, no record of
     this configuration; its JSON (or why it refused)."""
     arch, batch, image = case.split(":")
@@ -112,7 +114,8 @@ def run_case(case: str, budget: int, steps: int, cache: Path, env: dict, cpu: st
         p = _run(
             ["-m", "waggle_trainer", "bench", "--arch", arch, "--batch", batch]
             + ["--image", image, "--strategy", "optimal", "--budget", str(budget)]
-            + ["--steps", str(steps), "--no-calibrate", "--json", "--cache-dir", str(fresh)],
+            + ["--steps", str(steps), "--no-calibrate", "--json", "--cache-dir", str(fresh)]
+            + ["--allocator", allocator],
             env,
             cpu,
         )
@@ -247,7 +250,7 @@ def main() -> int:
             if data["key"].get("allocator") == name:
                 f.unlink()
         t0 = time.time()
-        model = probe(args.cache_dir, env, args.cpu, args.threads)
+        model = probe(args.cache_dir, env, args.cpu, args.threads, name)
         probe_s = time.time() - t0
         step = StepModel(tuple((s, o) for s, o in model["points"]))
         print(f"{name}: step model {model['points']} ({probe_s:.0f} s)", file=sys.stderr)
@@ -257,7 +260,7 @@ def main() -> int:
             half = int(args.fraction * plain)
             need = lowest + step.predict(plain)
             budget = max(half, need)
-            r = run_case(case, budget, args.steps, args.cache_dir, env, args.cpu)
+            r = run_case(case, budget, args.steps, args.cache_dir, env, args.cpu, name)
             v, err = verdict(r)
             cases.append(
                 {
