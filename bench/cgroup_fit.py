@@ -14,11 +14,12 @@ Each run is ``waggle-trainer bench --arch resnet50 --batch 8 --image 224 --steps
    --budget auto --fused-step`` (under each allocator); result, cgroup peak, and how
    the automatic budget was derived.
 
-    .venv/bin/python bench/cgroup_fit.py                        # 60/50/45 %, glibc
-    .venv/bin/python bench/cgroup_fit.py --allocators glibc jemalloc tcmalloc --cpu 1
+    .venv/bin/python bench/cgroup_fit.py --cpu 1     # 60/50/45 %, glibc, jemalloc, tcmalloc
+    .venv/bin/python bench/cgroup_fit.py --fractions 0.5 --allocators glibc
 
 ``--cpu N`` pins every run to that core (``taskset``: one thread).  Writes
-bench/results/cgroup_fit_runs.md (``--out`` elsewhere).
+bench/results/cgroup_fit_runs.md, or cgroup_fit_runs-partial.md when fractions or
+allocators are restricted (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.provenance import provenance  # noqa: E402
+from bench.provenance import provenance, results_path  # noqa: E402
 from tests.cgroup_util import cgroup_unavailable_reason, run_in_memory_cgroup  # noqa: E402
 
 MiB = 2**20
+FRACTIONS = [0.6, 0.5, 0.45]
+ALLOCATORS = ["glibc", "jemalloc", "tcmalloc"]
 
 
 def bench_argv(cache: Path, cpu: int | None, *extra: str, command: str = "bench") -> list[str]:
@@ -105,11 +108,13 @@ def accounting(r: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.6, 0.5, 0.45])
-    ap.add_argument("--allocators", nargs="+", default=["glibc"])
+    ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
+    ap.add_argument("--allocators", nargs="+", default=ALLOCATORS)
     ap.add_argument("--cpu", type=int, default=None, help="pin every run to this core")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cgroup_fit_runs.md")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    partial = args.fractions != FRACTIONS or args.allocators != ALLOCATORS
+    out = results_path("cgroup_fit_runs", "md", partial=partial, out=args.out)
     reason = cgroup_unavailable_reason()
     if reason:
         print(f"cgroup_fit: {reason}", file=sys.stderr)
@@ -191,8 +196,8 @@ def main() -> int:
             "",
         ]
     )
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    out.write_text(text)
+    print(f"wrote {out}")
     return 0
 
 

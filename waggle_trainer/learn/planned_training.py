@@ -462,21 +462,21 @@ class PlannedTraining:
         return state.optimizer_state_bytes + state.gradient_bytes
 
     def record_overhead(
-        self, *, step_growth_bytes: int | None = None, first_step_residue_bytes: int | None = None
+        self,
+        *,
+        step_growths: list[tuple[Plan, int]] | None = None,
+        first_step_residue_bytes: int | None = None,
     ) -> Overhead:
-        """Cache what was measured (merged with what is cached): a step's growth over the
-        baseline (its excess over the plan's prediction is the step overhead) and what the
-        first step left resident beyond the state it created."""
-        step = (
-            0
-            if step_growth_bytes is None
-            else max(0, step_growth_bytes - self._plan.predicted_peak_bytes)
-        )
-        growth = (
-            {}
-            if step_growth_bytes is None
-            else {schedule_digest(self._plan.schedule): max(0, step_growth_bytes)}
-        )
+        """Cache what was measured (merged with what is cached): each step's growth over
+        the baseline with the plan that ran it (its excess over that plan's prediction
+        is the step overhead; the growth is that plan's own) and what the first step left
+        resident beyond the state it created."""
+        step = 0
+        growth: dict[str, int] = {}
+        for plan, g in step_growths or ():
+            step = max(step, g - plan.predicted_peak_bytes)
+            digest = schedule_digest(plan.schedule)
+            growth[digest] = max(growth.get(digest, 0), max(0, g))
         measured = Overhead(step, max(0, first_step_residue_bytes or 0), 1, growth)
         save_overhead(self.spec.cache_dir, self.overhead_key(), measured)
         return measured
@@ -632,20 +632,24 @@ def measure(training: PlannedTraining, steps: int, *, warmup: int = 1) -> RunRes
             residue = max(0, grown - training.state_bytes_created_by_first_step())
         training.calibrate(rss)
         allocator.trim()
-        baseline = rss.reset()
+        baseline = peak = rss.reset()
+        # each step's growth with the plan that ran it: a re-plan between steps must not
+        # charge one plan's peak to another's prediction
+        growths: list[tuple[Plan, int]] = []
         for _ in range(steps):
+            rss.reset()
+            ran = training._plan
             x, y = training.batch()
             t0 = time.perf_counter()
             losses.append(training.step(x, y))
             times.append(time.perf_counter() - t0)
             del x, y
+            growths.append((ran, rss.peak - baseline))
+            peak = max(peak, rss.peak)
             training.maybe_replan()
-        peak = rss.peak
     plan = training._plan
     if not training.profiled_here:
-        training.record_overhead(
-            step_growth_bytes=peak - baseline, first_step_residue_bytes=residue
-        )
+        training.record_overhead(step_growths=growths, first_step_residue_bytes=residue)
     known = training.overhead
     return RunResult(
         arch=training.spec.arch,
