@@ -11,15 +11,15 @@ Each run is ``waggle-trainer bench --arch resnet50 --batch 8 --image 224 --steps
    step overhead, the first step's residue and each plan's growth beside the profile
    (``remat/overhead.py``), as a node's first runs of a configuration do;
 3. at each fraction of the reference: plain training, then ``--strategy optimal
-   --budget auto --fused-step`` (under each allocator); result, cgroup peak, and how
-   the automatic budget was derived.
+   --budget auto --fused-step --safety-margin M`` (under each allocator, for each
+   margin); result, cgroup peak, and how the automatic budget was derived.
 
     .venv/bin/python bench/cgroup_fit.py --cpu 1     # 60/50/45 %, glibc, jemalloc, tcmalloc
     .venv/bin/python bench/cgroup_fit.py --fractions 0.5 --allocators glibc
 
 ``--cpu N`` pins every run to that core (``taskset``: one thread).  Writes
 bench/results/cgroup_fit_runs.md, or cgroup_fit_runs-partial.md when fractions or
-allocators are restricted (``--out`` elsewhere).
+allocators or margins are restricted (``--out`` elsewhere).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from tests.cgroup_util import cgroup_unavailable_reason, run_in_memory_cgroup  #
 MiB = 2**20
 FRACTIONS = [0.6, 0.5, 0.45]
 ALLOCATORS = ["glibc", "jemalloc", "tcmalloc"]
+MARGINS = [0.1, 0.05]  # --safety-margin: the default, and what the 50% test uses
 
 
 def bench_argv(cache: Path, cpu: int | None, *extra: str, command: str = "bench") -> list[str]:
@@ -110,10 +111,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     ap.add_argument("--allocators", nargs="+", default=ALLOCATORS)
+    ap.add_argument("--margins", type=float, nargs="+", default=MARGINS)
     ap.add_argument("--cpu", type=int, default=None, help="pin every run to this core")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    partial = args.fractions != FRACTIONS or args.allocators != ALLOCATORS
+    partial = (
+        args.fractions != FRACTIONS or args.allocators != ALLOCATORS or args.margins != MARGINS
+    )
     out = results_path("cgroup_fit_runs", "md", partial=partial, out=args.out)
     reason = cgroup_unavailable_reason()
     if reason:
@@ -159,25 +163,29 @@ def main() -> int:
             )
             print(rows[-1], flush=True)
             for alloc in args.allocators:
-                fused = run(
-                    bench_argv(
-                        cache,
-                        args.cpu,
-                        "--strategy",
-                        "optimal",
-                        "--fused-step",
-                        "--budget",
-                        "auto",
-                        "--allocator",
-                        alloc,
-                    ),
-                    limit,
-                )
-                rows.append(
-                    f"| `--budget auto --fused-step` | {f:.0%} ({mib(limit)}) | {alloc} | "
-                    f"{outcome(fused)} | {mib(fused['peak'])} | {accounting(fused)} |"
-                )
-                print(rows[-1], flush=True)
+                for margin in args.margins:
+                    fused = run(
+                        bench_argv(
+                            cache,
+                            args.cpu,
+                            "--strategy",
+                            "optimal",
+                            "--fused-step",
+                            "--budget",
+                            "auto",
+                            "--safety-margin",
+                            str(margin),
+                            "--allocator",
+                            alloc,
+                        ),
+                        limit,
+                    )
+                    rows.append(
+                        f"| `--budget auto --fused-step --safety-margin {margin}` | "
+                        f"{f:.0%} ({mib(limit)}) | {alloc} | {outcome(fused)} | "
+                        f"{mib(fused['peak'])} | {accounting(fused)} |"
+                    )
+                    print(rows[-1], flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     threads = 1 if args.cpu is not None else 2
