@@ -4,8 +4,8 @@ Runs, in fresh processes (each in a fresh memory cgroup when one can be created,
 just the process), the start of a planned training run step by step and records the
 process's anonymous RSS (and the cgroup's charge) after: Python, ``import torch``,
 ``import torchvision``, the model, the first training step, a later step.  Twice:
-with TorchDynamo left out (``waggle_trainer.lean_import``, the default) and with the
-ordinary imports (``WAGGLE_FULL_IMPORT=1``).  The first step's residue is what the
+with TorchDynamo and sympy left out (``waggle_trainer.lean_import``, the default) and
+with the ordinary imports (``WAGGLE_FULL_IMPORT=1``).  The first step's residue is what the
 process keeps after it beyond the optimiser state it created (and the gradients, when
 unfused): what ``remat/overhead.py`` reserves.
 
@@ -46,10 +46,12 @@ def mark(stage):
     except Exception:
         pass
     rows.append({"stage": stage, "anon": anon, "charge": charge,
+                 "sympy": "sympy" in sys.modules,
                  "dynamo": "torch._dynamo" in sys.modules and not getattr(
                      sys.modules["torch._dynamo"], "__doc__", "") .startswith("stand-in")})
 mark("python")
-import waggle_trainer
+from waggle_trainer import lean_import
+lean_import.install()  # what the command line does first (WAGGLE_FULL_IMPORT=1: nothing)
 import torch
 mark("import torch")
 import torchvision
@@ -124,8 +126,8 @@ def main() -> int:
         ),
         "",
         "Anonymous RSS (the cgroup's charge) in MiB after each stage; 'lean' leaves "
-        "TorchDynamo out (`waggle_trainer.lean_import`, default), 'full' imports as usual "
-        "(`WAGGLE_FULL_IMPORT=1`).",
+        "TorchDynamo and sympy out (`waggle_trainer.lean_import`, default), 'full' imports "
+        "as usual (`WAGGLE_FULL_IMPORT=1`).",
         "",
         "| stage | lean | full | difference |",
         "|---|---|---|---|",
@@ -146,7 +148,8 @@ def main() -> int:
         lines.append(
             f"- {name}: the first step left {residue / MiB:.0f} MiB resident beyond the "
             f"{r['state_created'] / MiB:.0f} MiB of optimiser state it created; "
-            f"TorchDynamo loaded at the end: {r['rows'][-1]['dynamo']}"
+            f"TorchDynamo loaded at the end: {r['rows'][-1]['dynamo']}, "
+            f"sympy: {r['rows'][-1]['sympy']}"
         )
     write_report(ROOT / "bench" / "results" / "runtime_memory.md", lines)
     return 0

@@ -26,8 +26,19 @@ steps aside: ``sys.modules`` and ``torch._dynamo`` then hold the real module, an
 every later use gets it.  One difference remains: an optimiser method that ran
 before the real module was loaded stays un-disabled under a later
 ``torch.compile`` (TorchDynamo then traces into it instead of skipping it); the
-daemon never compiles.  ``WAGGLE_FULL_IMPORT=1`` in the environment switches the
-stand-in off (the ordinary imports).
+daemon never compiles.
+
+**sympy.**  ``torch.autograd.backward(out, grad)`` with an explicit gradient (what
+the checkpointing executor runs for every stage's backward) imports
+``torch.fx.experimental.symbolic_shapes`` for two helpers, ``sym_eq`` and
+``expect_true``, and with it sympy and mpmath: 487 modules, 34 MiB resident (same
+machine), paid by the first planned training step.  A second stand-in answers those
+two for plain integers and booleans exactly as the real functions do; a symbolic
+value (``torch.SymInt``/``SymBool``, only under tracing) or any other name loads the
+real module, which then steps in the same way.
+
+``WAGGLE_FULL_IMPORT=1`` in the environment switches both stand-ins off (the
+ordinary imports).
 """
 
 from __future__ import annotations
@@ -40,10 +51,11 @@ import sys
 import threading
 import types
 
-__all__ = ["install", "uninstall", "stand_in_active"]
+__all__ = ["install", "uninstall", "stand_in_active", "shapes_stand_in_active"]
 
 _DYNAMO = "torch._dynamo"
 _UTILS = "torch._dynamo.utils"
+_SHAPES = "torch.fx.experimental.symbolic_shapes"
 _lock = threading.RLock()
 
 
@@ -80,6 +92,50 @@ class _UtilsStandIn(types.ModuleType):
 _STAND_IN = _StandIn(_DYNAMO, "stand-in for torch._dynamo: see waggle_trainer.lean_import")
 _UTILS_STAND_IN = _UtilsStandIn(_UTILS)
 _STAND_IN.utils = _UTILS_STAND_IN  # type: ignore[attr-defined]
+
+
+class _ShapesStandIn(types.ModuleType):
+    """``torch.fx.experimental.symbolic_shapes`` for eager autograd: ``sym_eq`` and
+    ``expect_true`` on plain values; anything symbolic or else loads the real module."""
+
+    @staticmethod
+    def sym_eq(x, y):
+        if isinstance(x, (tuple, list)) and isinstance(y, (tuple, list)):
+            if len(x) != len(y):
+                return False
+            return all(_ShapesStandIn.sym_eq(a, b) for a, b in zip(x, y, strict=True))
+        if type(x) is int and type(y) is int:  # bool and SymInt are not plain ints
+            return x == y
+        return _load_real_shapes().sym_eq(x, y)
+
+    @staticmethod
+    def expect_true(a, skip: int = 0):
+        if type(a) is bool:
+            return a
+        return _load_real_shapes().expect_true(a, skip + 1)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(_load_real_shapes(), name)
+
+
+_SHAPES_STAND_IN = _ShapesStandIn(
+    _SHAPES, "stand-in for torch.fx.experimental.symbolic_shapes: see waggle_trainer.lean_import"
+)
+
+
+def shapes_stand_in_active() -> bool:
+    """True while the stand-in holds ``torch.fx.experimental.symbolic_shapes`` (sympy
+    is not loaded by it)."""
+    return sys.modules.get(_SHAPES) is _SHAPES_STAND_IN
+
+
+def _load_real_shapes() -> types.ModuleType:
+    with _lock:
+        if sys.modules.get(_SHAPES) is _SHAPES_STAND_IN:
+            del sys.modules[_SHAPES]
+        return importlib.import_module(_SHAPES)
 
 
 def stand_in_active() -> bool:
@@ -125,10 +181,12 @@ _FINDER = _Finder()
 
 
 def install() -> None:
-    """Put the stand-in in place unless TorchDynamo is loaded or the user opted out."""
+    """Put the stand-ins in place unless their module is loaded or the user opted out."""
     if os.environ.get("WAGGLE_FULL_IMPORT") == "1":
         return
     with _lock:
+        if _SHAPES not in sys.modules:
+            sys.modules[_SHAPES] = _SHAPES_STAND_IN
         if _DYNAMO in sys.modules:
             return
         sys.modules[_DYNAMO] = _STAND_IN
@@ -138,6 +196,8 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Remove the stand-in (the real TorchDynamo loads on its next import)."""
+    """Remove the stand-ins (the real modules load on their next import)."""
     with _lock:
         _step_aside()
+        if sys.modules.get(_SHAPES) is _SHAPES_STAND_IN:
+            del sys.modules[_SHAPES]

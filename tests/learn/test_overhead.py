@@ -3,6 +3,7 @@ next run before its first step; its prediction holds within 10% (or 5 MiB)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -190,3 +191,49 @@ def test_a_first_run_plans_right_from_the_machine_probe_without_calibration(tmp_
         predicted,
         budget,
     )
+
+
+def test_plan_growth_is_kept_per_plan_and_merged_by_maximum(tmp_path):
+    key = {"arch": "resnet18"}
+    save_overhead(tmp_path, key, Overhead(3 * MiB, 0, 1, {"a": 10 * MiB}))
+    save_overhead(tmp_path, key, Overhead(1 * MiB, 0, 1, {"a": 8 * MiB, "b": 20 * MiB}))
+    got = load_overhead(tmp_path, key)
+    assert got is not None and got.plan_growth == {"a": 10 * MiB, "b": 20 * MiB}
+    assert got.step_bytes == 3 * MiB
+
+
+def test_the_smallest_plan_runs_where_it_was_measured_to_fit(tmp_path):
+    """The largest step overhead seen leaves less than the minimum, but the smallest
+    plan's own growth, measured before, fits the budget: it runs; measured over the
+    budget (or not measured), the run is refused before its first step."""
+    import pytest
+
+    from waggle_trainer.learn.planned_training import PlannedTraining, RunSpec
+    from waggle_trainer.remat.overhead import schedule_digest
+    from waggle_trainer.remat.planner import InfeasibleBudget, Planner
+
+    spec = RunSpec(arch="resnet18", batch=2, image=32, budget=1 << 30, cache_dir=tmp_path)
+    probe = PlannedTraining.build(spec)
+    lowest = Planner(probe.chain.costs).min_feasible_budget("optimal")
+    at_min = PlannedTraining.build(dataclasses.replace(spec, budget=lowest))
+    smallest = at_min.chain.plan
+    key = at_min.overhead_key()
+    budget = lowest + 2 * MiB
+    tight = dataclasses.replace(spec, budget=budget)
+
+    save_overhead(tmp_path, key, Overhead(50 * MiB, 0))  # no plan measured: refused
+    with pytest.raises(InfeasibleBudget):
+        PlannedTraining.build(tight)
+
+    over = {schedule_digest(smallest.schedule): budget + 1}
+    save_overhead(tmp_path, key, Overhead(50 * MiB, 0, 1, over))
+    with pytest.raises(InfeasibleBudget):
+        PlannedTraining.build(tight)
+
+    # a later measurement of the same plan merged by maximum: rewrite the cache
+    overhead_path(tmp_path, key).unlink()
+    fits = {schedule_digest(smallest.schedule): smallest.predicted_peak_bytes + MiB}
+    save_overhead(tmp_path, key, Overhead(50 * MiB, 0, 1, fits))
+    t = PlannedTraining.build(tight)
+    assert t.overhead_source == "cache"
+    assert t.chain.plan.schedule == smallest.schedule

@@ -543,8 +543,10 @@ class AdaptationLoop:
         plans with it (:mod:`waggle_trainer.remat.overhead`); a cache that cannot be
         written costs only that (one warning)."""
         try:
+            # the round's steps ran one plan (re-planning happens between rounds)
             self.training.record_overhead(
-                step_growth_bytes=step_growth, first_step_residue_bytes=residue
+                step_growths=[(self.training._plan, step_growth)],
+                first_step_residue_bytes=residue,
             )
         except OSError as exc:
             if not self._overhead_warned:

@@ -375,6 +375,11 @@ def _report(r, training, spec) -> None:
                 "infeasible": "no plan fits the budget minus that, so the smallest plan ran",
             }.get(r.calibration, r.calibration)
         )
+    if not r.overhead_recorded:
+        print(
+            "overhead not cached: this process profiled the model, and the profiler's "
+            "leftovers in its heap are not a training process's; the next run measures it"
+        )
     print(
         f"loss {r.losses[0]:.3f} -> {r.losses[-1]:.3f} (synthetic data); re-plans {r.replans}; "
         f"allocator {r.allocator} ({r.allocator_mode}); optimiser step "
