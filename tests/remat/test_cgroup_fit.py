@@ -61,29 +61,34 @@ def plain_need(tmp_path_factory) -> tuple[Path, int]:
     if reason:
         pytest.skip(reason)
     cache = tmp_path_factory.mktemp("cgroup-fit") / "profiles"
-    # plain as a user runs it: glibc's malloc with its defaults (the issue's reference)
-    plain = run_in_memory_cgroup(
-        bench(cache, "--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"),
-        None,
-        timeout=900,
-        cwd=ROOT,
-    )
-    assert plain.returncode == 0, plain.stderr[-2000:]
-    assert plain.peak_bytes, "the cgroup reported no peak"
+    # plain as a user runs it: glibc's malloc with its defaults (the issue's reference).
+    # Its peak moves by up to 60 MiB from run to run (bench/results/cgroup_fit.md): what
+    # plain training needs is the larger of two runs.
+    peaks = []
+    for _ in range(2):
+        plain = run_in_memory_cgroup(
+            bench(cache, "--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"),
+            None,
+            timeout=900,
+            cwd=ROOT,
+        )
+        assert plain.returncode == 0, plain.stderr[-2000:]
+        assert plain.peak_bytes, "the cgroup reported no peak"
+        peaks.append(plain.peak_bytes)
     # once per machine and configuration, as a node's first runs, before anything else
     # measures: the smallest plan's growth (a step overhead cached by any earlier run
     # would refuse a budget at the minimum), then a larger plan's (the largest step
     # overhead seen); exit 1 when a step outgrew the given budget: these runs measure
     for budget in (str(smallest_plan_bytes(cache)), "240MiB"):
         first = run_in_memory_cgroup(
-            bench(cache, "--strategy", "optimal", "--fused-step", "--budget", budget),
+            bench(cache, *TIGHTEST, "--budget", budget),
             None,
             timeout=900,
             cwd=ROOT,
         )
         assert first.returncode in (0, 1) and first.stdout, first.stderr[-3000:]
         assert json.loads(first.stdout)["overhead_recorded"]
-    return cache, plain.peak_bytes
+    return cache, max(peaks)
 
 
 def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(plain_need):
@@ -117,6 +122,10 @@ def test_auto_budget_fits_in_a_cgroup_where_plain_training_is_killed(plain_need)
 
 
 FRACTION = 0.5
+#: At half of plain's memory the run needs every MiB: the fused step and glibc's
+#: fixed-mmap mode, whose step overhead and first-step residue are the smallest
+#: measured (tcmalloc, the default, keeps 8-11 MiB more: bench/results/cgroup_fit.md).
+TIGHTEST = ("--strategy", "optimal", "--fused-step", "--allocator", "glibc")
 
 
 def test_fused_step_fits_in_half_of_plain_trainings_memory(plain_need):
@@ -127,9 +136,12 @@ def test_fused_step_fits_in_half_of_plain_trainings_memory(plain_need):
     in one line: never an OOM kill.  Accounting: bench/results/cgroup_fit.md."""
     cache, need = plain_need
     limit = int(FRACTION * need)
-    fused = ("--strategy", "optimal", "--fused-step")
+    fused = TIGHTEST
     killed = run_in_memory_cgroup(
-        bench(cache, "--strategy", "none", "--budget", "16GiB"), limit, timeout=900, cwd=ROOT
+        bench(cache, "--strategy", "none", "--budget", "16GiB", "--allocator", "glibc"),
+        limit,
+        timeout=900,
+        cwd=ROOT,
     )
     assert killed.returncode != 0 and killed.oom_killed, killed.stderr[-2000:]
 
