@@ -67,28 +67,15 @@ def _smaps() -> dict[tuple[int, int, str], dict[str, int]]:
 
 
 def anatomy(arch: str, batch: int, image: int, cache: Path) -> dict:
-    from waggle_trainer.learn.overhead_probe import activation_scale
+    from waggle_trainer.learn.overhead_probe import half_budget_spec
     from waggle_trainer.learn.planned_training import (
         PlannedTraining,
         RssSampler,
-        RunSpec,
-        profiled_resnet,
     )
     from waggle_trainer.remat import allocator
-    from waggle_trainer.remat.planner import Planner
     from waggle_trainer.remat.profiler import LiveBytes
 
-    _, _, costs = profiled_resnet(arch, 10, batch, image, cache)
-    plain = activation_scale(costs)
-    budget = max(plain // 2, Planner(costs).min_feasible_budget("optimal"))
-    spec = RunSpec(
-        arch=arch,  # type: ignore[arg-type]
-        batch=batch,
-        image=image,
-        budget=budget,
-        cache_dir=cache,
-        known_overhead=False,
-    )
+    spec, plain = half_budget_spec(arch, batch, image, cache, 10)
     t = PlannedTraining.build(spec)
 
     class Peak(LiveBytes):

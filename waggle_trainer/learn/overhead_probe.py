@@ -73,18 +73,13 @@ def activation_scale(costs) -> int:
     return Planner(costs).plan(2**62, "none").predicted_peak_bytes
 
 
-def probe_point(arch: str, batch: int, image: int, cache_dir: Path) -> dict:
-    """One planned run at half of plain's predicted activations, no calibration, no
-    overhead known before it; ``{"scale", "predicted", "growth", "overhead"}`` bytes."""
-    from waggle_trainer.learn.planned_training import (
-        PlannedTraining,
-        RunSpec,
-        measure,
-        profiled_resnet,
-    )
+def half_budget_spec(arch: str, batch: int, image: int, cache_dir: Path, classes: int):
+    """``(RunSpec, scale)``: a planned run at half of plain's predicted activations (at
+    least the smallest plan) with no overhead known before it, and that scale."""
+    from waggle_trainer.learn.planned_training import RunSpec, profiled_resnet
     from waggle_trainer.remat.planner import Planner
 
-    _, _, costs = profiled_resnet(arch, DEFAULT_CLASSES, batch, image, cache_dir)
+    _, _, costs = profiled_resnet(arch, classes, batch, image, cache_dir)
     scale = activation_scale(costs)
     budget = max(scale // 2, Planner(costs).min_feasible_budget("optimal"))
     spec = RunSpec(
@@ -95,6 +90,15 @@ def probe_point(arch: str, batch: int, image: int, cache_dir: Path) -> dict:
         cache_dir=cache_dir,
         known_overhead=False,
     )
+    return spec, scale
+
+
+def probe_point(arch: str, batch: int, image: int, cache_dir: Path) -> dict:
+    """One planned run at half of plain's predicted activations, no calibration, no
+    overhead known before it; ``{"scale", "predicted", "growth", "overhead"}`` bytes."""
+    from waggle_trainer.learn.planned_training import PlannedTraining, measure
+
+    spec, scale = half_budget_spec(arch, batch, image, cache_dir, DEFAULT_CLASSES)
     r = measure(PlannedTraining.build(spec), PROBE_STEPS, calibrate=False)
     overhead = max(0, r.peak_rss_growth_bytes - r.predicted_peak_bytes)
     return {
