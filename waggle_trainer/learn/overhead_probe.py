@@ -187,26 +187,6 @@ def step_model(cache_dir: Path | None, allocator_mode: str, *, probe: bool) -> S
     return model
 
 
-def _run_under(name: str | None, argv: list[str] | None) -> None:
-    """Re-execute this probe under allocator ``name`` (default: the training default),
-    before torch is imported, so that the model is measured, and keyed, for the
-    allocator training runs under.  ``argv`` None (an in-process call): carry on."""
-    from waggle_trainer.remat import allocator
-
-    plan = allocator.plan_preload(name or allocator.DEFAULT_ALLOCATOR)
-    if plan.note:
-        log.warning("%s", plan.note)
-    if plan.env is None or argv is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(
-        sys.executable,
-        [sys.executable, "-m", "waggle_trainer.learn.overhead_probe", *argv],
-        plan.env,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the command line does
     from waggle_trainer import lean_import
@@ -235,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     if args.machine:
-        _run_under(args.allocator, sys.argv[1:] if argv is None else None)
+        # measured, and keyed, for the allocator training runs under (re-executing
+        # this probe with LD_PRELOAD before torch is imported, as the command line does)
+        from waggle_trainer.remat import allocator
+
+        allocator.reexec_under(
+            args.allocator or allocator.DEFAULT_ALLOCATOR,
+            sys.argv[1:] if argv is None else None,
+            module="waggle_trainer.learn.overhead_probe",
+        )
     import torch
 
     if args.threads:

@@ -323,20 +323,18 @@ class PlannedTraining:
         (:meth:`_smallest_measured_to_fit`)."""
         try:
             self.chain.replan(max(0, budget_bytes - self.overshoot_bytes))
-            self._set_release_hook()
-            return True
+            fits = True
         except InfeasibleBudget as exc:
-            if self._smallest_measured_to_fit(exc, budget_bytes):
-                self._set_release_hook()
-                return True
-            log.warning(
-                "measured overhead %s leaves too little for any plan (%s); "
-                "running the smallest plan",
-                _mib(self.overshoot_bytes),
-                exc,
-            )
-            self._set_release_hook()
-            return False
+            fits = self._smallest_measured_to_fit(exc, budget_bytes)
+            if not fits:
+                log.warning(
+                    "measured overhead %s leaves too little for any plan (%s); "
+                    "running the smallest plan",
+                    _mib(self.overshoot_bytes),
+                    exc,
+                )
+        self._set_release_hook()
+        return fits
 
     def _smallest_measured_to_fit(self, exc: InfeasibleBudget, budget_bytes: int) -> bool:
         """Nothing fits ``budget_bytes`` minus the largest step overhead seen: switch to the

@@ -465,9 +465,9 @@ def plan_preload(name: str, environ: dict[str, str] | None = None) -> PreloadPla
     return PreloadPlan(name, {**environ, **preload_env(name, path), "WAGGLE_PRELOADED": name})
 
 
-def reexec_under(name: str, argv: list[str] | None) -> str:
+def reexec_under(name: str, argv: list[str] | None, module: str = "waggle_trainer") -> str:
     """Run the rest of this command line under allocator ``name``: re-execute
-    ``python -m waggle_trainer *argv`` with :func:`plan_preload`'s environment when the
+    ``python -m MODULE *argv`` with :func:`plan_preload`'s environment when the
     library is installed and not yet loaded (does not return then); otherwise return
     the allocator this process runs under, after one log line if the wish cannot be
     met.  ``argv`` None: an in-process call, which never re-executes.  Call it before
@@ -488,7 +488,7 @@ def reexec_under(name: str, argv: list[str] | None) -> str:
         return loaded_allocator()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "waggle_trainer", *argv], plan.env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], plan.env)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
