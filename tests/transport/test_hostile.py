@@ -140,6 +140,42 @@ def test_int8_scale_that_is_not_a_finite_nonnegative_number_is_refused(scales):
     assert "'w'" in e.reason
 
 
+def _with_scales(blob: bytes, scales: dict, topk: bool = False) -> bytes:
+    raw = _split(blob)[3]
+    meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    raw = save(load(raw), metadata=dict(meta, scales=json.dumps(scales)))
+    return resign(blob, KEY, payload=raw, raw_bytes=len(raw))
+
+
+@pytest.mark.parametrize("topk", [0.0, 0.5])
+def test_int8_scale_whose_values_overflow_float32_is_refused(topk):
+    """127 x 1e38 is +inf in float32: a finite scale can still decode to inf."""
+    enc = UpdateEncoder(
+        node_id="n1", vsn="W0T", model="m", key=KEY, settings=CodecSettings("int8", "none", topk)
+    )
+    delta = {"w": torch.randn(300), "b": torch.randn(7)}
+    blob = enc.encode_delta(delta, base_version="1", round=1, samples=4).blob
+    e = refused(_with_scales(blob, {"w": 1e38, "b": 0.01}), "nonfinite")
+    assert "'w'" in e.reason and "1e+38" in e.reason
+    # the largest scale whose 127 multiple is a finite float32 still decodes, finite
+    top = torch.finfo(torch.float32).max / 127
+    d = UpdateDecoder(KEY).decode(_with_scales(blob, {"w": top * 0.999, "b": 0.01}), REF)
+    assert all(bool(torch.isfinite(t).all()) for t in d.delta.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_every_decoded_tensor_is_finite(dtype):
+    """Infinity in an fp32 or fp16 payload (dense): refused, whatever produced it."""
+    blob = encode("none", dtype)
+    raw = _split(blob)[3]
+    meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    tensors = load(raw)
+    tensors["b"][3] = float("inf")
+    raw = save(tensors, metadata=meta)
+    e = refused(resign(blob, KEY, payload=raw, raw_bytes=len(raw)), "nonfinite")
+    assert "'b'" in e.reason or "b:" in e.reason
+
+
 def test_int8_scales_that_python_cannot_read_are_refused():
     blob = encode("none", "int8")
     raw = _split(blob)[3]

@@ -54,6 +54,8 @@ Compression = Literal["zstd", "deflate", "none"]
 
 _WIRE_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 _FP16_MAX = 65504.0
+#: The largest int8 scale: 127 x scale must still be a finite float32.
+MAX_INT8_SCALE = float(torch.finfo(torch.float32).max) / 127.0
 
 
 class UpdateRejected(Exception):
@@ -745,8 +747,12 @@ def _rebuild(
         if not isinstance(scales, dict) or set(scales) != set(spec):
             raise UpdateRejected("format", "int8 scales do not name every tensor")
         for n, v in scales.items():
-            if not _finite_number(v) or v < 0:
-                raise UpdateRejected("nonfinite", f"int8 scale of {n!r} is {v!r:.40}")
+            if not _finite_number(v) or not 0 <= v <= MAX_INT8_SCALE:
+                raise UpdateRejected(
+                    "nonfinite",
+                    f"int8 scale of {n!r} is {v!r:.40} (allowed: a number in "
+                    f"0..{MAX_INT8_SCALE:.3g}, so that 127 x scale is a finite float32)",
+                )
     out: dict[str, torch.Tensor] = {}
     for name, sp in spec.items():
         t = tensors[name]
@@ -778,7 +784,8 @@ def _rebuild(
         vals = t.to(torch.float32)
         if dtype == "int8":
             vals = vals * float(scales[name])
-        elif not bool(torch.isfinite(vals).all()):
+        # Every decoded tensor, whatever its codec: the pool takes finite values only.
+        if not bool(torch.isfinite(vals).all()):
             raise UpdateRejected("nonfinite", f"{name}: non-finite values")
         if sparse:
             dense = torch.zeros(numel, dtype=torch.float32)
