@@ -114,3 +114,16 @@ def test_definitions_give_a_node_beehive_permissions():
         "waggle.msg",
     }
     assert {n for n in names if re.fullmatch(perm["read"], n)} == {own}
+
+
+def test_pyproject_names_each_dependency_once():
+    """Two requirements of one package with different bounds: which one holds is up to
+    the installer. Every dependency list names a package once."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lists = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+    for where, reqs in lists.items():
+        names = [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in reqs]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        assert not twice, f"pyproject.toml [project] {where}: {twice} listed more than once"
