@@ -258,3 +258,30 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
         print(f"status page screenshot: {shot}")
     finally:
         server.stop()
+
+
+def test_a_first_start_logs_no_error_and_broadcasts_version_1(tmp_path, names, caplog):
+    """Fresh state and fresh exchanges: version 1 is imported and broadcast once the
+    consumer has declared the exchanges; nothing is logged as an error on the way."""
+    import logging
+
+    cfg = make_config(tmp_path, ["a"], **broker_sections(names))
+    server = Server(cfg, load_signing_key(cfg.broadcast.signing_key_file))
+    with caplog.at_level(logging.INFO, logger="waggle_trainer"):
+        server.start()
+        try:
+
+            def broadcast() -> bool:
+                db = StateDB(server.pipeline.root / "state.sqlite", readonly=True)
+                try:
+                    return db.unbroadcast() == []
+                finally:
+                    db.close()
+
+            assert wait_for(broadcast, 20), caplog.text[-3000:]
+            time.sleep(1.5)  # a tick or two after it
+        finally:
+            server.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("version 1 broadcast" in r.getMessage() for r in caplog.records)

@@ -6,6 +6,9 @@ runs :class:`~.pipeline.UpdatePipeline` (disk, verification, aggregation,
 seconds of CPU) and hands each acknowledgement back through
 ``connection.add_callback_threadsafe``.  So heartbeats keep flowing while an
 aggregation runs, and pika objects are only ever touched by their own thread.
+The worker starts working once the I/O thread's first session has declared the
+exchanges and queues, so its first broadcast of stored versions (and any dead
+letter) goes to exchanges that exist.
 
 The work queue is a durable **quorum** queue (``docs/protocol.md``):
 ``x-delivery-limit`` bounds redeliveries, ``x-single-active-consumer`` lets a
@@ -195,6 +198,9 @@ class ServerConsumer(AmqpWorker):
         self._conn: pika.BlockingConnection | None = None
         self._ch = None
         self._worker: threading.Thread | None = None
+        # Set once the I/O thread has declared the exchanges and queues: the worker
+        # publishes (dead letters, broadcasts) only to exchanges that exist.
+        self._topology = threading.Event()
         self.publisher = Publisher(amqp or amqp_settings(cfg))
         self.handled = 0
         self.dead_lettered = 0
@@ -218,6 +224,7 @@ class ServerConsumer(AmqpWorker):
         gen = self._generation
         ch = conn.channel()
         declare_topology(ch, self.cfg)
+        self._topology.set()
         ch.basic_qos(prefetch_count=self.cfg.queue.prefetch)
         self._conn, self._ch = conn, ch
 
@@ -254,10 +261,11 @@ class ServerConsumer(AmqpWorker):
     # -- worker thread --------------------------------------------------------
     def _work(self) -> None:
         pipeline = self.pipeline
-        try:
-            self._broadcast_missing()
-        except Exception:
-            log.exception("broadcast of stored versions failed; will retry")
+        # Nothing to receive before the first session, and dead letters and broadcasts
+        # need the exchanges it declares (durable: they stay through reconnects).
+        while not self._topology.wait(0.25):
+            if self._stop.is_set():
+                return
         next_tick = 0.0
         while not self._stop.is_set():
             try:
