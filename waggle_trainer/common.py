@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -198,8 +199,14 @@ def usable_directory(path: str | os.PathLike, what: str, *, create_parents: bool
             p.mkdir(parents=create_parents, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"{what} {p}: cannot be created ({exc.strerror})") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {p}: not writable by this user")
+    # A file created and removed: os.access() passes root on any directory it can
+    # reach, and says nothing of a full file system.
+    try:
+        fd, probe = tempfile.mkstemp(dir=p, prefix=".write-test-")
+    except OSError as exc:
+        raise ValueError(f"{what} {p}: cannot be written ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
     return p
 
 

@@ -821,6 +821,9 @@ def read_toml(path: str | os.PathLike) -> dict:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(source, [("file", f"is not UTF-8 text (byte {exc.start})")]) from None
+    except RecursionError:  # tomllib parses arrays and inline tables recursively
+        problem = ("file", "arrays or tables nested too deeply (a config nests a few levels)")
+        raise ConfigError(source, [problem]) from None
     except tomllib.TOMLDecodeError as exc:
         msg = str(exc)
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)

@@ -157,6 +157,15 @@ def _adapt(args) -> int:
     cfg, code = _load(args, "adapt")
     if cfg is None:
         return code
+    from waggle_trainer.writable import PathProblem, Target, node_state_targets, prepare
+
+    targets = node_state_targets(cfg.state.dir, subdirs=("profiles",))  # the profile cache
+    if args.save is not None:
+        targets.append(Target("--save", args.save, "file", "a file this user can write"))
+    try:  # before a frame is read: a run must not end in a file it cannot write
+        prepare(targets)
+    except PathProblem as exc:
+        return _fail("adapt", str(exc), EXIT_USAGE)
     from waggle_trainer.remat.allocator import reexec_under
 
     # [memory] allocator, before torch is imported

@@ -72,6 +72,7 @@ from waggle_trainer.transport import (
     load_key,
 )
 from waggle_trainer.transport.outbox import OutboxEntry
+from waggle_trainer.writable import PathProblem, node_state_targets, prepare
 
 if TYPE_CHECKING:
     from waggle_trainer.learn.adaptation import RoundResult
@@ -346,7 +347,10 @@ class Daemon:
     def start(self) -> None:
         """Everything up to READY=1; raises StartupError for an operator's mistake."""
         cfg = self.cfg
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:  # every directory the daemon writes, before anything is loaded or written
+            prepare(node_state_targets(self.state_dir))
+        except PathProblem as exc:
+            raise StartupError(str(exc)) from None
         key = hmac_key(cfg, self.state_dir)
         self.outbox = Outbox(self.state_dir / "outbox", cfg.transport.outbox_max_bytes)
         t = cfg.transport

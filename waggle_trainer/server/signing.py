@@ -122,10 +122,11 @@ def check_files(cfg: ServerConfig, source: str):
             )
         except (OSError, ValueError) as e:
             problems.append(("broadcast.signing_key_file", str(e)))
-    try:
-        Path(cfg.server.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        problems.append(("server.state_dir", f"cannot be created: {e.strerror}"))
+    from waggle_trainer.writable import problems as path_problems
+    from waggle_trainer.writable import server_state_targets
+
+    for p in path_problems(server_state_targets(Path(cfg.server.state_dir)))[:1]:
+        problems.append((p.target.what, f"{p.target.path}: {p.why} ({p.target.need})"))
     if problems:
         raise ConfigError(source, problems)
     return key
