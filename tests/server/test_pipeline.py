@@ -39,6 +39,14 @@ def pipeline(tmp_path, nodes, **sections) -> UpdatePipeline:
     return p
 
 
+def setup_server_files_dict(tmp_path, nodes, aggregation) -> dict:
+    from simnodes import setup_server_files
+
+    cfg = setup_server_files(tmp_path, nodes, aggregation=aggregation)
+    cfg["status"]["enabled"] = False
+    return cfg
+
+
 def codes(outs) -> list[str]:
     return sorted({d.code for o in outs for d in o.dead_letters})
 
@@ -382,3 +390,93 @@ def test_user_id_format_needs_one_node_placeholder(tmp_path, bad):
 
     with pytest.raises((ConfigError, ValueError), match="user_id_format|node"):
         make_config(tmp_path, ["a"], verify={"user_id_format": bad})
+
+
+@pytest.mark.parametrize("kill_at", ["staging", "manifest", "aggregation"])
+def test_failover_after_sigkill_counts_every_update_exactly_once(tmp_path, kill_at):
+    """Two servers on one state directory.  The active one is SIGKILLed mid-staging,
+    between a version's manifest and the database commit, or mid-aggregation; the
+    standby (started before, waiting) gets every message the active had not
+    acknowledged and goes on.  Every update is counted once, no version holds an
+    update twice, and the versions are bit-identical to one server's alone."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from simnodes import write_toml
+
+    from waggle_trainer.server.config import load_server_config
+
+    nodes = ["a", "b", "c"]
+    agg = {"min_updates": 3, "window_s": 3600.0}
+    rounds = [
+        [
+            (
+                n,
+                encoder(n).encode_delta(
+                    random_delta(10 * r + i),
+                    base_version=str(r + 1),
+                    round=r + 1,
+                    samples=2 + i + r,
+                ),
+            )
+            for i, n in enumerate(nodes)
+        ]
+        for r in range(2)
+    ]
+    msgs = [
+        m
+        for rnd in rounds
+        for n, u in rnd
+        for m in messages(u.blob, u.update_id, n, chunk_size=600)
+    ]
+    cfg_path = write_toml(tmp_path / "server.toml", setup_server_files_dict(tmp_path, nodes, agg))
+    cfg = load_server_config(cfg_path)
+    standby = UpdatePipeline(cfg)
+    standby.startup()  # both servers up; the broker delivers to the active one only
+    (tmp_path / "msgs.pickle").write_bytes(pickle.dumps(msgs))
+    here = Path(__file__).parent
+    child = subprocess.run(
+        [
+            sys.executable,
+            str(here / "pipeline_child.py"),
+            str(cfg_path),
+            str(tmp_path / "msgs.pickle"),
+            kill_at,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(here.parents[1])},
+    )
+    assert child.returncode == -9, child.stderr[-3000:]
+    acked = [int(line.split()[1]) for line in child.stdout.splitlines()]
+    first_unacked = (acked[-1] + 1) if acked else 0
+    assert 0 < first_unacked < len(msgs)
+    # the standby takes over: the unacknowledged message is redelivered, then the rest
+    feed(standby, msgs[first_unacked:])
+    with standby.lock.held():
+        standby.tick().finish()
+
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = UpdatePipeline(
+        load_server_config(
+            write_toml(ref_dir / "server.toml", setup_server_files_dict(ref_dir, nodes, agg))
+        )
+    )
+    ref.startup()
+    feed(ref, msgs)
+    assert [v.version for v in standby.store.versions(MODEL)] == ["1", "2", "3"]
+    seen: list[str] = []
+    for v in ("2", "3"):
+        got, want = standby.store.get(MODEL, v), ref.store.get(MODEL, v)
+        wg, ww = standby.store.load_weights(got), ref.store.load_weights(want)
+        assert all(torch.equal(wg[k], ww[k]) for k in ww), f"version {v} differs"
+        ids = [c["update_id"] for c in got.manifest["contributors"]]
+        assert sorted(ids) == sorted(u.update_id for _, u in rounds[int(v) - 2])
+        seen += ids
+    assert len(seen) == len(set(seen)) == 6
+    statuses = standby.db.conn.execute("SELECT status, COUNT(*) FROM updates GROUP BY status")
+    assert [tuple(r) for r in statuses] == [("aggregated", 6)]

@@ -200,9 +200,21 @@ class UpdatePipeline:
         return info
 
     def reconcile(self) -> None:
-        """Bring the database in line with the store (a version whose manifest
-        was written before a crash counts its contributors as aggregated) and
-        remove files of updates no longer pending."""
+        """Bring the database in line with the store (:meth:`_record_stored_versions`)
+        and remove files of updates no longer pending."""
+        self._record_stored_versions()
+        pending = self.db.pending_ids()
+        for p in self.pending_dir.glob("*.safetensors"):
+            if p.stem not in pending:
+                p.unlink(missing_ok=True)
+        for uid in self.staging.partials():
+            if self.db.update_status(uid) is not None:
+                self.staging.discard(uid)
+
+    def _record_stored_versions(self) -> None:
+        """A version whose manifest is in the store but not in the database (its
+        writer died between the two, this process or another server on the same
+        state directory) counts its contributors as aggregated now."""
         for model in self.store.models():
             known = self.db.known_versions(model)
             for seq in self.store.seqs(model):
@@ -218,13 +230,6 @@ class UpdatePipeline:
                         info.version,
                         len(ids),
                     )
-        pending = self.db.pending_ids()
-        for p in self.pending_dir.glob("*.safetensors"):
-            if p.stem not in pending:
-                p.unlink(missing_ok=True)
-        for uid in self.staging.partials():
-            if self.db.update_status(uid) is not None:
-                self.staging.discard(uid)
 
     # ------------------------------------------------------------------ chunks
     def handle(self, msg: ChunkMessage) -> Outcome:
@@ -232,8 +237,7 @@ class UpdatePipeline:
         out = Outcome()
         # A round that became due (or was interrupted by a crash of this or another
         # server) is completed before anything new joins its pool.
-        for model in self.cfg.models:
-            out.new_versions += self._aggregate_if_due(model)
+        out.new_versions += self._close_due_rounds()
         try:
             uid, idx, cnt, sha = self._parse(msg)
         except ChunkError as e:
@@ -384,7 +388,7 @@ class UpdatePipeline:
             f", staleness {staleness}" if staleness else "",
         )
         out = Outcome(accepted=uid)
-        out.new_versions += self._aggregate_if_due(env.model)
+        out.new_versions += self._close_due_rounds([env.model])
         return out
 
     def _reference(self, env: Envelope):
@@ -468,25 +472,38 @@ class UpdatePipeline:
                 )
             )
         self.reconcile()
-        for model in self.cfg.models:
-            out.new_versions += self._aggregate_if_due(model)
+        out.new_versions += self._close_due_rounds()
         return out
 
-    def _aggregate_if_due(self, model: str) -> list[VersionInfo]:
-        pool = self.db.pending(model)
-        if not pool:
-            return []
-        agg = self.cfg.aggregation
-        oldest_s = (time.time_ns() - min(p.received_ns for p in pool)) / 1e9
-        if len(pool) < agg.min_updates and oldest_s < agg.window_s:
-            return []
-        return [self.aggregate(model, pool)]
+    def _close_due_rounds(self, models: list[str] | None = None) -> list[VersionInfo]:
+        """The one way to aggregation: the database is brought in line with the
+        stored manifests first, so a pool that a dead server (or this one, before a
+        crash) already turned into a version is never aggregated again; then every
+        due pool becomes the next version."""
+        self._record_stored_versions()
+        new = []
+        for model in models if models is not None else list(self.cfg.models):
+            pool = self.db.pending(model)
+            if not pool:
+                continue
+            agg = self.cfg.aggregation
+            oldest_s = (time.time_ns() - min(p.received_ns for p in pool)) / 1e9
+            if len(pool) < agg.min_updates and oldest_s < agg.window_s:
+                continue
+            new.append(self._aggregate(model, pool))
+        return new
 
-    def aggregate(self, model: str, pool: list[PendingUpdate]) -> VersionInfo:
-        """Store the next version of ``model`` from ``pool`` (deterministic)."""
+    def _aggregate(self, model: str, pool: list[PendingUpdate]) -> VersionInfo:
+        """Store the next version of ``model`` from ``pool`` (deterministic).  Only
+        :meth:`_close_due_rounds` calls it, with the pool it read after reconciling."""
         agg = self.cfg.aggregation
         current = self.store.latest(model)
         assert current is not None
+        if current.seq not in self.db.known_versions(model):
+            raise RuntimeError(
+                f"model {model}: version {current.seq} is stored but not recorded; "
+                "aggregating now could count its updates twice"
+            )
         pool = sorted(pool, key=lambda p: p.update_id)
         log.info(
             "model %s: aggregating %d updates into version %d", model, len(pool), current.seq + 1

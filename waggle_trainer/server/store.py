@@ -163,6 +163,8 @@ class ModelStore:
         """Store version ``seq`` atomically (weights, momentum, then the manifest)."""
         d = self.root / model
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if (d / f"{_name(seq)}.json").exists():  # a version is written once, never replaced
+            raise StoreError(f"{model} version {seq} exists already")
         wpath = d / f"{_name(seq)}.safetensors"
         save_tensors_atomic(
             wpath, weights, {"format": "waggle-model/1", "model": model, "version": str(seq)}
