@@ -212,7 +212,11 @@ def test_partial_updates_expire_and_staging_is_bounded(tmp_path):
     p = pipeline(
         tmp_path,
         ["a"],
-        verify={"staging_max_age_s": 0.2, "staging_max_bytes": 1000, "max_update_bytes": 1000},
+        verify={
+            "staging_max_age_s": 0.2,
+            "staging_max_bytes": 40 * 1024,  # counted in 4 KiB blocks: two small updates
+            "max_update_bytes": 4 * 1024,
+        },
     )
     enc = encoder("a")
     u1 = enc.encode_delta(random_delta(1), base_version="1", round=1, samples=1)
@@ -231,6 +235,78 @@ def test_partial_updates_expire_and_staging_is_bounded(tmp_path):
     assert {d.code for d in out.dead_letters} == {"incomplete"}
     assert p.staging.partials() == []
     assert p.db.counters()["expired_partials"] == 2
+
+
+def disk_usage(d) -> int:
+    """What a directory tree really takes: allocated blocks of every file and dir."""
+    import os
+
+    total = os.lstat(d).st_blocks * 512
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def hostile_chunk(uid: str, node: str, body: bytes = b"", pad: int = 0, count: int = 2):
+    from waggle_trainer.server.staging import ChunkMessage
+    from waggle_trainer.transport.chunks import Chunk
+
+    c = Chunk(uid, 0, count, "ab" * 32, body)
+    headers = dict(c.headers(), **({"pad": "x" * pad} if pad else {}))
+    return ChunkMessage(f"update.{node}", body, c.message_id, headers, user_id=node)
+
+
+def test_staging_counts_every_file_it_writes_and_bounds_headers(tmp_path):
+    """150 chunks with an empty body and a 100 kB header, each of a fresh update,
+    used to put 22 MiB in an 8 MiB staging area: the header sidecars were not
+    counted and an empty body cost nothing."""
+    import uuid
+
+    limit = 8 * 2**20
+    p = pipeline(tmp_path, ["x"], verify={"staging_max_bytes": limit, "max_update_bytes": 2**20})
+    staging = tmp_path / "state" / "staging"
+    outs = feed(p, [hostile_chunk(str(uuid.uuid4()), "x", pad=100_000) for _ in range(150)])
+    assert codes(outs) == ["headers"]
+    reason = outs[0].dead_letters[0].reason
+    assert "16384" in reason and "headers" in reason
+    assert p.staging.partials() == [] and disk_usage(staging) <= limit
+    # headers just within the bound, empty bodies, a fresh update each: every one costs
+    # what it takes on disk, and one node holds at most its share of partial updates
+    peak = 0
+    for _ in range(150):
+        feed(p, [hostile_chunk(str(uuid.uuid4()), "x", pad=15_000)])
+        peak = max(peak, disk_usage(staging))
+        assert p.staging.bytes_total() >= disk_usage(staging)
+    assert peak <= limit
+    assert len(p.staging.partials()) == 4  # verify.staging_partials_per_node
+
+
+def test_one_node_cannot_starve_another_out_of_staging(tmp_path):
+    """A node floods staging with partial updates; another node's partial update is
+    not evicted for it (the flood evicts its own) and completes."""
+    import uuid
+
+    p = pipeline(
+        tmp_path,
+        ["b", "x"],
+        aggregation={"min_updates": 100},
+        verify={"staging_max_bytes": 320 * 1024, "max_update_bytes": 64 * 1024},
+    )
+    u = encoder("b").encode_delta(random_delta(1), base_version="1", round=1, samples=1)
+    mb = messages(u.blob, u.update_id, "b", chunk_size=400)
+    assert len(mb) >= 2
+    assert codes(feed(p, mb[:1])) == []  # b's update is the oldest partial from now on
+    flood = [hostile_chunk(str(uuid.uuid4()), "x", body=bytes(40_000), count=3) for _ in range(60)]
+    outs = feed(p, flood)
+    evicted = {d.msg.headers["update_id"] for o in outs for d in o.dead_letters}
+    assert u.update_id not in evicted and evicted, "the flood evicted b's update"
+    assert p.staging.bytes_total() <= 320 * 1024
+    assert codes(feed(p, mb[1:])) == []
+    assert [x.update_id for x in p.db.pending(MODEL)] == [u.update_id]
 
 
 def test_safetensors_sniffing_is_not_fooled_by_a_header_length_byte():

@@ -94,6 +94,9 @@ class VerifySection(_Section):
     max_update_bytes: Size = 512 * 2**20
     staging_max_bytes: Size = 2 * 2**30
     staging_max_age_s: float = Field(3600.0, gt=0)
+    staging_partials_per_node: int = Field(
+        4, ge=1, le=64, description="incomplete updates one node may have staged at once"
+    )
 
     @field_validator("user_id_format")
     @classmethod
@@ -112,13 +115,22 @@ class VerifySection(_Section):
 
     @model_validator(mode="after")
     def _staging_holds_an_update(self) -> VerifySection:
-        if self.staging_max_bytes < self.max_update_bytes:
+        need = staging_need(self.max_update_bytes)
+        if self.staging_max_bytes < need:
             raise ValueError(
-                f"verify.staging_max_bytes: {format_size(self.staging_max_bytes)} is smaller "
-                f"than verify.max_update_bytes ({format_size(self.max_update_bytes)}); "
-                "staging must hold at least one whole update"
+                f"verify.staging_max_bytes: {format_size(self.staging_max_bytes)} is too small "
+                f"for verify.max_update_bytes ({format_size(self.max_update_bytes)}): staging "
+                f"must hold one whole update with its files' bookkeeping, at least "
+                f"{format_size(need)}"
             )
         return self
+
+
+def staging_need(max_update_bytes: int) -> int:
+    """Staging space for one update of ``max_update_bytes`` in chunks of at least
+    64 KiB: each chunk's body rounded up to 4 KiB blocks and its header file (one
+    block each at most 1/8 more), plus the update's directory and metadata."""
+    return max_update_bytes + max_update_bytes // 8 + 8 * 4096
 
 
 class AggregationSection(_Section):

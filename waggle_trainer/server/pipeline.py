@@ -150,6 +150,8 @@ class UpdatePipeline:
             root / "staging",
             max_bytes=cfg.verify.staging_max_bytes,
             max_age_s=cfg.verify.staging_max_age_s,
+            max_partials_per_node=cfg.verify.staging_partials_per_node,
+            max_update_bytes=cfg.verify.max_update_bytes,
         )
         self.pending_dir = root / "pending"
         self.pending_dir.mkdir(exist_ok=True, mode=0o700)
@@ -257,7 +259,11 @@ class UpdatePipeline:
         for old in evicted:
             out.merge(
                 self._expire(
-                    old, "staging_full", "evicted: staging full (verify.staging_max_bytes)"
+                    old,
+                    "staging_full",
+                    "evicted: staging full (verify.staging_max_bytes: the node holding the "
+                    "most gives way) or its node's share of partial updates taken "
+                    "(verify.staging_partials_per_node)",
                 )
             )
         if complete:

@@ -125,8 +125,8 @@ def check_files(cfg: ServerConfig, source: str):
     from waggle_trainer.writable import problems as path_problems
     from waggle_trainer.writable import server_state_targets
 
-    for p in path_problems(server_state_targets(Path(cfg.server.state_dir)))[:1]:
-        problems.append((p.target.what, f"{p.target.path}: {p.why} ({p.target.need})"))
+    for pp in path_problems(server_state_targets(Path(cfg.server.state_dir)))[:1]:
+        problems.append((pp.target.what, f"{pp.target.path}: {pp.why} ({pp.target.need})"))
     if problems:
         raise ConfigError(source, problems)
     return key

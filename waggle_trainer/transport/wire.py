@@ -60,6 +60,10 @@ HEADER_FORMAT = "format"
 MIN_CHUNK_SIZE = 64 * 2**10
 MAX_CHUNK_SIZE = 15 * 2**20
 DEFAULT_CHUNK_SIZE = 8 * 2**20
+#: Properties and headers of one chunk message, as the server stages them (JSON):
+#: a node's chunk needs well under 1 KiB; the broker's own headers (x-death,
+#: x-delivery-count) fit with room to spare.
+MAX_HEADERS_BYTES = 16 * 2**10
 
 # -- dead-lettering -------------------------------------------------------------
 HEADER_REJECT_CODE = "x-waggle-reject-code"
