@@ -151,3 +151,142 @@ def test_run_takes_the_node_route_and_only_checks_exchanges(node, names, tmp_pat
             pass
         if conn.is_open:
             conn.close()
+
+
+def test_a_node_that_lost_its_state_is_heard_again_at_once(node, names, tmp_path):
+    """The real daemon publishes through the real broker to the server's consumer and
+    pipeline.  Its state file is lost; the next start (a new epoch, round 1 again) is
+    accepted at once.  A replay of an update already accepted is not counted again,
+    and a late update of the epoch the node left is refused (``replay``)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.node.standin import StandInLoop
+    from waggle_trainer.server.config import server_config_from_dict
+    from waggle_trainer.server.consumer import ServerConsumer
+    from waggle_trainer.server.pipeline import UpdatePipeline
+    from waggle_trainer.server.state import StateDB
+    from waggle_trainer.transport import CodecSettings, UpdateEncoder
+    from waggle_trainer.transport.chunks import split
+    from waggle_trainer.transport.wire import update_id_for
+
+    key = tmp_path / "hmac.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    weights = tmp_path / "student.safetensors"
+    path, cfg = node(
+        node={"id": "node_lost", "vsn": "W0L"},
+        transport={"enabled": True, "exchange": names.exchange, "hmac_key_file": str(key)},
+        student={"weights": str(weights)},
+        daemon={"stop_flush_s": 30.0},
+    )
+    initial = {k: v.clone() for k, v in StandInLoop(cfg, tmp_path).student.state_dict().items()}
+    save_file(initial, str(weights), metadata={"version": "1"})
+    keys = tmp_path / "server-keys"
+    keys.mkdir()
+    (keys / "node_lost.key").write_bytes(b"k" * 32)
+    os.chmod(keys / "node_lost.key", 0o600)
+    scfg = server_config_from_dict(
+        {
+            "server": {"state_dir": str(tmp_path / "server")},
+            "verify": {"keys_dir": str(keys), "require_user_id": False},
+            "aggregation": {"min_updates": 10**6, "window_s": 1e9},
+            "broadcast": {"enabled": False},
+            "telemetry": {"enabled": False},
+            "status": {"enabled": False},
+            "models": {cfg.student.arch: {"initial_weights": str(weights)}},
+            "queue": {
+                "exchange": names.exchange,
+                "queue": names.queue,
+                "dead_letter_exchange": names.dlx,
+                "dead_letter_queue": names.dlq,
+            },
+        }
+    )
+    pipeline = UpdatePipeline(scfg)
+    pipeline.startup()
+    server = ServerConsumer(scfg, pipeline)
+    server.start()
+
+    def rows() -> dict[str, str]:
+        db = StateDB(tmp_path / "server" / "state.sqlite", readonly=True)
+        try:
+            return dict(db.conn.execute("SELECT update_id, status FROM updates").fetchall())
+        finally:
+            db.close()
+
+    def refusals() -> list[tuple[str, str]]:
+        db = StateDB(tmp_path / "server" / "state.sqlite", readonly=True)
+        try:
+            return db.conn.execute("SELECT code, reason FROM rejections").fetchall()
+        finally:
+            db.close()
+
+    def wait(pred, timeout=30.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not pred():
+            time.sleep(0.1)
+        return pred()
+
+    try:
+        assert wait(lambda: server.connected, 20)
+        time.sleep(0.3)
+        conn = pika.BlockingConnection(BROKER)
+        ch = conn.channel()  # a copy of every chunk, to replay later
+        ch.queue_declare(names.tq, durable=True)
+        ch.queue_bind(names.tq, names.exchange, routing_key="update.*")
+        first = make_daemon(cfg, path, reject_every=100, max_rounds=3)
+        assert first.run() == 0 and first.publisher.published_updates == 3
+        old_ids = [update_id_for("node_lost", first.epoch, r) for r in (1, 2, 3)]
+        assert wait(lambda: set(old_ids) <= set(rows())), rows()
+        # the node loses its state (a new SD card, a wiped state directory)
+        (tmp_path / "state" / "node" / "state.safetensors").unlink()
+        second = make_daemon(cfg, path, reject_every=100, max_rounds=2)
+        assert second.run() == 0 and second.epoch != first.epoch
+        new_ids = [update_id_for("node_lost", second.epoch, r) for r in (1, 2)]
+        assert wait(lambda: set(new_ids) <= set(rows())), (rows(), refusals())
+        assert refusals() == []
+        assert rows()[new_ids[-1]] == "pending"  # heard at once: it is the node's pool entry
+        # a true replay: every chunk of the first run again, byte for byte
+        copies = []
+        while True:
+            m, props, body = ch.basic_get(names.tq, auto_ack=True)
+            if m is None:
+                break
+            copies.append((props, body))
+        assert {p.headers["update_id"] for p, _ in copies} == set(old_ids + new_ids)
+        for props, body in copies:
+            if props.headers["update_id"] in old_ids:
+                ch.basic_publish(names.exchange, "update.node_lost", body, props)
+        # a late update of the epoch the node left, properly signed
+        late = UpdateEncoder(
+            node_id="node_lost",
+            vsn="W0L",
+            model=cfg.student.arch,
+            key=b"k" * 32,
+            settings=CodecSettings("fp32", "none"),
+        ).encode_delta(
+            {k: torch.zeros_like(v) for k, v in initial.items() if v.is_floating_point()},
+            base_version="1",
+            round=4,
+            samples=1,
+            update_id=update_id_for("node_lost", first.epoch, 4),
+        )
+        for c in split(late.update_id, late.blob):
+            ch.basic_publish(
+                names.exchange,
+                "update.node_lost",
+                c.body,
+                pika.BasicProperties(delivery_mode=2, message_id=c.message_id, headers=c.headers()),
+            )
+        conn.close()
+        assert wait(lambda: [c for c, _ in refusals()] == ["replay"]), refusals()
+        assert wait(lambda: pipeline.db.counters().get("duplicate_chunks", 0) >= 3)
+    finally:
+        server.stop()
+    final = rows()  # nothing counted twice; the late update recorded as refused
+    assert sorted(u for u, st in final.items() if st != "rejected") == sorted(old_ids + new_ids)
+    assert final[late.update_id] == "rejected"
+    assert first.epoch in refusals()[0][1] and second.epoch in refusals()[0][1]

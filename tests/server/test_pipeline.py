@@ -556,3 +556,50 @@ def test_failover_after_sigkill_counts_every_update_exactly_once(tmp_path, kill_
     assert len(seen) == len(set(seen)) == 6
     statuses = standby.db.conn.execute("SELECT status, COUNT(*) FROM updates GROUP BY status")
     assert [tuple(r) for r in statuses] == [("aggregated", 6)]
+
+
+def test_a_node_that_lost_its_state_is_heard_again_at_once(tmp_path):
+    """A node's updates carry ``<node>-<epoch>-r<round>`` ids; a node that lost its
+    state starts a new epoch at round 1 and is accepted at once, while a replay of
+    any update already accepted, or a late update of the epoch it left, is not."""
+    from waggle_trainer.transport.wire import update_id_for
+
+    node = "W0_node-17"  # an underscore and a dash: any node id makes a valid update id
+    p = pipeline(tmp_path, [node], aggregation={"min_updates": 100})
+    enc = encoder(node)
+
+    def update(epoch: str, rnd: int, seed: int):
+        return enc.encode_delta(
+            random_delta(seed),
+            base_version="1",
+            round=rnd,
+            samples=1,
+            update_id=update_id_for(node, epoch, rnd),
+        )
+
+    def send(u):
+        return codes(feed(p, messages(u.blob, u.update_id, node)))
+
+    old = [update("0badc0de", r, r) for r in (1, 2, 500)]
+    assert [send(u) for u in old] == [[], [], []]
+    late = update("0badc0de", 499, 9)  # in flight when the node lost its state
+    # the state is lost: a new epoch, round 1 again
+    fresh = update("5eed5eed", 1, 11)
+    assert send(fresh) == []
+    assert [x.update_id for x in p.db.pending(MODEL)] == [fresh.update_id]
+    assert send(update("5eed5eed", 2, 12)) == []
+    # replays: an accepted update again (absorbed, not counted), the same round of the
+    # current epoch under another payload, and the old epoch's late update
+    outs = feed(p, messages(old[2].blob, old[2].update_id, node))
+    assert outs[0].duplicate and codes(outs) == []
+    assert send(update("5eed5eed", 2, 13)) == [] and outs  # same id: absorbed as well
+    assert send(late) == ["replay"]
+    reason = p.db.conn.execute("SELECT reason FROM rejections WHERE code='replay'").fetchone()[0]
+    assert "0badc0de" in reason and "5eed5eed" in reason
+    assert send(update("5eed5eed", 1, 14)) == []  # absorbed: the id was accepted before
+    assert len(p.db.pending(MODEL)) == 1
+    # ids that name no epoch (a UUID) keep the old rule: rounds only move forward
+    u = enc.encode_delta(random_delta(20), base_version="1", round=3, samples=1)
+    assert send(u) == []
+    u = enc.encode_delta(random_delta(21), base_version="1", round=3, samples=1)
+    assert send(u) == ["replay"]

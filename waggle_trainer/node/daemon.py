@@ -72,6 +72,7 @@ from waggle_trainer.transport import (
     load_key,
 )
 from waggle_trainer.transport.outbox import OutboxEntry
+from waggle_trainer.transport.wire import update_id_for
 from waggle_trainer.writable import PathProblem, node_state_targets, prepare
 
 if TYPE_CHECKING:
@@ -570,7 +571,7 @@ class Daemon:
                 round=self.round,
                 samples=int(r.samples),
                 metrics=_finite(dict(r.metrics())),
-                update_id=f"{self.node_id}-{self.epoch}-r{self.round}",
+                update_id=update_id_for(self.node_id, self.epoch, self.round),
             )
             c.updates += 1
             c.update_bytes = len(update.blob)

@@ -11,7 +11,8 @@ Checks on a complete update, in order (each refusal has a code, see
 node's key file, payload hash (codec); update id header; already handled
 (duplicate: acked, not counted again); broker-vouched ``user_id`` equals the
 node id; finite metrics; model known; base version known and not too stale;
-round newer than the node's last accepted round (replay); payload is
+round newer than the last accepted round of the update's stream, and the stream
+not one the node has left (replay); payload is
 safetensors (a pickle or anything else is refused before it is parsed);
 names, shapes, dtypes, finite values against the base version.
 """
@@ -35,6 +36,7 @@ from safetensors.torch import load_file
 
 from waggle_trainer.transport.chunks import ChunkError, parse_headers
 from waggle_trainer.transport.codec import Envelope, UpdateDecoder, UpdateRejected
+from waggle_trainer.transport.wire import UPDATE_ID_CHARS, UPDATE_ID_MAX, update_stream
 
 from .aggregate import combine, staleness_weight
 from .config import ServerConfig
@@ -276,7 +278,8 @@ class UpdatePipeline:
         uid, idx, cnt, sha = parse_headers(msg.headers, msg.message_id)
         if not valid_update_id(uid):
             raise ChunkError(
-                "headers", f"update_id {uid[:80]!r} is not an id (1-64 of A-Z a-z 0-9 -)"
+                "headers",
+                f"update_id {uid[:80]!r} is not an id (1-{UPDATE_ID_MAX} of {UPDATE_ID_CHARS})",
             )
         return uid, idx, cnt, sha
 
@@ -447,13 +450,7 @@ class UpdatePipeline:
                 f"versions old (aggregation.max_staleness = "
                 f"{self.cfg.aggregation.max_staleness})",
             )
-        last = self.db.last_round(env.node_id, env.model)
-        if last is not None and env.round <= last:
-            raise UpdateRejected(
-                "replay",
-                f"round {env.round} is not after the last accepted "
-                f"round {last} of node {env.node_id}",
-            )
+        self._check_order(env)
         head = _payload_head(payload, env.encoding.get("compression"))
         what = looks_like_safetensors(head, env.raw_bytes) if head is not None else None
         if what is not None:
@@ -461,6 +458,31 @@ class UpdatePipeline:
         return staleness, staleness_weight(
             env.samples, staleness, self.cfg.aggregation.staleness_decay
         )
+
+    def _check_order(self, env: Envelope) -> None:
+        """Protocol step 11.  Rounds move forward within a stream (the update id's
+        ``<node>-<epoch>`` part); a stream never seen before is a node that started
+        its state again (lost, or new) and is heard at once; a stream the node has
+        since left is refused.  An update accepted before never gets here: its id is
+        in the de-duplication set."""
+        stream = update_stream(env.update_id, env.round)
+        current = self.db.current_stream(env.node_id, env.model)
+        if current is None:
+            return
+        cur_stream, cur_round = current
+        if stream == cur_stream:
+            if env.round <= cur_round:
+                raise UpdateRejected(
+                    "replay",
+                    f"round {env.round} is not after the last accepted round {cur_round} "
+                    f"of node {env.node_id}" + (f" (stream {stream})" if stream else ""),
+                )
+        elif self.db.stream_known(env.node_id, env.model, stream):
+            raise UpdateRejected(
+                "replay",
+                f"stream {stream or '(no epoch)'!s} of node {env.node_id} has ended: the "
+                f"node has since started {cur_stream or '(no epoch)'}",
+            )
 
     # -------------------------------------------------------------- aggregation
     def tick(self) -> Outcome:

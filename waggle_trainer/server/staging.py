@@ -37,11 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from waggle_trainer.transport.chunks import ChunkError
-from waggle_trainer.transport.wire import MAX_HEADERS_BYTES
+from waggle_trainer.transport.wire import MAX_HEADERS_BYTES, UPDATE_ID_MAX
 
 from .files import write_atomic
 
-_UID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+_UID_RE = re.compile(rf"^[A-Za-z0-9_-]{{1,{UPDATE_ID_MAX}}}$")
 MAX_CHUNKS = 4096
 BLOCK = 4096  # what a file or directory costs at least, on the file systems we run on
 
@@ -104,7 +104,8 @@ def _plain(v: Any) -> Any:
 
 
 def valid_update_id(update_id: str) -> bool:
-    """Safe as a directory name: 1-64 of A-Z a-z 0-9 and '-' (UUIDs are)."""
+    """Safe as a directory name: 1-128 of A-Z a-z 0-9 _ - (UUIDs and a daemon's
+    ``<node_id>-<epoch>-r<round>`` are)."""
     return bool(_UID_RE.match(update_id))
 
 

@@ -5,8 +5,10 @@
   and which version each update went into.  Updates that fail before their
   signature is checked are not recorded here (a forger must not be able to
   block a real update id), only counted in ``rejections``.
-* ``node_rounds``: per node and model, the highest round accepted (replays and
-  old rounds are refused: rounds only move forward).
+* ``node_streams``: per node, model and stream (the ``<node>-<epoch>`` part of a
+  daemon's update ids, ``""`` for ids that name none) the highest round accepted
+  and when the stream started: rounds move forward within a stream, and only the
+  newest stream of a node is open (``docs/protocol.md``, step 11).
 * ``rejections``: every refusal, with code and reason, for the status page.
 * ``versions``: the versions the database knows were stored, and whether they
   were broadcast.  The model store's manifests are the truth; at start and
@@ -25,6 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from waggle_trainer.transport.wire import update_stream
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS updates (
@@ -46,9 +50,10 @@ CREATE TABLE IF NOT EXISTS updates (
 );
 CREATE INDEX IF NOT EXISTS updates_pool ON updates (model, status);
 CREATE INDEX IF NOT EXISTS updates_node ON updates (node, received_ns);
-CREATE TABLE IF NOT EXISTS node_rounds (
-    node TEXT NOT NULL, model TEXT NOT NULL, round INTEGER NOT NULL,
-    PRIMARY KEY (node, model)
+CREATE TABLE IF NOT EXISTS node_streams (
+    node TEXT NOT NULL, model TEXT NOT NULL, stream TEXT NOT NULL,
+    round INTEGER NOT NULL, started_ns INTEGER NOT NULL,
+    PRIMARY KEY (node, model, stream)
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -94,7 +99,23 @@ class StateDB:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
+            self._migrate()
         self.conn.row_factory = sqlite3.Row
+
+    def _migrate(self) -> None:
+        """A database of the per-node round rule: each node's round becomes the
+        round of its stream ``""`` (the ids it sent named no stream)."""
+        old = self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='node_rounds'"
+        ).fetchone()
+        if old is None:
+            return
+        with self.transaction():
+            self.conn.execute(
+                "INSERT OR IGNORE INTO node_streams (node, model, stream, round, started_ns) "
+                "SELECT node, model, '', round, 0 FROM node_rounds"
+            )
+            self.conn.execute("DROP TABLE node_rounds")
 
     def close(self) -> None:
         self.conn.close()
@@ -110,11 +131,23 @@ class StateDB:
         ).fetchone()
         return row["status"] if row else None
 
-    def last_round(self, node: str, model: str) -> int | None:
+    def current_stream(self, node: str, model: str) -> tuple[str, int] | None:
+        """(stream, its last accepted round) of the node's newest stream, or None."""
         row = self.conn.execute(
-            "SELECT round FROM node_rounds WHERE node=? AND model=?", (node, model)
+            "SELECT stream, round FROM node_streams WHERE node=? AND model=? "
+            "ORDER BY started_ns DESC, rowid DESC LIMIT 1",
+            (node, model),
         ).fetchone()
-        return row["round"] if row else None
+        return (row["stream"], row["round"]) if row else None
+
+    def stream_known(self, node: str, model: str, stream: str) -> bool:
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM node_streams WHERE node=? AND model=? AND stream=?",
+                (node, model, stream),
+            ).fetchone()
+            is not None
+        )
 
     # ------------------------------------------------------------------ changes
     def record_rejection(
@@ -149,9 +182,16 @@ class StateDB:
                 [(f"superseded by {env.update_id}", u) for u in superseded],
             )
             self.conn.execute(
-                "INSERT INTO node_rounds (node, model, round) VALUES (?,?,?) "
-                "ON CONFLICT(node, model) DO UPDATE SET round=excluded.round",
-                (env.node_id, env.model, env.round),
+                "INSERT INTO node_streams (node, model, stream, round, started_ns) "
+                "VALUES (?,?,?,?,?) "
+                "ON CONFLICT(node, model, stream) DO UPDATE SET round=excluded.round",
+                (
+                    env.node_id,
+                    env.model,
+                    update_stream(env.update_id, env.round),
+                    env.round,
+                    time.time_ns(),
+                ),
             )
         self.conn.execute(
             "INSERT INTO updates (update_id, node, model, base_version, round, samples, "

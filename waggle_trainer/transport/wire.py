@@ -65,6 +65,31 @@ DEFAULT_CHUNK_SIZE = 8 * 2**20
 #: x-delivery-count) fit with room to spare.
 MAX_HEADERS_BYTES = 16 * 2**10
 
+# -- update ids -------------------------------------------------------------------
+#: What an update id may be: safe as a file and directory name, long enough for
+#: ``<node_id>-<epoch>-r<round>`` with any node id (1-64 of A-Z a-z 0-9 _ -).
+UPDATE_ID_CHARS = "A-Z a-z 0-9 _ -"
+UPDATE_ID_MAX = 128
+
+
+def update_id_for(node_id: str, epoch: str, round: int) -> str:
+    """A node daemon's update id: ``<node_id>-<epoch>-r<round>``.  ``epoch`` is new
+    whenever the node's training state is created (a first start, or a start after
+    the state was lost), so the id names the *stream* of updates it belongs to."""
+    return f"{node_id}-{epoch}-r{round}"
+
+
+def update_stream(update_id: str, round: int) -> str:
+    """The stream an update belongs to: the id without its ``-r<round>`` suffix when
+    the suffix is the envelope's round (a daemon's ``<node_id>-<epoch>``), else ""
+    (an id that names no stream, e.g. a UUID: one stream per node and model).
+    Rounds are ordered within a stream; see ``docs/protocol.md``, step 11."""
+    suffix = f"-r{round}"
+    if round >= 0 and update_id.endswith(suffix) and len(update_id) > len(suffix):
+        return update_id[: -len(suffix)]
+    return ""
+
+
 # -- dead-lettering -------------------------------------------------------------
 HEADER_REJECT_CODE = "x-waggle-reject-code"
 HEADER_REJECT_REASON = "x-waggle-reject-reason"
