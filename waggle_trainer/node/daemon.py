@@ -71,6 +71,7 @@ from waggle_trainer.transport import (
     UpdatePublisher,
     load_key,
 )
+from waggle_trainer.transport import metrics
 from waggle_trainer.transport.outbox import OutboxEntry
 from waggle_trainer.transport.wire import update_id_for
 from waggle_trainer.writable import PathProblem, node_state_targets, prepare
@@ -86,7 +87,6 @@ EXIT_CONFIG = 2  # a user's mistake: config, files, devices (one line on stderr)
 PROGRESS_FILE = "progress"  # its mtime: the last frame or step (health checks)
 PROGRESS_EVERY_S = 30.0
 HISTORY = 50  # rounds kept in the state's history for `status`
-METRIC_PREFIX = "train"
 MODELS_DIR = "models"  # verified versions received from the server, until adopted
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
@@ -961,55 +961,61 @@ class Daemon:
         return ", ".join(parts)
 
     def _register_gauges(self, t: Telemetry) -> None:
-        p = METRIC_PREFIX
+        """Every gauge of :mod:`waggle_trainer.transport.metrics`, under its name."""
+        M = metrics
 
         def last(attr: str):
             return lambda: None if self._last_result is None else getattr(self._last_result, attr)
 
-        t.gauge(f"{p}.round", lambda: self.round)
-        t.gauge(f"{p}.agreement", lambda: self.counters.last_agreement)
-        t.gauge(f"{p}.rounds_accepted", lambda: self.counters.accepted)
-        t.gauge(f"{p}.rollbacks", lambda: self.counters.rolled_back)
-        t.gauge(f"{p}.rounds_not_judged", lambda: self.counters.not_judged)
-        t.gauge(f"{p}.holdout_labels", last("holdout_labels"))
+        def finite_loss():
+            r = self._last_result
+            return None if r is None or not math.isfinite(r.loss) else float(r.loss)
+
+        t.gauge(M.ROUND.name, lambda: self.round)
+        t.gauge(M.AGREEMENT.name, lambda: self.counters.last_agreement)
+        t.gauge(M.LOSS.name, finite_loss)
+        t.gauge(M.ROUNDS_ACCEPTED.name, lambda: self.counters.accepted)
+        t.gauge(M.ROLLBACKS.name, lambda: self.counters.rolled_back)
+        t.gauge(M.ROUNDS_NOT_JUDGED.name, lambda: self.counters.not_judged)
+        t.gauge(M.HOLDOUT_LABELS.name, last("holdout_labels"))
         t.gauge(
-            f"{p}.teacher_calls_per_frame",
+            M.TEACHER_CALLS_PER_FRAME.name,
             lambda: (
                 None
                 if self._last_result is None
                 else self._last_result.teacher_calls / max(1, self._last_result.frames_seen)
             ),
         )
-        t.gauge(f"{p}.frames_seen", last("frames_seen"))
-        t.gauge(f"{p}.frames_skipped", last("frames_skipped"))
-        t.gauge(f"{p}.samples", last("samples"))
-        t.gauge(f"{p}.memory.budget_bytes", last("budget_bytes"))
-        t.gauge(f"{p}.memory.allocator", lambda: self.allocator)
-        t.gauge(f"{p}.plan.strategy", last("strategy"))
-        t.gauge(f"{p}.plan.predicted_peak_bytes", last("predicted_peak_bytes"))
-        t.gauge(f"{p}.plan.measured_peak_bytes", last("measured_peak_bytes"))
-        t.gauge(f"{p}.step_time_s", last("step_time_s"))
-        t.gauge(f"{p}.outbox.updates", lambda: len(self.outbox))
-        t.gauge(f"{p}.outbox.bytes", lambda: self.outbox.bytes)
+        t.gauge(M.FRAMES_SEEN.name, last("frames_seen"))
+        t.gauge(M.FRAMES_SKIPPED.name, last("frames_skipped"))
+        t.gauge(M.SAMPLES.name, last("samples"))
+        t.gauge(M.MEMORY_BUDGET.name, last("budget_bytes"))
+        t.gauge(M.MEMORY_ALLOCATOR.name, lambda: self.allocator)
+        t.gauge(M.PLAN_STRATEGY.name, last("strategy"))
+        t.gauge(M.PLAN_PREDICTED_PEAK.name, last("predicted_peak_bytes"))
+        t.gauge(M.PLAN_MEASURED_PEAK.name, last("measured_peak_bytes"))
+        t.gauge(M.STEP_TIME.name, last("step_time_s"))
+        t.gauge(M.OUTBOX_UPDATES.name, lambda: len(self.outbox))
+        t.gauge(M.OUTBOX_BYTES.name, lambda: self.outbox.bytes)
         t.gauge(
-            f"{p}.outbox.dropped",
+            M.OUTBOX_DROPPED.name,
             lambda: sum(
                 v for k, v in self.outbox.stats().items() if k.startswith(("dropped", "refused"))
             ),
         )
-        t.gauge(f"{p}.publish.last_confirmed_age_s", self._publish_age_s)
+        t.gauge(M.PUBLISH_AGE.name, self._publish_age_s)
         t.gauge(
-            f"{p}.publish.unroutable",
+            M.PUBLISH_UNROUTABLE.name,
             lambda: None if self.publisher is None else self.publisher.unroutable,
         )
-        t.gauge(f"{p}.update_bytes", lambda: self.counters.update_bytes or None)
-        t.gauge(f"{p}.disk_full_events", lambda: self.counters.disk_full_events)
-        t.gauge(f"{p}.base_adoptions", lambda: self.counters.adopted)
-        t.gauge(f"{p}.outbox.dropped_stale", lambda: self.counters.stale_dropped)
+        t.gauge(M.UPDATE_BYTES.name, lambda: self.counters.update_bytes or None)
+        t.gauge(M.DISK_FULL_EVENTS.name, lambda: self.counters.disk_full_events)
+        t.gauge(M.BASE_ADOPTIONS.name, lambda: self.counters.adopted)
+        t.gauge(M.OUTBOX_DROPPED_STALE.name, lambda: self.counters.stale_dropped)
         if self.models is not None:
             models = self.models
-            t.gauge(f"{p}.models.received", lambda: models.received)
-            t.gauge(f"{p}.models.refused", lambda: sum(models.rejected.values()))
+            t.gauge(M.MODELS_RECEIVED.name, lambda: models.received)
+            t.gauge(M.MODELS_REFUSED.name, lambda: sum(models.rejected.values()))
 
     # --------------------------------------------------------------- signals
     def _install_signals(self) -> None:

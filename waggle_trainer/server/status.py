@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from waggle_trainer.transport import metrics
+
 from .config import ServerConfig
 from .state import StateDB
 from .store import ModelStore
@@ -37,14 +39,15 @@ PALETTE = (
     "#bcbd22",
     "#17becf",
 )
+#: Status page column -> the metric it shows (one home for names: transport/metrics.py).
 NODE_METRICS = {
-    "round": "train.round",
-    "agreement": "train.agreement",
-    "loss": "train.loss",
-    "budget_bytes": "mem.budget_bytes",
-    "peak_bytes": "mem.peak_bytes",
-    "outbox_updates": "outbox.updates",
-    "outbox_bytes": "outbox.bytes",
+    "round": metrics.ROUND.name,
+    "agreement": metrics.AGREEMENT.name,
+    "loss": metrics.LOSS.name,
+    "budget_bytes": metrics.MEMORY_BUDGET.name,
+    "peak_bytes": metrics.PLAN_MEASURED_PEAK.name,
+    "outbox_updates": metrics.OUTBOX_UPDATES.name,
+    "outbox_bytes": metrics.OUTBOX_BYTES.name,
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pika
 
 from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker
+from waggle_trainer.transport import metrics
 from waggle_trainer.transport.telemetry import validate_name
 
 MAX_NODES = 10_000
@@ -70,7 +71,7 @@ class TelemetryView(AmqpWorker):
                 return False
             self.received += 1
             self._last.setdefault(node, {})[name] = (ts, val)
-            if name == "train.agreement" and isinstance(val, (int, float)):
+            if name == metrics.AGREEMENT.name and isinstance(val, (int, float)):
                 self._agreement.setdefault(node, deque(maxlen=self.history)).append(
                     (ts, float(val))
                 )

@@ -118,22 +118,6 @@ class UpdatePublisher(AmqpWorker):
             "fatal": int(self.fatal_error is not None),
         }
 
-    def register_gauges(self, telemetry) -> None:
-        """Report outbox and delivery state through a :class:`~.telemetry.Telemetry`."""
-        ob = self.outbox
-        telemetry.gauge("outbox.bytes", lambda: ob.bytes)
-        telemetry.gauge("outbox.updates", lambda: len(ob))
-        telemetry.gauge(
-            "outbox.dropped",
-            lambda: (
-                ob.dropped_superseded + ob.dropped_full + ob.dropped_corrupt + ob.refused_too_large
-            ),
-        )
-        telemetry.gauge("transport.updates_published", lambda: self.published_updates)
-        telemetry.gauge("transport.unroutable", lambda: self.unroutable)
-        telemetry.gauge("transport.connected", lambda: int(self.connected))
-        telemetry.gauge("transport.fatal", lambda: int(self.fatal_error is not None))
-
     # -- the publisher thread -------------------------------------------------
     def _session(self, conn: pika.BlockingConnection) -> None:
         ch = self._confirmed_channel(conn, self.exchange, self.declare_exchange)
