@@ -7,17 +7,12 @@ import logging
 
 import pika
 import pytest
-import torch
 from brokerutil import BROKER, wait_until
 
 from waggle_trainer.transport import (
     AmqpSettings,
-    CodecSettings,
-    Outbox,
     Telemetry,
     TelemetryPublisher,
-    UpdateEncoder,
-    UpdatePublisher,
     make_message,
 )
 
@@ -127,19 +122,3 @@ def test_buffered_while_away_then_delivered_as_wagglemsg(names):
         assert b["meta"]["node"] == "NODE1" and b["meta"]["vsn"] == "W01"
         assert isinstance(b["ts"], int)
     assert len(t) == 0
-
-
-def test_publisher_gauges(tmp_path):
-    ob = Outbox(tmp_path, 1 << 20)
-    pub = UpdatePublisher(AmqpSettings(), ob, node_id="n1")
-    enc = UpdateEncoder(
-        node_id="n1", vsn="W01", model="m", key=b"k" * 16, settings=CodecSettings("fp32", "none")
-    )
-    blob = enc.encode_delta({"w": torch.zeros(100)}, base_version="1", round=1, samples=1).blob
-    pub.submit(blob)  # not started: the update just waits on disk
-    t = Telemetry("n1", "W01")
-    pub.register_gauges(t)
-    t.sample_gauges()
-    got = {m["name"]: m["val"] for m in t.peek(100)}
-    assert got["outbox.updates"] == 1 and got["outbox.bytes"] == len(blob)
-    assert got["transport.connected"] == 0 and got["outbox.dropped"] == 0

@@ -70,8 +70,8 @@ from waggle_trainer.transport import (
     UpdateEncoder,
     UpdatePublisher,
     load_key,
+    metrics,
 )
-from waggle_trainer.transport import metrics
 from waggle_trainer.transport.outbox import OutboxEntry
 from waggle_trainer.transport.wire import update_id_for
 from waggle_trainer.writable import PathProblem, node_state_targets, prepare

@@ -17,8 +17,8 @@ from typing import Any
 
 import pika
 
-from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker
 from waggle_trainer.transport import metrics
+from waggle_trainer.transport.amqp import AmqpSettings, AmqpWorker
 from waggle_trainer.transport.telemetry import validate_name
 
 MAX_NODES = 10_000
