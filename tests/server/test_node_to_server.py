@@ -2,8 +2,10 @@
 
 Moved here from ``tests/transport`` with the consumer itself (it is the server's
 now): the same guarantees, checked against :class:`ServerConsumer` and its
-pipeline.  Every test uses its own exchange and queues and leaves the broker
-running even when it fails.
+pipeline.  Every test uses its own exchange and queues.  The tests that restart a
+broker, cut every connection or change the message size limit do it to a private
+RabbitMQ node of their own (``private_broker``): the shared broker at
+127.0.0.1:5672 is never restarted or reconfigured.
 """
 
 from __future__ import annotations
@@ -25,14 +27,13 @@ import torch
 from brokerutil import (
     BROKER,
     dead_letters,
-    ensure_broker_running,
     fast,
     queue_depth,
-    rabbitmqctl,
     wait_until,
 )
 from hostile import with_metrics_text, zstd_bomb
 from simnodes import Receiver
+from tlsbroker import start_plain_broker
 
 from waggle_trainer.server.consumer import ServerConsumer
 from waggle_trainer.server.pipeline import UpdatePipeline
@@ -99,13 +100,66 @@ def publish(exchange, update_id, blob, chunk_size=64 * 1024, **header_changes):
 
 # ---------------------------------------------------------------------- (a)
 
+PRIVATE_USER, PRIVATE_PASSWORD = "test", "test-private"
 
-def test_fifty_updates_through_closed_connections_and_a_broker_restart(names, tmp_path):
+
+@pytest.fixture(scope="module")
+def private_broker(tmp_path_factory):
+    """A RabbitMQ node of this module's own (plain TCP, RabbitMQ 4's 16 MiB message
+    limit set explicitly): the tests here stop it and cut its connections."""
+    broker = start_plain_broker(
+        tmp_path_factory.mktemp("private-broker"),
+        user=PRIVATE_USER,
+        password=PRIVATE_PASSWORD,
+        conf=[f"max_message_size = {16 * 2**20}"],
+    )
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def private(broker, **kw):
+    return fast(port=broker.port, username=PRIVATE_USER, password=PRIVATE_PASSWORD, **kw)
+
+
+def private_params(broker) -> pika.ConnectionParameters:
+    return pika.ConnectionParameters(
+        "127.0.0.1",
+        broker.port,
+        "/",
+        pika.PlainCredentials(PRIVATE_USER, PRIVATE_PASSWORD),
+        connection_attempts=1,
+        socket_timeout=5,
+    )
+
+
+def private_receiver(tmp_path, names, n: int, broker, nodes=("n1",)) -> Receiver:
+    r = Receiver(tmp_path, names, n, KEY, nodes=nodes, amqp=private(broker))
+    assert wait_until(lambda: r.consumer.connected, 20), "server consumer did not connect"
+    time.sleep(0.3)  # queue declared and bound
+    return r
+
+
+def wait_private_up(broker, timeout: float = 90) -> None:
+    def up() -> bool:
+        try:
+            pika.BlockingConnection(private_params(broker)).close()
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+    assert wait_until(up, timeout, 0.5), broker.log_tail()
+
+
+def test_fifty_updates_through_closed_connections_and_a_broker_restart(
+    names, tmp_path, private_broker
+):
     n = 40_000  # ~160 KB per update, 3 chunks of 64 KiB
     nodes = [f"n{i}" for i in range(50)]  # one node each: no update supersedes another
-    recv = receiver(tmp_path, names, n, nodes=nodes)
+    recv = private_receiver(tmp_path, names, n, private_broker, nodes=nodes)
     pub = UpdatePublisher(
-        fast(),
+        private(private_broker),
         Outbox(tmp_path / "outbox", 1 << 30),
         node_id="n1",
         exchange=names.exchange,
@@ -120,13 +174,13 @@ def test_fifty_updates_through_closed_connections_and_a_broker_restart(names, tm
         try:
             for i in range(8):
                 time.sleep(0.4)
-                rabbitmqctl("close_all_connections", "test")
+                private_broker.ctl("close_all_connections", "test chaos")
                 chaos_log.append("close")
                 if i == 3:
-                    rabbitmqctl("stop_app")
+                    private_broker.ctl("stop_app")
                     chaos_log.append("stop")
                     time.sleep(1.0)
-                    rabbitmqctl("start_app")
+                    private_broker.ctl("start_app")
                     chaos_log.append("start")
         finally:
             chaos_done.set()
@@ -140,13 +194,13 @@ def test_fifty_updates_through_closed_connections_and_a_broker_restart(names, tm
             expected[u.update_id] = delta
             pub.submit(u)  # returns at once (disk), whatever the broker is doing
             time.sleep(0.12)
-        assert chaos_done.wait(120)
+        assert chaos_done.wait(180)
         assert recv.wait_for(50, 90), f"only {len(recv.ids())} of 50 arrived"
         assert pub.wait_idle(10)
         time.sleep(1.0)  # any late duplicate would arrive now
     finally:
-        chaos_done.wait(120)
-        ensure_broker_running()
+        chaos_done.wait(180)
+        wait_private_up(private_broker)
         pub.stop()
         recv.stop()
     assert chaos_log.count("close") == 8 and "stop" in chaos_log and "start" in chaos_log
@@ -222,15 +276,14 @@ def test_sigkill_mid_update_is_republished_from_the_outbox(names, tmp_path):
 # ---------------------------------------------------------------------- (c)
 
 
-def test_update_over_16_mib_travels_in_chunks(names, tmp_path):
-    limit = 16 * 2**20
-    before = rabbitmqctl("eval", "application:get_env(rabbit, max_message_size).").strip()
-    rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {limit}).")
+def test_update_over_16_mib_travels_in_chunks(names, tmp_path, private_broker):
+    limit = 16 * 2**20  # the private node's max_message_size (RabbitMQ 4's default)
     n = 5_000_000  # 20 MB of fp32
     recv = None
+    wait_private_up(private_broker)
     try:
-        # the broker really refuses one message of that size (RabbitMQ 4's default limit)
-        conn = pika.BlockingConnection(BROKER)
+        # the broker really refuses one message of that size
+        conn = pika.BlockingConnection(private_params(private_broker))
         ch = conn.channel()
         ch.exchange_declare(names.exchange, "topic", durable=True)
         ch.confirm_delivery()
@@ -239,11 +292,14 @@ def test_update_over_16_mib_travels_in_chunks(names, tmp_path):
         assert e.value.reply_code == 406 and "max size" in e.value.reply_text
         conn.close()
 
-        recv = receiver(tmp_path, names, n)
+        recv = private_receiver(tmp_path, names, n, private_broker)
         u, delta = make_update(n)
         assert len(u.blob) > limit
         pub = UpdatePublisher(
-            fast(), Outbox(tmp_path / "outbox", 1 << 30), node_id="n1", exchange=names.exchange
+            private(private_broker),
+            Outbox(tmp_path / "outbox", 1 << 30),
+            node_id="n1",
+            exchange=names.exchange,
         )  # default 8 MiB chunks
         pub.start()
         pub.submit(u)
@@ -252,8 +308,6 @@ def test_update_over_16_mib_travels_in_chunks(names, tmp_path):
     finally:
         if recv:
             recv.stop()
-        value = before.split(",")[1].rstrip("}") if before.startswith("{ok,") else "134217728"
-        rabbitmqctl("eval", f"application:set_env(rabbit, max_message_size, {value}).")
     assert pub.published_chunks == 3 and recv.consumer.handled == 3
     assert torch.equal(recv.delta(u.update_id)["w"], delta["w"])
 

@@ -199,31 +199,122 @@ class PrivateBroker:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(10)
 
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """``rabbitmqctl -n <this node> ...`` (its own cookie): only this node hears it."""
+        r = subprocess.run(
+            [str(RABBITMQ_BIN / "rabbitmqctl"), "-n", self.nodename, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {r.stderr.strip()}")
+        return r.stdout
+
 
 def start_private_broker(
     root: Path, definitions: dict, *, timeout: float = 90.0, probe: Client
 ) -> PrivateBroker:
-    """Start the node under ``root``; returns once ``probe`` completes a TLS handshake."""
-    port, dist_port = free_port(), free_port()
-    nodename = f"wt-tls-{uuid.uuid4().hex[:8]}@localhost"
+    """Start the node under ``root`` with a TLS-only listener and SASL EXTERNAL;
+    returns once ``probe`` completes a TLS handshake."""
+    port = free_port()
     certs = root / "certs"
+    conf = [
+        "listeners.tcp = none",
+        f"listeners.ssl.1 = 127.0.0.1:{port}",
+        f"ssl_options.cacertfile = {certs / 'ca.pem'}",
+        f"ssl_options.certfile = {certs / 'server.cert.pem'}",
+        f"ssl_options.keyfile = {certs / 'server.key.pem'}",
+        "ssl_options.verify = verify_peer",
+        "ssl_options.fail_if_no_peer_cert = true",
+        "auth_mechanisms.1 = EXTERNAL",
+        "ssl_cert_login_from = common_name",
+    ]
+    return _start(
+        root,
+        "wt-tls",
+        port,
+        conf,
+        definitions,
+        "[rabbitmq_auth_mechanism_ssl].\n",
+        lambda: _tls_handshake_ok(port, probe),
+        timeout,
+    )
+
+
+def password_user(name: str, password: str, tags: list[str] | None = None) -> dict:
+    """A definitions-file user who logs in with a password (salted SHA-256, as
+    RabbitMQ stores it)."""
+    import base64
+    import hashlib
+
+    salt = os.urandom(4)
+    digest = hashlib.sha256(salt + password.encode()).digest()
+    return {
+        "name": name,
+        "password_hash": base64.b64encode(salt + digest).decode(),
+        "hashing_algorithm": "rabbit_password_hashing_sha256",
+        "tags": tags or [],
+    }
+
+
+def start_plain_broker(
+    root: Path,
+    *,
+    user: str = "test",
+    password: str = "test",
+    conf: list[str] | None = None,
+    timeout: float = 90.0,
+) -> PrivateBroker:
+    """A private node with a plain TCP listener and one administrator ``user``, for
+    tests that stop it, cut its connections or change its settings (``conf``: more
+    rabbitmq.conf lines, e.g. ``max_message_size``): the shared broker is never
+    restarted or reconfigured."""
+    port = free_port()
+    definitions = {
+        "users": [password_user(user, password, ["administrator", "impersonator"])],
+        "vhosts": [{"name": "/"}],
+        "permissions": [
+            {"user": user, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
+        ],
+    }
+    lines = [f"listeners.tcp.1 = 127.0.0.1:{port}", *(conf or [])]
+    return _start(
+        root, "wt-plain", port, lines, definitions, "[].\n", lambda: _amqp_ok(port), timeout
+    )
+
+
+def _amqp_ok(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"AMQP\x00\x00\x09\x01")
+            return len(s.recv(8)) > 0  # connection.start: the broker is up
+    except OSError:
+        return False
+
+
+def _start(
+    root: Path,
+    prefix: str,
+    port: int,
+    conf: list[str],
+    definitions: dict,
+    plugins: str,
+    ready,
+    timeout: float,
+) -> PrivateBroker:
+    dist_port = free_port()
+    nodename = f"{prefix}-{uuid.uuid4().hex[:8]}@localhost"
     for d in ("mnesia", "log", "home"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "definitions.json").write_text(json.dumps(definitions))
-    (root / "enabled_plugins").write_text("[rabbitmq_auth_mechanism_ssl].\n")
+    (root / "enabled_plugins").write_text(plugins)
     (root / "rabbitmq-env.conf").write_text("")  # not the system's /etc/rabbitmq one
     (root / "rabbitmq.conf").write_text(
         "\n".join(
             [
-                "listeners.tcp = none",
-                f"listeners.ssl.1 = 127.0.0.1:{port}",
-                f"ssl_options.cacertfile = {certs / 'ca.pem'}",
-                f"ssl_options.certfile = {certs / 'server.cert.pem'}",
-                f"ssl_options.keyfile = {certs / 'server.key.pem'}",
-                "ssl_options.verify = verify_peer",
-                "ssl_options.fail_if_no_peer_cert = true",
-                "auth_mechanisms.1 = EXTERNAL",
-                "ssl_cert_login_from = common_name",
+                *conf,
                 f"load_definitions = {root / 'definitions.json'}",
                 "log.console = false",
                 "log.file.level = info",
@@ -266,7 +357,7 @@ def start_private_broker(
                 f"private RabbitMQ node exited ({proc.returncode}):\n"
                 + (root / "log" / "stdout.txt").read_text(errors="replace")[-3000:]
             )
-        if _tls_handshake_ok(port, probe):
+        if ready():
             return broker
         time.sleep(0.3)
     broker.stop()
