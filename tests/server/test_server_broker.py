@@ -256,3 +256,83 @@ def test_failover_and_restart_after_sigkill_mid_aggregation(tmp_path, names, sim
     assert db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall() == [
         ("aggregated", 8)
     ]
+
+
+def test_standby_takes_over_between_manifest_and_database_commit(tmp_path, names, sim_user):
+    """The issue's reproduction with two real servers: the SQLite write lock is held
+    (as a slow disk would) from the moment the active server starts aggregating until
+    the new version's manifest is on disk; the active one is SIGKILLed, the lock
+    released.  The standby counts every update once; the versions are bit-identical
+    to one server's alone and none holds an update twice."""
+    import sqlite3
+
+    nodes, big = ["a", "b", "c", "d"], 500_000
+    agg = {"min_updates": 4, "window_s": 3600.0}
+    cfg = setup_server_files(tmp_path, nodes, big=big, aggregation=agg, **broker_sections(names))
+    cfg["status"]["enabled"] = False
+    cfg["telemetry"] = dict(cfg["telemetry"], enabled=False)
+    cfg_path = write_toml(tmp_path / "server.toml", cfg)
+    store_dir = tmp_path / "state" / "models" / MODEL
+    rounds = [
+        [
+            (
+                n,
+                encoder(n).encode_delta(
+                    random_delta(10 * r + i, big=big),
+                    base_version=str(r + 1),
+                    round=r + 1,
+                    samples=3 + i + r,
+                ),
+            )
+            for i, n in enumerate(nodes)
+        ]
+        for r in range(2)
+    ]
+    procs = []
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    lock = None
+    try:
+        procs.append(start_server(cfg_path, logs[0]))
+        assert wait_log(logs[0], "server running", 60), logs[0].read_text()
+        time.sleep(0.5)  # the first consumer on a single-active-consumer queue is the active one
+        procs.append(start_server(cfg_path, logs[1]))
+        assert wait_log(logs[1], "server running", 60), logs[1].read_text()
+        for n, u in rounds[0]:
+            publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=1 << 20)
+        line = "aggregating 4 updates into version 2"
+        assert wait_for(lambda: any(line in p.read_text() for p in logs), 60, 0.01)
+        lock = sqlite3.connect(tmp_path / "state" / "state.sqlite", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the database commit of version 2 must wait
+        k = 0 if line in logs[0].read_text() else 1
+        assert wait_for((store_dir / "v000002.json").exists, 60, 0.01)
+        procs[k].send_signal(signal.SIGKILL)
+        procs[k].wait()
+        lock.execute("ROLLBACK")
+        lock.close()
+        lock = None
+        survivor_log = logs[1 - k]
+        for n, u in rounds[1]:
+            publish(sim_user, names.exchange, u.blob, u.update_id, n, chunk_size=1 << 20)
+        assert wait_for((store_dir / "v000003.json").exists, 60), survivor_log.read_text()
+        time.sleep(3)  # a further (wrong) version would appear now
+    finally:
+        if lock is not None:
+            lock.close()
+        for p in procs:
+            stop(p)
+    ref = reference_version(tmp_path / "ref", nodes, big, rounds, **agg)
+    from waggle_trainer.server.store import ModelStore
+
+    got = ModelStore(tmp_path / "state" / "models")
+    assert got.latest(MODEL).version == "3", "a pool was aggregated twice"
+    seen = []
+    for v in ("2", "3"):
+        a, b = got.get(MODEL, v), ref.get(MODEL, v)
+        wa, wb = got.load_weights(a), ref.load_weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wb), f"version {v} differs"
+        seen += [c["update_id"] for c in a.manifest["contributors"]]
+    assert len(seen) == len(set(seen)) == 8
+    db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
+    assert db.execute("SELECT status, COUNT(*) FROM updates GROUP BY status").fetchall() == [
+        ("aggregated", 8)
+    ]
