@@ -5,8 +5,9 @@ The dynamic program of Beaumont, Eyraud-Dubois, Herrmann, Joly and Shilova (2019
 model (see :mod:`waggle_trainer.remat.simulate`).  Positions ``0 .. n``: stage ``n``
 is the loss.  The sub-problem ``(s, t)`` starts with ``a[s]`` held by the caller and
 ``delta[t+1]`` live (nothing for ``t = n``) and ends with ``delta[s]``; ``m`` is the
-memory it may use on top of what the caller holds, ``delta[t+1]`` included.  Two
-options:
+memory it may use on top of what the caller holds, ``delta[t+1]`` included, and
+``delta[n]`` too for ``t < n`` (it lives until the whole backward ends, see
+:mod:`.simulate`).  Two options:
 
 1. ``FC s, FN s+1 .. s'-1`` (no autograd), keep ``a[s']``, solve ``(s', t)`` with
    ``m - |a[s']|``, then ``(s, s'-1)`` with ``m`` (``s < s' <= t``);
@@ -73,6 +74,9 @@ class _Chain:
         self.n = len(st)
         self.x = costs.sizes() + [0]  # x[n+1] = 0
         self.shared = costs.shared_bytes()
+        n = self.n
+        # gradients live during (s, t): delta[t+1], and delta[n] after the LOSS
+        self.d = [self.x[t + 1] + (self.x[n] if t + 1 < n else 0) for t in range(n + 1)]
         self.T = [s.saved_bytes for s in st]
         self.fp = [s.forward_peak_bytes for s in st]
         self.bp = [s.backward_peak_bytes for s in st]
@@ -87,10 +91,10 @@ class _Chain:
 
     # exact byte requirements (memory on top of what the caller of (s, t) holds)
     def req_fa(self, s: int, t: int) -> int:
-        return self.x[t + 1] + self.T[s] + self.fp[s]
+        return self.d[t] + self.T[s] + self.fp[s]
 
     def req_bw(self, s: int) -> int:
-        return self.T[s] + self.x[s + 1] + self.x[s] + self.bp[s]
+        return self.T[s] + self.d[s] + self.x[s] + self.bp[s]
 
     def kept(self, s: int, k: int) -> int:
         """What a[k] adds to a live a[s] (s < k)."""
@@ -110,7 +114,7 @@ class _Chain:
     def req_fwd_step(self, s: int, k: int, t: int) -> int:
         """Transient of ``FN/FC k`` inside option 1 of ``(s, t)``; a[s] is the caller's."""
         held = self.kept(s, k) if k > s else 0
-        return self.x[t + 1] + held + self.kept(k, k + 1) + self.fp[k]
+        return self.d[t] + held + self.kept(k, k + 1) + self.fp[k]
 
 
 def _emit_option1(out: list, s: int, sp: int) -> None:

@@ -17,10 +17,12 @@ The memory model is the one the torch executor implements (see ``costs.py`` and
   ``forward_peak_bytes[j]``; ``FA j`` adds ``saved_bytes[j] + forward_peak_bytes[j]``
   and keeps the tape, whose ``saved_bytes`` include ``a[j+1]``'s new parts.
 * ``LOSS`` produces ``delta[n]`` (``output_bytes[n-1]``), then frees ``a[n]``
-  unless something else holds it.
+  unless something else holds it.  ``delta[n]`` lives until the end: the autograd
+  engine holds the gradient it hands to the executor's ``Function`` until that
+  ``Function``'s backward, the whole backward phase, returns.
 * ``BW j`` peaks at the live set + ``delta[j]`` + ``backward_peak_bytes[j]``, then
   frees tape ``j``, ``a[j]``'s holds, ``a[j+1]`` (the output it differentiates)
-  and ``delta[j+1]``; ``delta[j]`` stays.
+  and ``delta[j+1]`` (but ``delta[n]``); ``delta[j]`` stays.
 
 Validity: ops and stage indices exist; ``FN/FC/FA j`` need ``a[j]`` live and must not
 produce an ``a[j+1]`` (or a tape ``j``) that is already live; ``LOSS`` exactly once,
@@ -178,8 +180,9 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
                 ckpts -= 1
             cur -= drop(j, _STORED | _TAPE_REF)
             cur -= drop(j + 1, _IN_TAPE | _PENDING)  # backward(a[j+1], delta[j+1])
-            deltas.discard(j + 1)
-            cur -= x[j + 1]
+            if j + 1 < n:  # delta[n] is held by autograd until the backward ends
+                deltas.discard(j + 1)
+                cur -= x[j + 1]
             deltas.add(j)
             cur += x[j]
             next_bw -= 1
