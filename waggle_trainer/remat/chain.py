@@ -170,7 +170,8 @@ class KeepInput(nn.Module):
     """``(x, *rest) -> (inner(x), x, *rest)``: keep the first tensor as a skip tensor
     beside ``inner``'s output (``x -> (inner(x), x)`` on a plain tensor).
 
-    ``x`` is passed on as the very tensor received, so it stays one storage.
+    ``x`` is passed on as the very tensor received, so it stays one storage.  A tuple
+    returned by ``inner`` is spliced in, as by :class:`ApplyToFirst`.
     """
 
     def __init__(self, inner: nn.Module) -> None:
@@ -184,7 +185,8 @@ class KeepInput(nn.Module):
 
 class MergeSkip(nn.Module):
     """``(x, skip, *rest) -> (inner(x, skip), *rest)``: consume the most recent skip
-    tensor (the second one); ``inner`` takes two tensors."""
+    tensor (the second one); ``inner`` takes two tensors (a tuple it returns is
+    spliced in, as by :class:`ApplyToFirst`)."""
 
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
