@@ -22,14 +22,17 @@ plain training):
   :mod:`.chain`.  A stage that still writes into its input would corrupt a stored
   checkpoint: it is detected (tensor version counter) and raises ``RuntimeError``.
 
-**Tuples.**  Activations may be tuples of tensors (the convention and the wrappers
-that build such chains: :mod:`.chain`); the chain's input and output too.  A
-checkpoint stores the tuple; the tape of ``FA j`` records the stage on detached
-copies of every tensor of ``a[j]`` (floating ones requiring grad when anything
-before needs a gradient); ``BW j`` back-propagates every tensor of ``a[j+1]`` that
-has a gradient, so each tensor of ``a[j]`` receives its own, including one passed
-through unchanged (its gradient flows on to the stage that produced it).  Tensors
-without a gradient (integers, or not used by the loss) get None.
+**Tapes and tuples.**  Activations may be tuples of tensors (the convention and the
+wrappers that build such chains: :mod:`.chain`); the chain's input and output too.
+A checkpoint stores the tuple.  ``FA j`` runs the stage on aliases of ``a[j]``'s
+tensors that enter the graph through one node collecting their gradients (floating
+ones requiring grad when anything before needs a gradient), not on leaf tensors:
+autograd would copy a leaf's gradient into ``.grad`` when the same gradient also
+flows elsewhere (a skip tensor added to a branch), a tensor the plan does not count.
+``BW j`` back-propagates every tensor of ``a[j+1]`` that has a gradient, so each
+tensor of ``a[j]`` receives its own, including one passed through unchanged (its
+gradient flows on to the stage that produced it).  Tensors without a gradient
+(integers, or not used by the loss) get None.
 
 Not supported (as in ``torch.utils.checkpoint``'s reentrant variant): double
 backward (``create_graph=True``), ``torch.autograd.grad`` with respect to the
@@ -111,19 +114,57 @@ def _differentiable(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _detached(a: Activation, requires_grad: bool | Sequence[bool]) -> Activation:
-    """``a`` with every tensor detached; floating ones requiring grad as asked (one
-    flag for all, or one per tensor)."""
-    tensors = tensors_of(a)
-    flags = [requires_grad] * len(tensors) if isinstance(requires_grad, bool) else requires_grad
-    out = tuple(
-        t.detach().requires_grad_(flag and _differentiable(t))
-        for t, flag in zip(tensors, flags, strict=True)
-    )
+def _detached(a: Activation) -> Activation:
+    """``a`` with every tensor detached."""
+    out = tuple(t.detach() for t in tensors_of(a))
     return out if isinstance(a, tuple) else out[0]
 
 
 Grads = tuple[torch.Tensor | None, ...]
+
+
+class _Entry(torch.autograd.Function):
+    """Where a tape starts: hands a stage its input tensors (aliases of ``a[j]``) and
+    puts their gradients into ``slot`` in the backward.
+
+    Rather than leaf tensors: autograd would accumulate a leaf's gradient into
+    ``.grad`` and copy it when the same tensor also flows elsewhere in the graph (a
+    skip tensor added to a branch: one more activation-sized tensor than the plan
+    counts).  Here the gradient is kept as autograd computed it, as the profiler
+    measures it, and the tape does not hold ``a[j]`` unless the stage saved it.
+    """
+
+    @staticmethod
+    def forward(ctx, slot: list, flags: tuple[bool, ...], anchor, *tensors):
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)  # no zeros for inputs that get no gradient
+        out = tuple(t.detach() for t in tensors)
+        fixed = [o for o, flag in zip(out, flags, strict=True) if not flag]
+        if fixed:
+            ctx.mark_non_differentiable(*fixed)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.slot[:] = grads
+        return (None, None, None) + (None,) * len(grads)
+
+
+def _entry(a: Activation, requires_grad: bool | Sequence[bool]) -> tuple[Activation, list]:
+    """``a`` as a stage's input on a tape: its floating tensors requiring grad as asked
+    (one flag for all, or one per tensor), their gradients delivered to the returned
+    list by the backward (left empty when none flows)."""
+    tensors = tensors_of(a)
+    wanted = [requires_grad] * len(tensors) if isinstance(requires_grad, bool) else requires_grad
+    flags = tuple(f and _differentiable(t) for t, f in zip(tensors, wanted, strict=True))
+    slot: list = []
+    if not any(flags):
+        return _detached(a), slot
+    # a 0-element leaf that requires grad puts the node on the graph
+    anchor = torch.empty(0, requires_grad=True)
+    out = _Entry.apply(slot, flags, anchor, *tensors)
+    out = out if isinstance(out, tuple) else (out,)
+    return (out if isinstance(a, tuple) else out[0]), slot
 
 
 class _Run:
@@ -150,9 +191,9 @@ class _Run:
         self.ran: set[int] = set()
         inputs = tensors_of(x, "the chain's input")
         self.input_grads = [t.requires_grad for t in inputs]
-        self.acts: dict[int, Activation] = {0: _detached(x, False)}
+        self.acts: dict[int, Activation] = {0: _detached(x)}
         self.stored: set[int] = set()
-        self.tapes: dict[int, tuple[Activation, Activation]] = {}
+        self.tapes: dict[int, tuple[list, int, Activation]] = {}  # input grads, count, output
         self.deltas: dict[int, Grads] = {}
         self.needs_grad = input_needs_grad(self.stages, any(self.input_grads))
         self.done = False
@@ -173,12 +214,13 @@ class _Run:
             if not first:
                 stack.enter_context(_recomputing(stage, self.rng.get(j)))
             if op == FA:
-                inp = _detached(a, self.input_grads if j == 0 else self.needs_grad[j])
                 with torch.enable_grad():
+                    inp, slot = _entry(a, self.input_grads if j == 0 else self.needs_grad[j])
                     out = stage(inp)
+                del inp
                 tensors_of(out, f"the output of stage {j} ({type(stage).__name__})")
-                self.tapes[j] = (inp, out)
-                self.acts[j + 1] = _detached(out, False)
+                self.tapes[j] = (slot, len(tensors), out)
+                self.acts[j + 1] = _detached(out)
             else:
                 with torch.no_grad():
                     out = stage(a)
@@ -197,7 +239,7 @@ class _Run:
     def _backward(self, j: int) -> None:
         if j not in self.tapes:
             raise RuntimeError(f"invalid schedule: BW {j} without a preceding FA {j}")
-        inp, out = self.tapes.pop(j)
+        slot, count, out = self.tapes.pop(j)
         delta = self.deltas.pop(j + 1)
         roots = [
             (o, d)
@@ -206,8 +248,8 @@ class _Run:
         ]
         if roots:
             torch.autograd.backward([o for o, _ in roots], [d for _, d in roots])
-        self.deltas[j] = tuple(t.grad if t.requires_grad else None for t in tensors_of(inp))
-        del inp, out, roots, delta
+        self.deltas[j] = tuple(slot) if slot else (None,) * count
+        del out, roots, delta, slot
         self.stored.discard(j)
         self.acts.pop(j + 1, None)
         if j != 0:
