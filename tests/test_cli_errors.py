@@ -139,3 +139,27 @@ def test_make_test_runs_lint_and_types():
     assert "\ntest: check\n" in make
     check = make.split("\ncheck:", 1)[1].split("\n\n", 1)[0]
     assert "ruff check waggle_trainer tests bench" in check and "mypy" in check
+
+
+def test_plan_granularity_and_a_budget_below_the_smallest_plan(capsys, tmp_path):
+    """``plan --granularity conv``: more stages, a smallest plan no larger; a budget
+    below it is refused in one line naming the smallest budget that can."""
+    import json
+
+    base = ["plan", "--arch", "resnet50", "--batch", "2", "--image", "64"]
+    base += ["--cache-dir", str(tmp_path), "--json"]
+    found = {}
+    for granularity in ("block", "conv"):
+        assert main([*base, "--budget", "1GiB", "--granularity", granularity]) == 0
+        found[granularity] = json.loads(capsys.readouterr().out)
+    block, conv = found["block"], found["conv"]
+    assert (block["granularity"], block["stages"], conv["stages"]) == ("block", 23, 55)
+    assert conv["min_feasible_bytes"] < block["min_feasible_bytes"]
+    low = conv["min_feasible_bytes"]
+    argv = [*base[:-1], "--budget", str(low - 1), "--granularity", "conv"]
+    assert main(argv) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert "(residual blocks split at their convolutions)" in out[0]
+    assert out[-1].startswith("nothing fits: the budget") and f"{low} bytes" in out[-1]
+    line = one_line_error(capsys, ["plan", "--granularity", "layer"])
+    assert "--granularity" in line and "'layer'" in line

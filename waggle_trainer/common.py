@@ -28,6 +28,12 @@ Strategy = Literal["optimal", "revolve", "sequential", "none"]
 #: Checkpointing strategies, best first.
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 
+Granularity = Literal["block", "conv"]
+#: How finely a ResNet is split into stages for checkpointing: one stage per residual
+#: block, or one per convolution of a block (the skip tensor carried beside the main
+#: one: smaller checkpoints, so a smaller smallest plan).
+GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
+
 OptimizerName = Literal["sgd", "adam", "adamw"]
 #: Optimisers the config and the command line accept.
 OPTIMIZER_NAMES: tuple[OptimizerName, ...] = get_args(OptimizerName)

@@ -13,6 +13,7 @@ from typing import Any
 from waggle_trainer.common import (
     ARCHES,
     DEFAULT_CLASSES,
+    GRANULARITIES,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
     STRATEGIES,
@@ -87,6 +88,14 @@ def _model_args(p: argparse.ArgumentParser, *, strategy: bool) -> None:
     if strategy:
         p.add_argument("--strategy", choices=STRATEGIES, default="optimal")
     p.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="block",
+        help="stages of the ResNet: its residual blocks, or each block split at its "
+        "convolutions with the skip tensor carried beside (a smaller smallest plan; "
+        "default block)",
+    )
+    p.add_argument(
         "--fused-step",
         action="store_true",
         help="step the optimiser inside the backward, one parameter at a time: "
@@ -153,6 +162,7 @@ def _spec(args, **over):
         budget=args.budget,
         safety_margin=args.safety_margin,
         fused_step=args.fused_step,
+        granularity=args.granularity,
     )
     fields.update(over)
     spec = RunSpec(**fields)  # checks the values before the cache directory is touched
@@ -231,6 +241,7 @@ def _plan(args) -> int:
         spec.image,
         spec.cache_dir,
         progress=_profiling_progress(spec),
+        granularity=spec.granularity,
     )
     if spec.fused_step:
         from waggle_trainer.remat.fused_step import costs_with_fused_step
@@ -250,6 +261,8 @@ def _plan(args) -> int:
                     "arch": spec.arch,
                     "batch": spec.batch,
                     "image": spec.image,
+                    "granularity": spec.granularity,
+                    "stages": len(costs),
                     "budget_bytes": budget.activation_budget_bytes,
                     "budget": budget.to_dict(),
                     "strategies": rows,
@@ -260,7 +273,11 @@ def _plan(args) -> int:
             )
         )
     else:
-        print(f"{spec.arch}, batch {spec.batch}, {spec.image} px, {len(costs)} stages")
+        split = "split at their convolutions" if spec.granularity == "conv" else "as stages"
+        print(
+            f"{spec.arch}, batch {spec.batch}, {spec.image} px, {len(costs)} stages "
+            f"(residual blocks {split})"
+        )
         if spec.budget == "auto":
             print("\n".join(budget.lines()))
         print(f"activation budget {format_size(budget.activation_budget_bytes)}\n")

@@ -36,9 +36,11 @@ from torch import nn
 from waggle_trainer.common import (
     CLASSES_MIN,
     DEFAULT_CLASSES,
+    GRANULARITIES,
     IMAGE_SIZE_MAX,
     IMAGE_SIZE_MIN,
     Arch,
+    Granularity,
     OptimizerName,
     Strategy,
     batch_too_small,
@@ -95,6 +97,9 @@ class RunSpec:
     # When the machine's step model is missing: measure it now (small runs in fresh
     # processes, once per machine: learn/overhead_probe.py).
     probe_overhead: bool = False
+    # Residual blocks as stages ("block") or split at their convolutions ("conv":
+    # the skip tensor carried beside the main one; a smaller smallest plan).
+    granularity: Granularity = "block"
 
     def __post_init__(self) -> None:
         """The limits of the config file, named as the command line's flags."""
@@ -118,6 +123,10 @@ class RunSpec:
             raise ValueError(f"--batch {self.batch} is too small for --image {self.image} ({why})")
         if not 0 <= self.safety_margin < 1:
             raise ValueError(f"--safety-margin {self.safety_margin} is out of range (0 <= f < 1)")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(
+                f"--granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}"
+            )
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -206,11 +215,13 @@ def profiled_resnet(
     image: int,
     cache_dir: Path | None,
     progress: Progress | None = None,
+    granularity: Granularity = "block",
 ):
-    """A fresh ResNet in training mode, its stages and their profile (cached in
-    ``cache_dir``) for ``batch`` images of ``image`` px: ``(model, stages, costs)``."""
+    """A fresh ResNet in training mode, its stages (at ``granularity``) and their
+    profile (cached in ``cache_dir``) for ``batch`` images of ``image`` px:
+    ``(model, stages, costs)``."""
     model = build_resnet(arch, classes).train()
-    named = named_stages(model)
+    named = named_stages(model, granularity)
     stages = [m for _, m in named]
     costs = profile_chain(
         stages,
@@ -418,6 +429,7 @@ class PlannedTraining:
             budget_bytes=budget.activation_budget_bytes,
             strategy=spec.strategy,
             cache_dir=spec.cache_dir,
+            granularity=spec.granularity,
         )
         profiled: list[int] = []  # progress is reported only when measuring (no cache hit)
 
@@ -661,6 +673,7 @@ class RunResult:
     page_faults_per_step: float = 0.0
     # the overhead measured here was cached (not when this process profiled the chain)
     overhead_recorded: bool = True
+    granularity: str = "block"  # the chain's stages: residual blocks, or split at convolutions
 
     @property
     def budget_kept(self) -> bool:
@@ -755,6 +768,7 @@ def measure(
         batch=training.spec.batch,
         image=training.spec.image,
         width=training.spec.width,
+        granularity=training.spec.granularity,
         strategy=plan.strategy,
         budget_bytes=training.budget.activation_budget_bytes,
         plan_budget_bytes=plan.budget_bytes,

@@ -7,7 +7,9 @@ a planner never imports torch.
 
 Typical use: :class:`CheckpointedSequential` (an ``nn.Sequential`` or torchvision
 ResNet trained under the plan that fits a budget); :class:`Planner` and :class:`Plan`
-to compare strategies on a profiled chain (:func:`profile_chain`).
+to compare strategies on a profiled chain (:func:`profile_chain`).  Stages may pass
+tuples of tensors (skip connections): :class:`ApplyToFirst`, :class:`KeepInput`,
+:class:`MergeSkip` (:mod:`.chain`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from .schedule import Action, Op, Schedule
 if TYPE_CHECKING:
     from .allocator import configure_allocator
     from .budget import activation_budget, free_memory, training_state_bytes
-    from .chain import build_resnet, chain_stages, named_stages
+    from .chain import (
+        ApplyToFirst,
+        KeepInput,
+        MergeSkip,
+        build_resnet,
+        chain_stages,
+        named_stages,
+    )
     from .executor import CheckpointedSequential, run_schedule
     from .optim import make_optimizer
     from .profiler import profile_chain
@@ -43,6 +52,9 @@ __all__ = [
     "named_stages",
     "chain_stages",
     "build_resnet",
+    "ApplyToFirst",
+    "KeepInput",
+    "MergeSkip",
     "activation_budget",
     "free_memory",
     "training_state_bytes",
@@ -57,6 +69,9 @@ _LAZY = {
     "named_stages": "chain",
     "chain_stages": "chain",
     "build_resnet": "chain",
+    "ApplyToFirst": "chain",
+    "KeepInput": "chain",
+    "MergeSkip": "chain",
     "activation_budget": "budget",
     "free_memory": "budget",
     "training_state_bytes": "budget",

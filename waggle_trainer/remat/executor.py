@@ -22,6 +22,18 @@ plain training):
   :mod:`.chain`.  A stage that still writes into its input would corrupt a stored
   checkpoint: it is detected (tensor version counter) and raises ``RuntimeError``.
 
+**Tapes and tuples.**  Activations may be tuples of tensors (the convention and the
+wrappers that build such chains: :mod:`.chain`); the chain's input and output too.
+A checkpoint stores the tuple.  ``FA j`` runs the stage on aliases of ``a[j]``'s
+tensors that enter the graph through one node collecting their gradients (floating
+ones requiring grad when anything before needs a gradient), not on leaf tensors:
+autograd would copy a leaf's gradient into ``.grad`` when the same gradient also
+flows elsewhere (a skip tensor added to a branch), a tensor the plan does not count.
+``BW j`` back-propagates every tensor of ``a[j+1]`` that has a gradient, so each
+tensor of ``a[j]`` receives its own, including one passed through unchanged (its
+gradient flows on to the stage that produced it).  Tensors without a gradient
+(integers, or not used by the loss) get None.
+
 Not supported (as in ``torch.utils.checkpoint``'s reentrant variant): double
 backward (``create_graph=True``), ``torch.autograd.grad`` with respect to the
 parameters (their gradients go to ``.grad``), calling backward twice on one forward,
@@ -36,17 +48,17 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 from torch.utils.checkpoint import get_device_states, set_device_states
 
-from waggle_trainer.common import STRATEGIES, Strategy
+from waggle_trainer.common import STRATEGIES, Granularity, Strategy
 
 from .budget import BudgetBreakdown, activation_budget, training_state_bytes
-from .chain import input_needs_grad, named_stages
+from .chain import Activation, input_needs_grad, named_stages, tensors_of
 from .costs import ChainCosts
 from .planner import Plan, Planner
 from .profiler import profile_chain
@@ -98,14 +110,75 @@ def _recomputing(stage: nn.Module, rng: tuple | None):
                     b.copy_(value)
 
 
+def _differentiable(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _detached(a: Activation) -> Activation:
+    """``a`` with every tensor detached."""
+    out = tuple(t.detach() for t in tensors_of(a))
+    return out if isinstance(a, tuple) else out[0]
+
+
+Grads = tuple[torch.Tensor | None, ...]
+
+
+class _Entry(torch.autograd.Function):
+    """Where a tape starts: hands a stage its input tensors (aliases of ``a[j]``) and
+    puts their gradients into ``slot`` in the backward.
+
+    Rather than leaf tensors: autograd would accumulate a leaf's gradient into
+    ``.grad`` and copy it when the same tensor also flows elsewhere in the graph (a
+    skip tensor added to a branch: one more activation-sized tensor than the plan
+    counts).  Here the gradient is kept as autograd computed it, as the profiler
+    measures it, and the tape does not hold ``a[j]`` unless the stage saved it.
+    """
+
+    @staticmethod
+    def forward(ctx, slot: list, flags: tuple[bool, ...], anchor, *tensors):
+        ctx.slot = slot
+        ctx.set_materialize_grads(False)  # no zeros for inputs that get no gradient
+        out = tuple(t.detach() for t in tensors)
+        fixed = [o for o, flag in zip(out, flags, strict=True) if not flag]
+        if fixed:
+            ctx.mark_non_differentiable(*fixed)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.slot[:] = grads
+        return (None, None, None) + (None,) * len(grads)
+
+
+def _entry(a: Activation, requires_grad: bool | Sequence[bool]) -> tuple[Activation, list]:
+    """``a`` as a stage's input on a tape: its floating tensors requiring grad as asked
+    (one flag for all, or one per tensor), their gradients delivered to the returned
+    list by the backward (left empty when none flows)."""
+    tensors = tensors_of(a)
+    wanted = [requires_grad] * len(tensors) if isinstance(requires_grad, bool) else requires_grad
+    flags = tuple(f and _differentiable(t) for t, f in zip(tensors, wanted, strict=True))
+    slot: list = []
+    if not any(flags):
+        return _detached(a), slot
+    # a 0-element leaf that requires grad puts the node on the graph
+    anchor = torch.empty(0, requires_grad=True)
+    out = _Entry.apply(slot, flags, anchor, *tensors)
+    out = out if isinstance(out, tuple) else (out,)
+    return (out if isinstance(a, tuple) else out[0]), slot
+
+
 class _Run:
-    """The state of one forward/backward pair interpreting ``schedule``."""
+    """The state of one forward/backward pair interpreting ``schedule``.
+
+    Internally ``delta[k]`` is a tuple with one gradient (or None) per tensor of
+    ``a[k]``.
+    """
 
     def __init__(
         self,
         stages: Sequence[nn.Module],
         schedule,
-        x: torch.Tensor,
+        x: Activation,
         after_op: Callable[[], object] | None = None,
     ) -> None:
         self.after_op = after_op
@@ -116,11 +189,13 @@ class _Run:
         self.runs = Counter(j for op, j in self.schedule if op in (FN, FC, FA))
         self.rng: dict[int, tuple] = {}
         self.ran: set[int] = set()
-        self.acts: dict[int, torch.Tensor] = {0: x.detach()}
+        inputs = tensors_of(x, "the chain's input")
+        self.input_grads = [t.requires_grad for t in inputs]
+        self.acts: dict[int, Activation] = {0: _detached(x)}
         self.stored: set[int] = set()
-        self.tapes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.deltas: dict[int, torch.Tensor | None] = {}
-        self.needs_grad = input_needs_grad(self.stages, x.requires_grad)
+        self.tapes: dict[int, tuple[list, int, Activation]] = {}  # input grads, count, output
+        self.deltas: dict[int, Grads] = {}
+        self.needs_grad = input_needs_grad(self.stages, any(self.input_grads))
         self.done = False
 
     def _forward(self, op: str, j: int) -> None:
@@ -130,23 +205,28 @@ class _Run:
         stage, first = self.stages[j], j not in self.ran
         if op == FC:
             self.stored.add(j)
+        tensors = tensors_of(a)
         if first and self.runs[j] > 1:
-            devices, device_states = get_device_states(a)
+            devices, device_states = get_device_states(*tensors)
             self.rng[j] = (torch.get_rng_state(), devices, device_states)
-        version = a._version
+        versions = [t._version for t in tensors]
         with ExitStack() as stack:
             if not first:
                 stack.enter_context(_recomputing(stage, self.rng.get(j)))
             if op == FA:
-                inp = a.detach().requires_grad_(self.needs_grad[j])
                 with torch.enable_grad():
+                    inp, slot = _entry(a, self.input_grads if j == 0 else self.needs_grad[j])
                     out = stage(inp)
-                self.tapes[j] = (inp, out)
-                self.acts[j + 1] = out.detach()
+                del inp
+                tensors_of(out, f"the output of stage {j} ({type(stage).__name__})")
+                self.tapes[j] = (slot, len(tensors), out)
+                self.acts[j + 1] = _detached(out)
             else:
                 with torch.no_grad():
-                    self.acts[j + 1] = stage(a)
-        if a._version != version:
+                    out = stage(a)
+                tensors_of(out, f"the output of stage {j} ({type(stage).__name__})")
+                self.acts[j + 1] = out
+        if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
             raise RuntimeError(
                 f"stage {j} ({type(stage).__name__}) modified its input in place; "
                 "checkpointing needs "
@@ -159,12 +239,17 @@ class _Run:
     def _backward(self, j: int) -> None:
         if j not in self.tapes:
             raise RuntimeError(f"invalid schedule: BW {j} without a preceding FA {j}")
-        inp, out = self.tapes.pop(j)
+        slot, count, out = self.tapes.pop(j)
         delta = self.deltas.pop(j + 1)
-        if delta is not None and out.requires_grad:
-            torch.autograd.backward(out, delta)
-        self.deltas[j] = inp.grad if inp.requires_grad else None
-        del inp, out
+        roots = [
+            (o, d)
+            for o, d in zip(tensors_of(out), delta, strict=True)
+            if d is not None and o.requires_grad
+        ]
+        if roots:
+            torch.autograd.backward([o for o, _ in roots], [d for _, d in roots])
+        self.deltas[j] = tuple(slot) if slot else (None,) * count
+        del out, roots, delta, slot
         self.stored.discard(j)
         self.acts.pop(j + 1, None)
         if j != 0:
@@ -178,7 +263,7 @@ class _Run:
         if self.after_op is not None:
             self.after_op()
 
-    def forward(self) -> torch.Tensor:
+    def forward(self) -> Activation:
         for op, j in self.schedule[: self.loss_at]:
             self._step(op, j)
         out = self.acts.pop(self.n, None)
@@ -186,7 +271,9 @@ class _Run:
             raise RuntimeError(f"invalid schedule: a[{self.n}] not computed before LOSS")
         return out
 
-    def backward(self, delta: torch.Tensor) -> torch.Tensor | None:
+    def backward(self, delta: Grads) -> Grads:
+        """``delta``: one gradient (or None) per tensor of the output; returns one per
+        tensor of the input."""
         if self.done:
             raise RuntimeError(
                 "CheckpointedSequential: backward through the same forward twice is not supported"
@@ -196,7 +283,7 @@ class _Run:
         try:
             for op, j in self.schedule[self.loss_at + 1 :]:
                 self._step(op, j)
-            return self.deltas.pop(0, None)
+            return self.deltas.pop(0, (None,) * len(self.input_grads))
         finally:
             self.acts.clear()
             self.tapes.clear()
@@ -206,42 +293,50 @@ class _Run:
 
 class _ChainFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run: _Run, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, run: _Run, n_inputs: int, *args: torch.Tensor) -> Activation:
         ctx.run = run
-        ctx.n_params = len(params)
-        return run.forward()
+        ctx.n_params = len(args) - n_inputs
+        ctx.set_materialize_grads(False)  # an output the loss does not use: None
+        out = run.forward()
+        fixed = [t for t in tensors_of(out) if not _differentiable(t)]
+        if fixed:
+            ctx.mark_non_differentiable(*fixed)
+        return out
 
     @staticmethod
-    def backward(ctx, delta: torch.Tensor):
+    def backward(ctx, *deltas: torch.Tensor | None):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "CheckpointedSequential does not support double backward (create_graph=True)"
             )
-        dx = ctx.run.backward(delta.contiguous())
-        return (None, dx) + (None,) * ctx.n_params
+        dx = ctx.run.backward(tuple(None if d is None else d.contiguous() for d in deltas))
+        return (None, None, *dx) + (None,) * ctx.n_params
 
 
 def run_schedule(
     stages: Sequence[nn.Module],
     schedule,
-    x: torch.Tensor,
+    x: Activation,
     after_op: Callable[[], object] | None = None,
-) -> torch.Tensor:
+) -> Activation:
     """``stages`` applied to ``x`` in order, with forward and backward following ``schedule``.
 
     The low-level entry point of :class:`CheckpointedSequential` (which also plans).
+    ``x`` and the result may be tuples of tensors (see :mod:`.chain`).
     ``after_op()``, if given, is called after every operation of the schedule (the
     allocator's release point: :func:`.allocator.release_hook`).
     Under ``torch.no_grad()``, or when neither ``x`` nor any parameter requires grad,
     the stages simply run in order.
     """
     stages = list(stages)
+    inputs = tensors_of(x, "the chain's input")
     params = list({id(p): p for s in stages for p in s.parameters() if p.requires_grad}.values())
-    if not torch.is_grad_enabled() or not (x.requires_grad or params):
+    if not torch.is_grad_enabled() or not (any(t.requires_grad for t in inputs) or params):
         for stage in stages:
             x = stage(x)
         return x
-    return _ChainFunction.apply(_Run(stages, schedule, x, after_op), x, *params)
+    run = _Run(stages, schedule, x, after_op)
+    return _ChainFunction.apply(run, len(inputs), *inputs, *params)
 
 
 class CheckpointedSequential(nn.Module):
@@ -256,7 +351,9 @@ class CheckpointedSequential(nn.Module):
 
     Args:
         module: an ``nn.Sequential`` or a torchvision ResNet (split into stages by
-            :func:`.chain.named_stages`).
+            :func:`.chain.named_stages`).  Its stages may pass tuples of tensors
+            (:mod:`.chain`: :class:`~.chain.ApplyToFirst`, :class:`~.chain.KeepInput`,
+            :class:`~.chain.MergeSkip`); ``x`` and the output may be tuples.
         budget_bytes: bytes of activation memory, or ``"auto"``: the memory free on
             this node now (psutil and the cgroup limit) minus a 10% safety margin and
             the gradients and SGD-momentum buffer the module will add (see
@@ -265,15 +362,18 @@ class CheckpointedSequential(nn.Module):
             every budget), ``"revolve"`` (Griewank & Walther, equal steps),
             ``"sequential"`` (the best ``checkpoint_sequential`` segmentation) or
             ``"none"`` (plain ``module(x)``).
-        sample_input: profile and plan now, for inputs shaped like it; without it,
-            the first training input is profiled.  The plan then serves inputs of any
-            shape.
+        sample_input: profile and plan now, for inputs shaped like it (a tensor or
+            a tuple of tensors, as ``x``); without it, the first training input is
+            profiled.  The plan then serves inputs of any shape.
         cache_dir: where profiles are cached (keyed by architecture, shape, torch
             and machine); None profiles every time.
         loss_fn: optional map of the output to a scalar, timed into the profile.
+        granularity: ``"block"`` (a ResNet's residual blocks are stages) or
+            ``"conv"`` (split at their convolutions, the skip tensor carried beside:
+            a lower minimum budget, a few more stages to run; bitwise equal results).
 
     Raises:
-        ValueError: an unknown strategy.
+        ValueError: an unknown strategy or granularity.
         InfeasibleBudget: (a ``ValueError``) when the plan is made, if the budget is
             below the strategy's minimum feasible peak; the message states it.
         TypeError: a module that is neither a Sequential nor a torchvision ResNet.
@@ -298,6 +398,21 @@ class CheckpointedSequential(nn.Module):
     ``waggle-trainer run`` does when its plan recomputes); otherwise the process's
     peak barely moves even though fewer activations are alive at once.
 
+    A chain passing skip tensors (a U-Net-like head on a resnet18 trunk ``r``;
+    ``UpFuse(c, c_skip, c_out)`` is a module whose ``forward(x, skip)`` up-samples
+    ``x`` to the skip's size and fuses both)::
+
+        model = nn.Sequential(OrderedDict(
+            conv1=r.conv1, bn1=r.bn1, relu=r.relu, maxpool=r.maxpool, layer1=r.layer1,
+            layer2=KeepInput(r.layer2),            # x4 -> (x8, x4)
+            layer3=KeepInput(r.layer3),            # -> (x16, x8, x4)
+            up1=MergeSkip(UpFuse(256, 128, 128)),  # UpFuse(x16, x8) -> (y8, x4)
+            up2=MergeSkip(UpFuse(128, 64, 64)),    # UpFuse(y8, x4) -> y4
+            head=nn.Conv2d(64, classes, 1)))
+        chain = CheckpointedSequential(model, budget_bytes=96 * 2**20,
+                                       sample_input=torch.empty(8, 3, 288, 384))
+        loss = loss_fn(chain(images), targets)   # stages: every block, up1, up2, head
+
     In eval mode or under ``torch.no_grad()`` the module simply runs.  RNG,
     BatchNorm, in-place and unsupported uses: see :mod:`waggle_trainer.remat.executor`.
     """
@@ -308,9 +423,10 @@ class CheckpointedSequential(nn.Module):
         *,
         budget_bytes: int | Literal["auto"],
         strategy: Strategy = "optimal",
-        sample_input: torch.Tensor | None = None,
+        sample_input: Activation | None = None,
         cache_dir: str | os.PathLike | None = None,
-        loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        loss_fn: Callable[[Any], torch.Tensor] | None = None,
+        granularity: Granularity = "block",
     ) -> None:
         super().__init__()
         if strategy not in STRATEGIES:
@@ -318,7 +434,8 @@ class CheckpointedSequential(nn.Module):
                 f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
         self.module = module
-        named = named_stages(module)
+        self.granularity: Granularity = granularity
+        named = named_stages(module, granularity)
         # A plain list: the stages are the module's own submodules, not registered twice.
         self._stage_names = [name for name, _ in named]
         self._stages = [stage for _, stage in named]
@@ -347,7 +464,7 @@ class CheckpointedSequential(nn.Module):
         return list(self._stages)
 
     def profile(
-        self, sample_input: torch.Tensor, progress: Callable[[int, int], None] | None = None
+        self, sample_input: Activation, progress: Callable[[int, int], None] | None = None
     ) -> None:
         """(Re-)profile the chain for inputs shaped like ``sample_input``, then plan.
 
@@ -377,7 +494,7 @@ class CheckpointedSequential(nn.Module):
         self.budget_bytes = int(budget_bytes)
         return self.plan
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Activation) -> Activation:
         if not (torch.is_grad_enabled() and self.training):
             return self.module(x)
         if self.plan is None:
@@ -392,7 +509,7 @@ class CheckpointedSequential(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"strategy={self.strategy!r}, budget_bytes={self.budget_bytes}, "
-            f"stages={len(self._stages)}"
+            f"stages={len(self._stages)}, granularity={self.granularity!r}"
         )
 
 

@@ -5,8 +5,9 @@ The dynamic program of Beaumont, Eyraud-Dubois, Herrmann, Joly and Shilova (2019
 model (see :mod:`waggle_trainer.remat.simulate`).  Positions ``0 .. n``: stage ``n``
 is the loss.  The sub-problem ``(s, t)`` starts with ``a[s]`` held by the caller and
 ``delta[t+1]`` live (nothing for ``t = n``) and ends with ``delta[s]``; ``m`` is the
-memory it may use on top of what the caller holds, ``delta[t+1]`` included.  Two
-options:
+memory it may use on top of what the caller holds, ``delta[t+1]`` included, and
+``delta[n]`` too for ``t < n`` (it lives until the whole backward ends, see
+:mod:`.simulate`).  Two options:
 
 1. ``FC s, FN s+1 .. s'-1`` (no autograd), keep ``a[s']``, solve ``(s', t)`` with
    ``m - |a[s']|``, then ``(s, s'-1)`` with ``m`` (``s < s' <= t``);
@@ -14,6 +15,19 @@ options:
 
 Leaves: ``(s, s)`` is ``FA s, BW s``; ``(n, n)`` is ``LOSS``.  Every op's transient
 peak (``forward_peak_bytes``, ``backward_peak_bytes``) is a feasibility condition.
+
+**Shared storages.**  The recurrence assumes that what a kept checkpoint costs is
+independent of the rest, which is false when activations share storages (a skip
+tensor carried beside the main one, :mod:`.costs`): ``a[s]`` and ``a[s']`` holding
+the same skip tensor cost it once.  Charging every ``a[s']`` its full size would be
+safe but would count a carried skip once per checkpoint that holds it.  Instead,
+``|a[s']|`` above is ``kept(s, s')``: what ``a[s']`` adds to ``a[s]``, which the
+caller of ``(s, t)`` holds throughout.  Since shared storages span intervals of
+activations, whatever a checkpoint shares with anything else the caller holds it
+shares with ``a[s]``, so this is exact for every schedule of the recurrence (and the
+recomputation steps of option 1 are charged likewise: ``FN k`` adds
+``kept(s, k) + kept(k, k+1)``).  Tapes already exclude their input, and deltas are
+new tensors of full size.
 
 Memory is discretised in units of ``unit_bytes``.  Feasibility thresholds are the
 ceiling of the exact byte sums; the amounts reserved for a child (``|a[s']|`` and
@@ -58,7 +72,11 @@ class _Chain:
     def __init__(self, costs: ChainCosts):
         st = costs.stages
         self.n = len(st)
-        self.x = [costs.input_bytes] + [s.output_bytes for s in st] + [0]  # x[n+1] = 0
+        self.x = costs.sizes() + [0]  # x[n+1] = 0
+        self.shared = costs.shared_bytes()
+        n = self.n
+        # gradients live during (s, t): delta[t+1], and delta[n] after the LOSS
+        self.d = [self.x[t + 1] + (self.x[n] if t + 1 < n else 0) for t in range(n + 1)]
         self.T = [s.saved_bytes for s in st]
         self.fp = [s.forward_peak_bytes for s in st]
         self.bp = [s.backward_peak_bytes for s in st]
@@ -73,14 +91,30 @@ class _Chain:
 
     # exact byte requirements (memory on top of what the caller of (s, t) holds)
     def req_fa(self, s: int, t: int) -> int:
-        return self.x[t + 1] + self.T[s] + self.fp[s]
+        return self.d[t] + self.T[s] + self.fp[s]
 
     def req_bw(self, s: int) -> int:
-        return self.T[s] + self.x[s + 1] + self.x[s] + self.bp[s]
+        return self.T[s] + self.d[s] + self.x[s] + self.bp[s]
+
+    def kept(self, s: int, k: int) -> int:
+        """What a[k] adds to a live a[s] (s < k)."""
+        return self.x[k] - self.shared.get((s, k), 0)
+
+    def kept_rows(self) -> list[list[int] | None]:
+        """``rows[s][k] = kept(s, k)`` for ``k > s`` (``x[k]`` elsewhere); None for
+        an ``a[s]`` that shares nothing with a later activation (the row is ``x``)."""
+        rows: list[list[int] | None] = [None] * (self.n + 1)
+        for (s, k), nbytes in self.shared.items():
+            row = rows[s]
+            if row is None:
+                row = rows[s] = self.x[: self.n + 1]
+            row[k] -= nbytes
+        return rows
 
     def req_fwd_step(self, s: int, k: int, t: int) -> int:
         """Transient of ``FN/FC k`` inside option 1 of ``(s, t)``; a[s] is the caller's."""
-        return self.x[t + 1] + (self.x[k] if k > s else 0) + self.x[k + 1] + self.fp[k]
+        held = self.kept(s, k) if k > s else 0
+        return self.d[t] + held + self.kept(k, k + 1) + self.fp[k]
 
 
 def _emit_option1(out: list, s: int, sp: int) -> None:
@@ -116,6 +150,8 @@ class OptimalSolver:
         c = self.chain
         n, x, T, P = c.n, c.x, c.T, c.P
         X = [_ceil(v, u) for v in x]
+        # K[s][sp]: units reserved for a[sp] kept on top of a[s]
+        K = [X if row is None else [_ceil(v, u) for v in row] for row in c.kept_rows()]
         TT = [_ceil(v, u) for v in T]
         lo: list[list[Any]] = [[None] * (n + 1) for _ in range(n + 1)]
         # C(s, t, m) + P[s] for m in lo..
@@ -163,12 +199,13 @@ class OptimalSolver:
                 l2 = INF if child is None else max(cfa, cbw, TT[s] + child)
                 lo2[s][t] = l2
                 l1s = []
-                fr = _ceil(x[t + 1] + x[s + 1] + c.fp[s], u)
+                Ks = K[s]
+                fr = _ceil(c.req_fwd_step(s, s, t), u)
                 for sp in range(s + 1, t + 1):
                     if sp > s + 1:
                         fr = max(fr, _ceil(c.req_fwd_step(s, sp - 1, t), u))
                     r, left = lo[sp][t], lo[s][sp - 1]
-                    l1s.append(INF if r is None or left is None else max(fr, X[sp] + r, left))
+                    l1s.append(INF if r is None or left is None else max(fr, Ks[sp] + r, left))
                 lo1[s][t] = l1s
                 L = min(l2, min(l1s))
                 if L > hi:  # cannot happen unless a child is infeasible
@@ -184,7 +221,7 @@ class OptimalSolver:
                     if l1 > hi:
                         continue
                     sp = s + 1 + i
-                    right = window(sp, t, l1 - X[sp], hi - X[sp])
+                    right = window(sp, t, l1 - Ks[sp], hi - Ks[sp])
                     v = list(map(add, right, window(s, sp - 1, l1, hi)))
                     cands.append([INF] * (l1 - L) + v if l1 > L else v)
                 lo[s][t] = L
@@ -192,7 +229,7 @@ class OptimalSolver:
                 V[s][t] = list(map((-P[s]).__add__, best))
         if n == 0:
             top = lo[0][0]
-        self._X, self._TT = X, TT
+        self._K, self._TT = K, TT
         self._lo, self._V, self._lo1, self._lo2 = lo, V, lo1, lo2
         self.max_units = top
         """Units from which plain training fits in the DP (the table's upper end)."""
@@ -238,7 +275,7 @@ class OptimalSolver:
             m = min(m, self.max_units)
         if self._get(0, n, m) >= INF:
             return None
-        X, TT, get = self._X, self._TT, self._get
+        K, TT, get = self._K, self._TT, self._get
         out: list[Action] = []
         stack: list[tuple] = [(0, n, m)]
         while stack:
@@ -260,10 +297,10 @@ class OptimalSolver:
                     continue
             for i, l1 in enumerate(self._lo1[s][t]):
                 sp = s + 1 + i
-                if m >= l1 and get(sp, t, m - X[sp]) + get(s, sp - 1, m) - P[s] == target:
+                if m >= l1 and get(sp, t, m - K[s][sp]) + get(s, sp - 1, m) - P[s] == target:
                     _emit_option1(out, s, sp)
                     stack.append((s, sp - 1, m))
-                    stack.append((sp, t, m - X[sp]))
+                    stack.append((sp, t, m - K[s][sp]))
                     break
             else:  # pragma: no cover - the table and the reconstruction disagree
                 raise AssertionError(f"no option reproduces C({s},{t},{m})")
@@ -305,12 +342,12 @@ def min_memory_schedule(costs: ChainCosts) -> tuple[Schedule, int]:
                 c.fa[s] + c.b[s] + tim[s + 1][t],
             )
             choice = 0
-            fr = x[t + 1] + x[s + 1] + c.fp[s]
+            fr = c.req_fwd_step(s, s, t)
             for sp in range(s + 1, t + 1):
                 if sp > s + 1:
                     fr = max(fr, c.req_fwd_step(s, sp - 1, t))
                 cand = (
-                    max(fr, x[sp] + mem[sp][t], mem[s][sp - 1]),
+                    max(fr, c.kept(s, sp) + mem[sp][t], mem[s][sp - 1]),
                     P[sp] - P[s] + tim[sp][t] + tim[s][sp - 1],
                 )
                 if cand < best:

@@ -13,6 +13,13 @@ forward, ``delta[j]`` and the parameter gradients - counted by the memory budget
 model memory - for the backward).  Scratch buffers that kernels allocate outside the
 dispatcher (e.g. oneDNN workspaces) are not seen.
 
+Tuples (:mod:`.chain`): an activation's bytes are the sum of its tensors'
+(:func:`activation_bytes`); a tensor that a stage returns unchanged (the very tensor
+it received: same storage, offset, shape and strides) is *passed through*: it is
+left out of the stage's tape and recorded in :attr:`.costs.ChainCosts.carried` as
+one storage shared by the activations it runs through.  A copy or a view with
+another shape is a new tensor (counted again: safe, never under-counted).
+
 The model is left as found: buffers (BatchNorm running statistics,
 ``num_batches_tracked``) are restored, the global RNG is forked, parameters'
 ``.grad`` is not touched (gradients are taken with ``torch.autograd.grad``).
@@ -36,7 +43,9 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,10 +54,10 @@ from torch.utils._pytree import tree_flatten
 
 from waggle_trainer.common import cpu_model
 
-from .chain import input_needs_grad
+from .chain import Activation, input_needs_grad, tensors_of
 from .costs import ChainCosts, StageCost
 
-__all__ = ["profile_chain", "profile_key", "saved_bytes", "LiveBytes"]
+__all__ = ["profile_chain", "profile_key", "saved_bytes", "activation_bytes", "LiveBytes"]
 
 _cpu_model = cpu_model  # the former name here; bench/adaptation.py (learning) imports it
 
@@ -100,20 +109,53 @@ def _storage_key(t: torch.Tensor) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-def _excluded(stage: nn.Module, inp: torch.Tensor) -> set[int]:
-    ptrs = {inp.untyped_storage().data_ptr()}
+def tensor_bytes(t: torch.Tensor) -> int:
+    """What a tensor holds: its storage's bytes (at least ``numel * element_size``,
+    which an expanded view's gradient takes)."""
+    return max(t.untyped_storage().nbytes(), t.numel() * t.element_size())
+
+
+def activation_bytes(a: Activation) -> int:
+    """Size of an activation: the sum of :func:`tensor_bytes` over its tensors."""
+    return sum(tensor_bytes(t) for t in tensors_of(a))
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or bool(
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )
+
+
+def passed_through(inp: Activation, out: Activation) -> list[int | None]:
+    """For each tensor of ``out``, the position of the tensor of ``inp`` it is (each
+    input tensor matched once), or None for a new one."""
+    free = list(enumerate(tensors_of(inp)))
+    result: list[int | None] = []
+    for o in tensors_of(out):
+        hit = next((k for k, (_, t) in enumerate(free) if _same_tensor(o, t)), None)
+        result.append(None if hit is None else free.pop(hit)[0])
+    return result
+
+
+def _excluded(stage: nn.Module, inp: Activation) -> set[int]:
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors_of(inp)}
     ptrs.update(p.untyped_storage().data_ptr() for p in stage.parameters())
     ptrs.update(b.untyped_storage().data_ptr() for b in stage.buffers())
     return ptrs
 
 
-def saved_bytes(stage: nn.Module, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
+def saved_bytes(stage: nn.Module, inp: Activation) -> tuple[Activation, int]:
     """Run ``stage(inp)`` with autograd; return its output and the tape's bytes.
 
-    The tape's bytes are the unique storages saved for backward plus the output's
-    storage, excluding ``inp``'s storage and the stage's parameters and buffers.
-    The output is always counted, even when it is a view of the input (``Flatten``):
-    the memory model books ``a[j+1]`` apart from ``a[j]``.
+    The tape's bytes are the unique storages saved for backward that are not the
+    output's, excluding ``inp``'s storages and the stage's parameters and buffers,
+    plus the output's tensors (:func:`tensor_bytes`) except those passed through
+    unchanged from ``inp``.  A new output tensor is counted even when it is a view of
+    the input (``Flatten``): the memory model books ``a[j+1]`` apart from ``a[j]``.
     ``inp`` should require grad (or the stage have parameters) for a tape to exist.
     """
     excluded = _excluded(stage, inp)
@@ -127,9 +169,11 @@ def saved_bytes(stage: nn.Module, inp: torch.Tensor) -> tuple[torch.Tensor, int]
 
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = stage(inp)
-    ptr, nbytes = _storage_key(out)
-    storages[ptr] = nbytes
-    return out, sum(storages.values())
+    outputs = tensors_of(out, f"the output of {type(stage).__name__}")
+    new = [t for t, p in zip(outputs, passed_through(inp, out), strict=True) if p is None]
+    out_ptrs = {t.untyped_storage().data_ptr() for t in outputs}
+    tape = sum(nbytes for ptr, nbytes in storages.items() if ptr not in out_ptrs)
+    return out, tape + sum(tensor_bytes(t) for t in new)
 
 
 def _fingerprint(stages: Sequence[nn.Module]) -> str:
@@ -146,15 +190,30 @@ def _fingerprint(stages: Sequence[nn.Module]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def profile_key(stages: Sequence[nn.Module], sample_input: torch.Tensor, loss_fn=None) -> dict:
+def _shape_key(sample: Activation) -> dict:
+    """The input's shape, dtype and grad flag (a tensor's fields as before; lists of
+    them for a tuple)."""
+    tensors = tensors_of(sample, "sample_input")
+    if isinstance(sample, torch.Tensor):
+        return {
+            "input_shape": list(sample.shape),
+            "dtype": str(sample.dtype),
+            "input_requires_grad": bool(sample.requires_grad),
+        }
+    return {
+        "input_shape": [list(t.shape) for t in tensors],
+        "dtype": [str(t.dtype) for t in tensors],
+        "input_requires_grad": [bool(t.requires_grad) for t in tensors],
+    }
+
+
+def profile_key(stages: Sequence[nn.Module], sample_input: Activation, loss_fn=None) -> dict:
     """The fields a cached profile is valid for (JSON-serialisable)."""
     return {
         "format": FORMAT_VERSION,
         "architecture": _fingerprint(stages),
-        "input_shape": list(sample_input.shape),
-        "dtype": str(sample_input.dtype),
-        "input_requires_grad": bool(sample_input.requires_grad),
-        "device": sample_input.device.type,
+        **_shape_key(sample_input),
+        "device": tensors_of(sample_input)[0].device.type,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "cpu": cpu_model(),
@@ -165,20 +224,61 @@ def profile_key(stages: Sequence[nn.Module], sample_input: torch.Tensor, loss_fn
     }
 
 
-def _fresh(sample: torch.Tensor) -> torch.Tensor:
-    if sample.is_floating_point() or sample.is_complex():
-        return torch.randn_like(sample)
-    return sample.detach().clone()
+def _fresh(sample: Activation) -> Activation:
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() or t.is_complex():
+            return torch.randn_like(t).requires_grad_(t.requires_grad)
+        return t.detach().clone()
+
+    out = tuple(one(t) for t in tensors_of(sample))
+    return out if isinstance(sample, tuple) else out[0]
 
 
-def _grad_inputs(stage: nn.Module, inp: torch.Tensor) -> list[torch.Tensor]:
-    return ([inp] if inp.requires_grad else []) + [p for p in stage.parameters() if p.requires_grad]
+def _with_grad(a: Activation, flags: bool | Sequence[bool]) -> Activation:
+    """``a`` detached, its floating tensors requiring grad as ``flags`` says."""
+    tensors = tensors_of(a)
+    if isinstance(flags, bool):
+        flags = [flags] * len(tensors)
+    out = tuple(
+        t.detach().requires_grad_(f and (t.is_floating_point() or t.is_complex()))
+        for t, f in zip(tensors, flags, strict=True)
+    )
+    return out if isinstance(a, tuple) else out[0]
+
+
+class _Parts:
+    """Which storages the activations of a sweep share (:attr:`ChainCosts.carried`)."""
+
+    def __init__(self, x: Activation) -> None:
+        self.parts = [[0, 0, tensor_bytes(t)] for t in tensors_of(x)]  # first, last, bytes
+        self.ids = list(range(len(self.parts)))
+
+    def step(self, j: int, inp: Activation, out: Activation) -> None:
+        ids = []
+        for t, p in zip(tensors_of(out), passed_through(inp, out), strict=True):
+            if p is None:
+                self.parts.append([j + 1, j + 1, tensor_bytes(t)])
+                ids.append(len(self.parts) - 1)
+            else:
+                self.parts[self.ids[p]][1] = j + 1
+                ids.append(self.ids[p])
+        self.ids = ids
+
+    def carried(self) -> tuple[tuple[int, int, int], ...]:
+        spans: dict[tuple[int, int], int] = {}
+        for first, last, nbytes in self.parts:
+            if last > first:
+                spans[(first, last)] = spans.get((first, last), 0) + nbytes
+        return tuple((f, l, b) for (f, l), b in sorted(spans.items()))
 
 
 def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool, tick=None):
-    """One pass over the chain; returns per-stage dicts and the loss time."""
+    """One pass over the chain; returns per-stage dicts, the loss time and (measuring
+    memory) the storages the activations share."""
     rows = []
     a = x
+    parts = _Parts(x) if measure_memory else None
+    input_flags = [t.requires_grad for t in tensors_of(x)]
     for j, stage in enumerate(stages):
         if tick is not None:
             tick()
@@ -194,10 +294,12 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool, tick=None):
                 out = stage(a)
         row["forward_s"] = time.perf_counter() - t0
         if mode is not None:
-            row["output_bytes"] = out.untyped_storage().nbytes()
+            row["output_bytes"] = activation_bytes(out)
             fn_transient = mode.peak - mode.live
+            assert parts is not None
+            parts.step(j, a, out)
         # forward with autograd
-        inp = a.detach().requires_grad_(needs_grad[j])
+        inp = _with_grad(a, input_flags if j == 0 else needs_grad[j])
         t0 = time.perf_counter()
         if mode is not None:
             mode = LiveBytes()
@@ -209,42 +311,45 @@ def _sweep(stages, x, needs_grad, loss_fn, measure_memory: bool, tick=None):
                 tape_out = stage(inp)
         row["forward_grad_s"] = time.perf_counter() - t0
         # backward from a fresh random delta[j+1]
-        wrt = _grad_inputs(stage, inp)
+        wrt_inputs = [t for t in tensors_of(inp) if t.requires_grad]
+        params = [p for p in stage.parameters() if p.requires_grad]
+        roots = [t for t in tensors_of(tape_out) if t.requires_grad]
         row["backward_s"], row["backward_peak_bytes"] = 0.0, 0
-        if tape_out.requires_grad and wrt:
-            delta = torch.randn_like(tape_out)
+        if roots and wrt_inputs + params:
+            deltas = [torch.randn_like(t) for t in roots]
             mode = LiveBytes() if measure_memory else None
             t0 = time.perf_counter()
             if mode is not None:
                 with mode:
-                    grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
+                    grads = torch.autograd.grad(
+                        roots, wrt_inputs + params, deltas, allow_unused=True
+                    )
                 # + the largest weight gradient: training accumulates into an existing
                 # ``.grad``, so each new gradient is a transient until it is added.
-                largest = max(
-                    (p.numel() * p.element_size() for p in wrt[1 if inp.requires_grad else 0 :]),
-                    default=0,
-                )
+                largest = max((p.numel() * p.element_size() for p in params), default=0)
                 row["backward_peak_bytes"] = max(mode.peak - mode.live, 0) + largest
             else:
-                grads = torch.autograd.grad(tape_out, wrt, delta, allow_unused=True)
+                grads = torch.autograd.grad(roots, wrt_inputs + params, deltas, allow_unused=True)
             row["backward_s"] = time.perf_counter() - t0
-            del grads, delta
-        del tape_out, inp
+            del grads, deltas
+        del tape_out, inp, roots, wrt_inputs
         rows.append(row)
         a = out
     loss_s = 0.0
     if loss_fn is not None:
-        inp = a.detach().requires_grad_(True)
+        inp = _with_grad(a, True)
         t0 = time.perf_counter()
         with torch.enable_grad():
             loss = loss_fn(inp)
-            torch.autograd.grad(loss, [inp])
+            torch.autograd.grad(loss, [t for t in tensors_of(inp) if t.requires_grad])
         loss_s = time.perf_counter() - t0
-    return rows, loss_s
+    return rows, loss_s, (parts.carried() if parts is not None else ())
 
 
 def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> ChainCosts:
-    needs_grad = input_needs_grad(stages, bool(sample_input.requires_grad))
+    needs_grad = input_needs_grad(
+        stages, any(t.requires_grad for t in tensors_of(sample_input, "sample_input"))
+    )
     total = len(stages) * (1 + repeats)
     done = 0
 
@@ -256,15 +361,16 @@ def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> Ch
 
     buffers = {id(b): b for stage in stages for b in stage.buffers()}
     saved = [(b, b.detach().clone()) for b in buffers.values()]
-    devices = [sample_input.device.index or 0] if sample_input.is_cuda else []
+    first = tensors_of(sample_input)[0]
+    devices = [first.device.index or 0] if first.is_cuda else []
     started = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=devices):
-            memory_rows, _ = _sweep(
+            memory_rows, _, carried = _sweep(
                 stages, _fresh(sample_input), needs_grad, loss_fn, measure_memory=True, tick=tick
             )
             timed = [
-                _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False, tick)
+                _sweep(stages, _fresh(sample_input), needs_grad, loss_fn, False, tick)[:2]
                 for _ in range(repeats)
             ]
     finally:
@@ -288,7 +394,7 @@ def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> Ch
         for j in range(len(stages))
     )
     return ChainCosts(
-        input_bytes=sample_input.untyped_storage().nbytes(),
+        input_bytes=activation_bytes(sample_input),
         stages=stage_costs,
         loss_s=statistics.median(loss for _, loss in timed),
         meta={
@@ -296,20 +402,22 @@ def _measure(stages, names, sample_input, loss_fn, repeats, progress=None) -> Ch
             "profile_s": round(time.perf_counter() - started, 3),
             "created": time.time(),
         },
+        carried=carried,
     )
 
 
 def profile_chain(
     stages: Sequence[nn.Module],
-    sample_input: torch.Tensor,
+    sample_input: Activation,
     *,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
     repeats: int = 3,
     cache_dir: str | os.PathLike | None = None,
     names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ChainCosts:
-    """Profile ``stages`` (a chain, see :mod:`.chain`) for inputs like ``sample_input``.
+    """Profile ``stages`` (a chain, see :mod:`.chain`) for inputs like ``sample_input``
+    (a tensor or a tuple of tensors).
 
     Only the shape, dtype, device and ``requires_grad`` of ``sample_input`` are used
     (floating inputs are replaced by fresh ``randn`` data each sweep).  ``loss_fn``
@@ -351,9 +459,7 @@ def profile_chain(
                     stacklevel=2,
                 )
     costs = _measure(stages, names, sample_input, loss_fn, repeats, progress)
-    costs = ChainCosts(
-        costs.input_bytes, costs.stages, costs.loss_s, {**costs.meta, **key, "stage_names": names}
-    )
+    costs = replace(costs, meta={**costs.meta, **key, "stage_names": names})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".profile-", suffix=".tmp", dir=path.parent)

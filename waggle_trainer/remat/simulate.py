@@ -8,15 +8,21 @@ The memory model is the one the torch executor implements (see ``costs.py`` and
 * ``a[j]`` (j >= 1, ``output_bytes[j-1]``) lives while anything holds it: it is
   *pending* from its production until consumed (``FN j``, ``FC j``, ``FA j`` or
   ``LOSS``); ``FC j`` stores it as a checkpoint until ``BW j``; ``FA j``'s tape
-  references it until ``BW j``; if ``FA j-1`` produced it, it is part of that tape
-  (counted in ``saved_bytes[j-1]``, not again) while the tape lives.
-* ``FN/FC j`` transiently add ``output_bytes[j] + forward_peak_bytes[j]``;
-  ``FA j`` adds ``saved_bytes[j] + forward_peak_bytes[j]`` and keeps the tape.
+  references it until ``BW j``; if ``FA j-1`` produced it, that tape holds it too.
+* Activations are counted by their parts (:meth:`.costs.ChainCosts.parts`): a
+  storage several activations share (a tensor passed through unchanged) counts once
+  while any of them lives.  Without shared storages, each live ``a[k]`` counts its
+  size.
+* ``FN/FC j`` transiently add the parts of ``a[j+1]`` not yet live and
+  ``forward_peak_bytes[j]``; ``FA j`` adds ``saved_bytes[j] + forward_peak_bytes[j]``
+  and keeps the tape, whose ``saved_bytes`` include ``a[j+1]``'s new parts.
 * ``LOSS`` produces ``delta[n]`` (``output_bytes[n-1]``), then frees ``a[n]``
-  unless something else holds it.
+  unless something else holds it.  ``delta[n]`` lives until the end: the autograd
+  engine holds the gradient it hands to the executor's ``Function`` until that
+  ``Function``'s backward, the whole backward phase, returns.
 * ``BW j`` peaks at the live set + ``delta[j]`` + ``backward_peak_bytes[j]``, then
   frees tape ``j``, ``a[j]``'s holds, ``a[j+1]`` (the output it differentiates)
-  and ``delta[j+1]``; ``delta[j]`` stays.
+  and ``delta[j+1]`` (but ``delta[n]``); ``delta[j]`` stays.
 
 Validity: ops and stage indices exist; ``FN/FC/FA j`` need ``a[j]`` live and must not
 produce an ``a[j+1]`` (or a tape ``j``) that is already live; ``LOSS`` exactly once,
@@ -69,18 +75,42 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
     """
     st = costs.stages
     n = len(st)
-    x = [costs.input_bytes] + [s.output_bytes for s in st]  # size of a[k] and delta[k]
-    live: dict[int, int] = {0: _PENDING}  # a[0] always live; bits only matter for k >= 1
+    x = costs.sizes()  # size of a[k] and delta[k]
+    part_bytes, parts_of = costs.parts()
+    users = [0] * len(part_bytes)  # live activations holding each part
+    # what tape j holds beyond a[j+1]'s parts not in a[j] (those are inside saved_bytes)
+    tape_own = [
+        s.saved_bytes - sum(part_bytes[p] for p in parts_of[j + 1] if p not in parts_of[j])
+        for j, s in enumerate(st)
+    ]
+    live: dict[int, int] = {}  # a[k] -> holder bits; a[0] always live
     tapes: set[int] = set()
     deltas: set[int] = set()
-    cur = costs.input_bytes
-    peak = cur
+    cur = 0
     time = 0.0
     ckpts = 0
     max_ckpts = 0
     n_fwd = n_fa = 0
     loss_done = False
     next_bw = n - 1
+
+    def fresh(k: int) -> int:
+        """Bytes a[k] would add if it became live now."""
+        return sum(part_bytes[p] for p in parts_of[k] if not users[p])
+
+    def hold(k: int, bits: int) -> int:
+        """Add holder bits to a[k]; return the bytes it adds."""
+        h = live.get(k)
+        if h is not None:
+            live[k] = h | bits
+            return 0
+        live[k] = bits
+        added = 0
+        for p in parts_of[k]:
+            if not users[p]:
+                added += part_bytes[p]
+            users[p] += 1
+        return added
 
     def drop(k: int, bits: int) -> int:
         """Remove holder bits from a[k]; return the bytes freed (k >= 1)."""
@@ -91,16 +121,19 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
             live[0] = (h & ~bits) or _PENDING
             return 0
         nh = h & ~bits
-        freed = 0
-        if nh == 0:
-            del live[k]
-            if not h & _IN_TAPE:
-                freed = x[k]
-        else:
+        if nh:
             live[k] = nh
-            if h & _IN_TAPE and not nh & _IN_TAPE:  # the tape went, others still hold it
-                freed = -x[k]
+            return 0
+        del live[k]
+        freed = 0
+        for p in parts_of[k]:
+            users[p] -= 1
+            if not users[p]:
+                freed += part_bytes[p]
         return freed
+
+    cur = hold(0, _PENDING)
+    peak = cur
 
     for i, action in enumerate(schedule):
         try:
@@ -142,13 +175,14 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
             peak = max(peak, cur + x[j] + s.backward_peak_bytes)
             time += s.backward_s
             tapes.discard(j)
-            cur -= s.saved_bytes
+            cur -= tape_own[j]
             if live.get(j, 0) & _STORED:
                 ckpts -= 1
             cur -= drop(j, _STORED | _TAPE_REF)
             cur -= drop(j + 1, _IN_TAPE | _PENDING)  # backward(a[j+1], delta[j+1])
-            deltas.discard(j + 1)
-            cur -= x[j + 1]
+            if j + 1 < n:  # delta[n] is held by autograd until the backward ends
+                deltas.discard(j + 1)
+                cur -= x[j + 1]
             deltas.add(j)
             cur += x[j]
             next_bw -= 1
@@ -164,19 +198,18 @@ def simulate(schedule: Schedule, costs: ChainCosts, *, slots: int | None = None)
         if op == FA:
             if j in tapes:
                 raise InvalidSchedule(f"FA {j}: tape of stage {j} already live", i, action)
-            peak = max(peak, cur + s.saved_bytes + s.forward_peak_bytes)
+            added = tape_own[j] + fresh(j + 1)
+            peak = max(peak, cur + added + s.forward_peak_bytes)
             time += s.forward_grad_s
             n_fa += 1
             tapes.add(j)
-            cur += s.saved_bytes
-            live[j + 1] = _PENDING | _IN_TAPE
+            cur += tape_own[j] + hold(j + 1, _PENDING | _IN_TAPE)
             live[j] = (h & ~_PENDING) | _TAPE_REF
             continue
-        peak = max(peak, cur + s.output_bytes + s.forward_peak_bytes)
+        peak = max(peak, cur + fresh(j + 1) + s.forward_peak_bytes)
         time += s.forward_s
         n_fwd += 1
-        cur += s.output_bytes
-        live[j + 1] = _PENDING
+        cur += hold(j + 1, _PENDING)
         if op == FC:
             if not h & _STORED:
                 ckpts += 1
