@@ -157,6 +157,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"updates: {s['updates']} made{last}, {s['published']} delivered to the broker, "
         f"{s['outbox_updates']} in the outbox ({format_size(s['outbox_bytes'])})"
     )
+    if s.get("adopted_versions"):
+        versions = s["adopted_versions"]
+        lines.append(
+            f"global models: version{'s' if len(versions) > 1 else ''} "
+            f"{', '.join(versions)} adopted this run"
+        )
     if s["disk_full_events"]:
         lines.append(f"disk full: {s['disk_full_events']} failed write(s); see the log")
     return lines
