@@ -459,13 +459,20 @@ class LoopHooks:
         code = self.server.exit_code
         if code is not None:
             return f"the demo's server ended (exit {code}; its log: {self.server.log_path})"
-        if not self.stop_at_loop or not daemon.history:
-            return None
-        last = daemon.history[-1]
-        base = str(last.get("base_version") or "")
-        if base.isdigit() and int(base) >= 2:
-            return f"the loop is closed (round {last['round']} trained on global version {base})"
+        if self.stop_at_loop and daemon.history and closes_the_loop(daemon.history[-1]):
+            last = daemon.history[-1]
+            return (
+                f"the loop is closed (round {last['round']} trained on global version "
+                f"{last['base_version']})"
+            )
         return None
+
+
+def closes_the_loop(entry: dict[str, Any]) -> bool:
+    """A round of the history trained on a server version aggregated from updates
+    (2 or later: version 1 is the node's own student at start)."""
+    base = str(entry.get("base_version") or "")
+    return base.isdigit() and int(base) >= 2
 
 
 def write_initial_weights(student, path: Path) -> None:
@@ -499,8 +506,8 @@ def run_demo(
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except DemoError as exc:
-        print(f"waggle-trainer demo: {exc}", file=sys.stderr)
+    except (DemoError, OSError) as exc:
+        print(f"waggle-trainer demo: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     from waggle_trainer.remat.allocator import reexec_under
 
@@ -512,8 +519,8 @@ def run_demo(
         alone = prepare_broker(setup)
         if alone is None:
             register_node_key(setup)
-    except DemoError as exc:
-        print(f"waggle-trainer demo: {exc}", file=sys.stderr)
+    except (DemoError, OSError) as exc:
+        print(f"waggle-trainer demo: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     server = None
     cfg = setup.cfg
@@ -548,6 +555,13 @@ def run_demo(
     return EXIT_OK
 
 
+def _one_line(exc: Exception) -> str:
+    """A DemoError's text; an OSError as ``path: reason`` (a file the demo makes)."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return str(exc)
+
+
 def report(
     s: Setup,
     daemon: Daemon,
@@ -564,6 +578,18 @@ def report(
     lines = summary_lines(summary)
     if server is not None:
         lines.append(server_line(s, server_code))
+        if not any(closes_the_loop(h) for h in daemon.history):
+            lines.append(
+                "the loop did not close: "
+                + (
+                    "no round was accepted, so the node sent no update (the drift guard "
+                    "judges a round once the held-out frames give evidence; a longer "
+                    "--duration gives it time)"
+                    if not summary["updates"]
+                    else f"the run ended before a round trained on a version aggregated "
+                    f"from the node's {summary['published']} delivered update(s)"
+                )
+            )
     if alone is not None:
         lines.append(
             f"{alone}, so the node ran alone and delivered nothing "

@@ -34,6 +34,18 @@ ROOT = HERE.parents[1]
 SVG = "{http://www.w3.org/2000/svg}"
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_log_handlers():
+    """Tests before these that ran the command line in-process left its stderr handler
+    (``common.setup_logging``) on the root logger, bound to a capture since closed;
+    the command line here adds its own: both are gone afterwards."""
+    root = logging.getLogger()
+    saved = list(root.handlers)
+    root.handlers[:] = [h for h in saved if type(h) is not logging.StreamHandler]
+    yield
+    root.handlers[:] = saved
+
+
 @pytest.fixture
 def demo_names(names):
     """The broker names of ``names`` plus the demo's model exchange and node queue."""
@@ -300,3 +312,17 @@ def test_outside_the_repository_the_command_says_where_to_run_it(tmp_path, monke
         "repository's root, as `make run` does)\n",
     )
     assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+@pytest.mark.broker
+def test_a_run_that_ends_before_the_loop_closes_says_so(tmp_path, demo_names, capsys):
+    node, server = configs(tmp_path, demo_names)
+    assert run_demo(node, server, max_rounds=1, **factories(0.05)) == 0
+    out = capsys.readouterr().out
+    assert "stopped: --max-rounds 1 reached" in out
+    assert "global models: version 1 adopted this run" in out
+    [line] = [x for x in out.splitlines() if x.startswith("the loop did not close")]
+    assert line.startswith(
+        "the loop did not close: the run ended before a round trained on a version "
+        "aggregated from the node's "
+    ), out
