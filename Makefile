@@ -12,14 +12,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
 	touch $(STAMP)
 
-# The main job: the node daemon on deploy/demo.toml (a real street clip as the camera,
-# the reference teacher, a student adapting under a budget that forces checkpointing,
-# updates to the outbox and to a local broker if one answers) for 100 s.
-DEMO := .demo
+# The main job, the whole loop (waggle_trainer/demo.py): the node daemon on
+# deploy/demo.toml (a real street clip as the camera, the reference teacher, a student
+# adapting under a budget that forces checkpointing) and, when a broker answers at
+# 127.0.0.1:5672, the server on deploy/demo-server.toml that aggregates its updates into
+# versions the node adopts; the learning curve in .demo/learning-curve.svg at the end.
 run: $(STAMP)
-	@mkdir -p $(DEMO) && chmod 700 $(DEMO)
-	@test -s $(DEMO)/hmac.key || (umask 077 && head -c 32 /dev/urandom > $(DEMO)/hmac.key)
-	$(BIN)/waggle-trainer run --config deploy/demo.toml --duration 100 $(ARGS)
+	$(BIN)/waggle-trainer demo $(ARGS)
 
 # Lint and types (configuration in pyproject.toml); part of `make test`.
 check: $(STAMP)

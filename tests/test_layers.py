@@ -101,3 +101,19 @@ def test_the_needs_grad_loop_has_one_home():
     loop = "any(p.requires_grad for p in stage.parameters())"
     found = [str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if loop in p.read_text()]
     assert found == ["remat/chain.py"]
+
+
+@pytest.mark.parametrize(
+    "layer, forbidden",
+    [
+        ("node", ("waggle_trainer.server", "waggle_trainer.demo")),
+        ("server", ("waggle_trainer.node", "waggle_trainer.learn", "waggle_trainer.demo")),
+        ("transport", ("waggle_trainer.node", "waggle_trainer.server", "waggle_trainer.demo")),
+    ],
+)
+def test_node_and_server_meet_only_at_the_top(layer, forbidden):
+    """The node and the server never import each other; only the top level (the demo)
+    composes both."""
+    for path in sorted((PKG / layer).glob("*.py")):
+        bad = sorted(n for n in imports(path) if n.startswith(forbidden))
+        assert bad == [], (path.name, bad)

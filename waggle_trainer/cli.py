@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "waggle_trainer.learn.adapt_cli",
     "waggle_trainer.remat.cli",
     "waggle_trainer.server.cli",
+    "waggle_trainer.demo",
 )
 
 

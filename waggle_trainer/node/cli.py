@@ -15,7 +15,8 @@ from waggle_trainer.learn.cli import positive_int
 EXIT_USAGE = 2
 
 
-def _positive_float(value: str) -> float:
+def positive_seconds(value: str) -> float:
+    """argparse type: a finite number of seconds > 0, else one clear line."""
     try:
         x = float(value)
     except ValueError:
@@ -40,7 +41,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--duration",
-        type=_positive_float,
+        type=positive_seconds,
         default=None,
         metavar="S",
         help="stop after S seconds of training",
@@ -61,7 +62,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "--progress-within",
-        type=_positive_float,
+        type=positive_seconds,
         default=None,
         metavar="S",
         help="health check: exit 0 if the daemon processed a frame or a step in "
@@ -157,6 +158,12 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
         f"updates: {s['updates']} made{last}, {s['published']} delivered to the broker, "
         f"{s['outbox_updates']} in the outbox ({format_size(s['outbox_bytes'])})"
     )
+    if s.get("adopted_versions"):
+        versions = s["adopted_versions"]
+        lines.append(
+            f"global models: version{'s' if len(versions) > 1 else ''} "
+            f"{', '.join(versions)} adopted this run"
+        )
     if s["disk_full_events"]:
         lines.append(f"disk full: {s['disk_full_events']} failed write(s); see the log")
     return lines

@@ -117,6 +117,10 @@ class Loop(Protocol):
 
 LoopFactory = Callable[[Config, Path], Loop]
 SourceFactory = Callable[[Config], FrameSource]
+#: ``before_training(daemon)``: after start-up, before the first frame (may raise
+#: StartupError); ``stop_when(daemon)``: after every round, an exit reason to stop.
+Hook = Callable[["Daemon"], None]
+StopCondition = Callable[["Daemon"], str | None]
 
 
 def default_loop(cfg: Config, state_dir: Path) -> Loop:
@@ -229,6 +233,7 @@ class Counters:
     update_bytes: int = 0
     disk_full_events: int = 0
     adopted: int = 0
+    adopted_run: list[str] = field(default_factory=list)  # versions adopted this run, in order
     stale_dropped: int = 0  # updates dropped: their base is no longer accepted by the server
     first_agreement: float | None = None
     last_agreement: float | None = None
@@ -290,7 +295,14 @@ class _ClearBefore(logging.Filter):
 
 
 class Daemon:
-    """Composition of the node: build with a config, call :meth:`run`."""
+    """Composition of the node: build with a config, call :meth:`run`.
+
+    An orchestrator that runs other processes beside the node (``waggle-trainer
+    demo``) passes ``before_training``, called once start-up is done and before the
+    first frame (it may raise :class:`StartupError`: the daemon then stops as for a
+    failed start, exit 2), and ``stop_when``, called after every round: a string
+    ends the run with that exit reason.  ``command`` names the command in the one
+    line a failed start prints."""
 
     def __init__(
         self,
@@ -303,8 +315,14 @@ class Daemon:
         duration_s: float | None = None,
         notifier: Notifier | None = None,
         progress: Progress | None = None,
+        before_training: Hook | None = None,
+        stop_when: StopCondition | None = None,
+        command: str = "waggle-trainer run",
     ):
         self.cfg = cfg
+        self.before_training = before_training
+        self.stop_when = stop_when
+        self.command = command
         self.config_path = config_path
         self.loop_factory = loop_factory
         self.source_factory = source_factory
@@ -468,8 +486,10 @@ class Daemon:
         self._install_signals()
         try:
             self.start()
+            if self.before_training is not None:
+                self.before_training(self)
         except StartupError as exc:
-            print(f"waggle-trainer run: {exc}", file=sys.stderr)
+            print(f"{self.command}: {exc}", file=sys.stderr)
             self.notifier.notify(STATUS=f"failed: {exc}")
             self._shutdown(flush=False)
             return EXIT_CONFIG
@@ -479,8 +499,8 @@ class Daemon:
             "ready: node %s, state %s, transport %s, telemetry %s, allocator %s%s",
             self.node_id,
             self.state_dir,
-            "on" if self.publisher else "off",
-            "on" if self.telemetry else "off",
+            "on" if self.publisher is not None else "off",
+            "on" if self.telemetry is not None else "off",  # (empty Telemetry is falsy)
             self.allocator,
             ", optimiser step fused" if self.cfg.memory.fused_step else "",
         )
@@ -513,6 +533,10 @@ class Daemon:
                 self._on_round(result)
                 rounds_this_run += 1
                 self._between_rounds()
+                reason = self.stop_when(self) if self.stop_when is not None else None
+                if reason:
+                    self.exit_reason = reason
+                    break
             self._watchdog()
             self._touch_progress()
             self._note_publishes()
@@ -550,6 +574,7 @@ class Daemon:
             "agreement_after": _maybe_float(r.agreement_after),
             "loss": float(r.loss),
             "samples": int(r.samples),
+            "base_version": self.base_version,  # the base this round trained on
             "teacher_calls": int(r.teacher_calls),
             "frames_seen": int(r.frames_seen),
             "frames_skipped": int(r.frames_skipped),
@@ -708,6 +733,19 @@ class Daemon:
                 self._save_state()
         self._maybe_adopt()
 
+    @property
+    def stop_requested(self) -> bool:
+        """A stop signal (SIGTERM, SIGINT) arrived: hooks waiting on something end."""
+        return self._stop_requested
+
+    def adopt_received(self) -> bool:
+        """Adopt a global model that is waiting (received from the server, or a changed
+        ``global_model_file``) now rather than after the next round; whether the base
+        changed.  For ``before_training`` hooks."""
+        before = self.base_version
+        self._maybe_adopt()
+        return self.base_version != before
+
     def _maybe_adopt(self) -> None:
         if self.models is not None:
             mv = self.models.take()
@@ -783,6 +821,7 @@ class Daemon:
         self.base = floating(weights)
         old, self.base_version = self.base_version, version
         self.counters.adopted += 1
+        self.counters.adopted_run.append(version)
         self._unsaved = True
         self._save_state()
         log.info("adopted global model %s (was %s) from %s", version, old, source)
@@ -1126,6 +1165,7 @@ class Daemon:
             "outbox_bytes": self.outbox.bytes if hasattr(self, "outbox") else 0,
             "published": self.publisher.published_updates if self.publisher else 0,
             "base_version": getattr(self, "base_version", None),
+            "adopted_versions": list(c.adopted_run),
             "disk_full_events": c.disk_full_events,
             "exit_reason": self.exit_reason,
             "allocator": self.allocator,
