@@ -84,6 +84,8 @@ class RunSpec:
     optimizer: OptimizerName = "sgd"
     learning_rate: float = 0.01
     momentum: float = 0.9
+    # None: the optimiser's own default; else on weights only (remat/optim.py)
+    weight_decay: float | None = None
     replan_threshold: float = 0.1
     cache_dir: Path | None = None
     seed: int = 0
@@ -441,7 +443,11 @@ class PlannedTraining:
         chain.profile(torch.empty(*spec.input_shape), progress=measuring)
         watcher = BudgetWatcher(threshold=spec.replan_threshold) if spec.budget == "auto" else None
         optimizer = make_optimizer(
-            model.parameters(), spec.optimizer, lr=spec.learning_rate, momentum=spec.momentum
+            model.parameters(),
+            spec.optimizer,
+            lr=spec.learning_rate,
+            momentum=spec.momentum,
+            weight_decay=spec.weight_decay,
         )
         training = cls(spec, model, chain, optimizer, budget, watcher=watcher)
         training.profiled_here = bool(profiled)

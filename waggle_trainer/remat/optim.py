@@ -43,18 +43,29 @@ def make_optimizer(
     *,
     lr: float,
     momentum: float = 0.9,
+    weight_decay: float | None = None,
 ) -> torch.optim.Optimizer:
     """The optimiser ``name`` (``sgd``, ``adam``, ``adamw``) over ``params``.
 
     ``momentum`` applies to SGD only (0 = plain SGD, no state); Adam and AdamW use
-    torch's defaults otherwise.  Raises ValueError for any other name.
+    torch's defaults otherwise.  ``weight_decay`` (None: torch's default of the
+    optimiser) applies to weights of two or more dimensions only: biases and
+    BatchNorm's scales and shifts are not decayed (two parameter groups, the decayed
+    first).  Raises ValueError for any other name.
     """
     import torch
 
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer {name!r} (allowed: {', '.join(OPTIMIZER_NAMES)})")
+    groups: list | Iterable[torch.nn.Parameter] = params
+    if weight_decay is not None:
+        params = list(params)
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
