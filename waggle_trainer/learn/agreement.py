@@ -35,14 +35,21 @@ def average_precision(
     ``boxes``, ``scores``, ``classes``; the truths' scores are ignored).  A prediction
     is a true positive when it overlaps a not yet matched truth of its class in its
     image by at least ``iou_threshold``, predictions taken in descending score order.
-    None when no image has a truth of class ``cls`` (AP is undefined).
+    A prediction that matches no truth but lies at least half inside one of the
+    truths' ``ignore_boxes`` of its class (the teacher was unsure there) counts
+    neither way, as COCO's crowd regions.  None when no image has a truth of class
+    ``cls`` (AP is undefined).
     """
     if len(predictions) != len(truths):
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} images")
     records: list[tuple[float, int, int]] = []  # score, image, box index
     gts: list[np.ndarray] = []
+    ignores: list[np.ndarray] = []
     for i, (p, t) in enumerate(zip(predictions, truths, strict=True)):
         gts.append(np.asarray(t.boxes, np.float32).reshape(-1, 4)[np.asarray(t.classes) == cls])
+        ib = np.asarray(getattr(t, "ignore_boxes", np.zeros((0, 4))), np.float32).reshape(-1, 4)
+        ic = np.asarray(getattr(t, "ignore_classes", np.zeros(0)), np.int64).reshape(-1)
+        ignores.append(ib[ic == cls])
         pc = np.flatnonzero(np.asarray(p.classes) == cls)
         records += [(float(np.asarray(p.scores)[j]), i, int(j)) for j in pc]
     n_truth = sum(len(g) for g in gts)
@@ -51,28 +58,63 @@ def average_precision(
     records.sort(key=lambda r: -r[0])
     matched = [np.zeros(len(g), bool) for g in gts]
     tp = np.zeros(len(records))
+    counted = np.ones(len(records), bool)
     for k, (_, i, j) in enumerate(records):
         g = gts[i]
-        if len(g) == 0:
-            continue
         box = np.asarray(predictions[i].boxes, np.float32).reshape(-1, 4)[j]
-        ious = iou_matrix(box[None], g)[0]
-        ious[matched[i]] = -1.0
-        best = int(np.argmax(ious))
-        if ious[best] >= iou_threshold:
-            matched[i][best] = True
-            tp[k] = 1.0
-    if not len(records):
+        if len(g):
+            ious = iou_matrix(box[None], g)[0]
+            ious[matched[i]] = -1.0
+            best = int(np.argmax(ious))
+            if ious[best] >= iou_threshold:
+                matched[i][best] = True
+                tp[k] = 1.0
+                continue
+        if len(ignores[i]) and _inside_fraction(box, ignores[i]).max() >= 0.5:
+            counted[k] = False
+    tp = tp[counted]
+    if not len(tp):
         return 0.0
     ctp = np.cumsum(tp)
     recall = ctp / n_truth
-    precision = ctp / np.arange(1, len(records) + 1)
+    precision = ctp / np.arange(1, len(tp) + 1)
     # precision envelope, then area under the step curve at each recall change
     mrec = np.concatenate([[0.0], recall, [1.0]])
     mpre = np.concatenate([[1.0], precision, [0.0]])
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def _inside_fraction(box: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """Fraction of ``box``'s area inside each of ``regions`` [K, 4]."""
+    ix = np.clip(np.minimum(box[2], regions[:, 2]) - np.maximum(box[0], regions[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], regions[:, 3]) - np.maximum(box[1], regions[:, 1]), 0, None)
+    area = max(float((box[2] - box[0]) * (box[3] - box[1])), 1e-9)
+    return ix * iy / area
+
+
+def weighted_ap50(predictions: Sequence, truths: Sequence, num_classes: int) -> tuple[float, dict]:
+    """AP50 per class, averaged with each class weighted by its share of the truths'
+    boxes; and AP50 per class (None: no truth).
+
+    The drift guard's signal: a plain mean over classes lets a class with a handful
+    of boxes (three parked cars, labelled in every frame) swing the verdict between
+    0 and 1 while the class the task is about moves the other way (measured).  When
+    no class has a truth: 1.0 when the student predicts no box, else 0.0.
+    """
+    per_class = {c: average_precision(predictions, truths, c) for c in range(num_classes)}
+    counts = {c: 0 for c in range(num_classes)}
+    for t in truths:
+        for c in np.asarray(t.classes, np.int64).reshape(-1):
+            if 0 <= int(c) < num_classes:
+                counts[int(c)] += 1
+    total = sum(counts[c] for c, v in per_class.items() if v is not None)
+    if total:
+        score = sum(counts[c] * v for c, v in per_class.items() if v is not None) / total
+        return float(score), per_class
+    any_box = any(len(np.asarray(p.scores)) for p in predictions)
+    return (0.0 if any_box else 1.0), per_class
 
 
 def mean_ap50(predictions: Sequence, truths: Sequence, num_classes: int) -> tuple[float, dict]:
