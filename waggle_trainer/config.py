@@ -359,20 +359,38 @@ class StudentSection(_Section):
 
 class TrainingSection(_Section):
     batch_size: int = Field(8, ge=1)
-    learning_rate: float = Field(0.01, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    optimizer: OptimizerName = "sgd"
-    steps_per_round: int = Field(20, ge=1)
+    optimizer: OptimizerName = "adamw"
+    weight_decay: float = Field(1e-4, ge=0, lt=1)
+    warmup_steps: int = Field(20, ge=1)
+    decay_steps: int = Field(250, ge=0)
+    final_lr_fraction: float = Field(0.05, gt=0, le=1)
+    steps_per_round: int = Field(24, ge=1)
+    new_sample_share: float = Field(0.5, ge=0, le=1)
     hflip: StrictBool = True
+    scale_range: list[float] = Field(default_factory=lambda: [0.7, 1.4])
     seed: int = Field(0, ge=0)
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, v: list[float]) -> list[float]:
+        if len(v) != 2 or not 0 < v[0] <= v[1] <= 4:
+            raise ValueError(
+                f"{v!r} must be two numbers [low, high] with 0 < low <= high <= 4 "
+                "(the zoom of training views; [1, 1] turns it off)"
+            )
+        return v
 
 
 class AdaptationSection(_Section):
     buffer_size: int = Field(256, ge=2)
-    holdout_fraction: float = Field(0.1, gt=0, lt=1)
-    new_samples_per_round: int = Field(16, ge=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    new_samples_per_round: int = Field(4, ge=1)
     teacher_stride_min: int = Field(2, ge=1)
     teacher_stride_max: int = Field(32, ge=1)
+    teacher_budget: float = Field(0.5, gt=0)
+    patience: int = Field(4, ge=1)
     stride_agreement: float = Field(0.6, ge=0, le=1)
     rollback_margin: float = Field(0.05, ge=0, le=1)
     min_holdout_labels: int = Field(8, ge=1)
