@@ -197,7 +197,10 @@ class TeacherSection(_Section):
     scale: float = Field(1.0, gt=0)
     mean: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
     score_threshold: float = Field(0.5, ge=0, le=1)
-    nms_threshold: float = Field(0.45, gt=0, le=1)
+    ignore_threshold: float = Field(0.3, ge=0, le=1)
+    nms_threshold: float = Field(0.5, gt=0, le=1)
+    tiles: int = Field(2, ge=1, le=4)
+    tile_size: float = Field(0.6, gt=0, le=1)
     temperature: float = Field(2.0, gt=0, le=100)
     threads: int = Field(0, ge=0, le=256)
 
@@ -228,6 +231,16 @@ class TeacherSection(_Section):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
             raise ValueError(f"{v!r} is not a torchvision architecture name (e.g. resnet50)")
         return v
+
+    @model_validator(mode="after")
+    def _ignore_below_score(self) -> TeacherSection:
+        if self.ignore_threshold > self.score_threshold:
+            raise ValueError(
+                f"teacher.ignore_threshold: {self.ignore_threshold} is above "
+                f"teacher.score_threshold ({self.score_threshold}); boxes scoring between "
+                "the two are ignore regions (make them equal for none)"
+            )
+        return self
 
 
 TaskKind = Literal["detect", "classify"]

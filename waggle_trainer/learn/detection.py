@@ -12,8 +12,11 @@ A box with centre ``(cx, cy)`` (cells) puts a Gaussian peak of value 1 at cell
 ``gaussian_radius``; the size and offset are regressed at that cell only.  The
 heat-map loss is the penalty-reduced focal loss (alpha 2, beta 4) over all cells,
 normalised by the number of centres; size (weight 0.1) and offset (weight 1) are
-L1 losses at centres.  Decoding: sigmoid, 3x3 max-pool to keep local peaks (the
-"NMS"), the top ``max_detections`` peaks above ``score_threshold``.
+L1 losses at centres.  Ignore regions (``Detections.ignore_boxes``, and boxes too
+small to learn) mark the cells they cover in their class's heat-map with target -1
+wherever no positive Gaussian reaches: those cells add no loss.  Decoding: sigmoid,
+3x3 max-pool to keep local peaks (the "NMS"), the top ``max_detections`` peaks
+above ``score_threshold``.
 """
 
 from __future__ import annotations
@@ -32,14 +35,74 @@ OFFSET_WEIGHT = 1.0
 MIN_BOX_PX = 2.0
 
 
+def _ignore_of(dets) -> tuple[np.ndarray, np.ndarray]:
+    """(ignore boxes float32 [K, 4], ignore classes int64 [K]) of ``dets``; empty when
+    it has none."""
+    boxes = getattr(dets, "ignore_boxes", None)
+    classes = getattr(dets, "ignore_classes", None)
+    if boxes is None or classes is None:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    return np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64).reshape(-1)
+
+
 def scale_detections(dets, sx: float, sy: float) -> Detections:
     """``dets`` (any object with ``boxes``, ``scores``, ``classes``) in an image scaled
-    by ``sx`` horizontally and ``sy`` vertically; a copy."""
+    by ``sx`` horizontally and ``sy`` vertically, ignore regions too; a copy."""
     scale = np.array([sx, sy, sx, sy], np.float32)
+    ib, ic = _ignore_of(dets)
     return Detections(
         (np.asarray(dets.boxes, np.float32).reshape(-1, 4) * scale).astype(np.float32),
         np.asarray(dets.scores, np.float32).reshape(-1).copy(),
         np.asarray(dets.classes, np.int64).reshape(-1).copy(),
+        (ib * scale).astype(np.float32),
+        ic.copy(),
+    )
+
+
+def affine_detections(
+    dets,
+    sx: float,
+    sy: float,
+    tx: float,
+    ty: float,
+    width: int,
+    height: int,
+    flip: bool = False,
+) -> Detections:
+    """``dets`` mapped by ``x' = x * sx + tx``, ``y' = y * sy + ty`` (then mirrored in a
+    ``width``-pixel image if ``flip``), clipped to ``[0, width] x [0, height]``.  A box
+    keeping less than half its area becomes an ignore region of its class; boxes
+    (and ignore regions) with nothing left vanish."""
+    m = np.array([sx, sy, sx, sy], np.float64)
+    t = np.array([tx, ty, tx, ty], np.float64)
+    lim = np.array([width, height, width, height], np.float64)
+
+    def mapped(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        b = b.astype(np.float64) * m + t
+        b = np.concatenate(
+            [np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])], axis=1
+        )  # a negative scale swaps the corners
+        if flip:
+            b = np.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], axis=1)
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+        c = np.clip(b, 0, lim)
+        kept = (c[:, 2] - c[:, 0]).clip(0) * (c[:, 3] - c[:, 1]).clip(0)
+        return c.astype(np.float32), kept, area
+
+    boxes = np.asarray(dets.boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(dets.scores, np.float32).reshape(-1)
+    classes = np.asarray(dets.classes, np.int64).reshape(-1)
+    b, kept, area = mapped(boxes)
+    whole = (kept > 0) & (kept >= 0.5 * area)
+    cut = (kept > 0) & ~whole
+    ib, ic = _ignore_of(dets)
+    ib2, ikept, _ = mapped(ib)
+    return Detections(
+        b[whole],
+        scores[whole].copy(),
+        classes[whole].copy(),
+        np.concatenate([ib2[ikept > 0], b[cut]]).astype(np.float32),
+        np.concatenate([ic[ikept > 0], classes[cut]]).astype(np.int64),
     )
 
 
@@ -73,7 +136,9 @@ def encode_targets(
     dets: Detections, num_classes: int, grid: tuple[int, int], stride: int
 ) -> torch.Tensor:
     """Dense training target ``[C + 5, h, w]`` for boxes in input pixels: heat-maps,
-    width/height, offset (as the head's output) and a centre mask (last channel)."""
+    width/height, offset (as the head's output) and a centre mask (last channel).
+    Heat-map cells of an ignore region (ignore boxes, boxes under ``MIN_BOX_PX``) that
+    no positive Gaussian reaches are -1."""
     h, w = grid
     heat = np.zeros((num_classes, h, w), np.float32)
     reg = np.zeros((5, h, w), np.float32)  # w, h, dx, dy, mask
@@ -81,10 +146,15 @@ def encode_targets(
     classes = np.asarray(dets.classes, np.int64).reshape(-1)
     # large boxes first, so that a small box's centre wins a shared cell
     order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), kind="stable")
+    ignore_boxes, ignore_classes = _ignore_of(dets)
+    tiny: list[int] = []
     for i in order:
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
         c = int(classes[i])
-        if not 0 <= c < num_classes or x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+        if not 0 <= c < num_classes:
+            continue
+        if x2 - x1 < MIN_BOX_PX or y2 - y1 < MIN_BOX_PX:
+            tiny.append(int(i))
             continue
         bw, bh = (x2 - x1) / stride, (y2 - y1) / stride
         cx, cy = (x1 + x2) / 2 / stride, (y1 + y2) / 2 / stride
@@ -94,6 +164,16 @@ def encode_targets(
         radius = max(0, int(gaussian_radius(math.ceil(bh), math.ceil(bw))))
         _draw_gaussian(heat[c], ix, iy, radius)
         reg[:, iy, ix] = (bw, bh, cx - ix, cy - iy, 1.0)
+    regions = np.concatenate([ignore_boxes, boxes[tiny]])
+    region_classes = np.concatenate([ignore_classes, classes[tiny]])
+    for (x1, y1, x2, y2), c in zip(regions.tolist(), region_classes.tolist(), strict=True):
+        # the cells the box overlaps (a sliver of a box still covers its cell)
+        gx1, gy1 = max(0, math.floor(x1 / stride)), max(0, math.floor(y1 / stride))
+        gx2, gy2 = min(w, math.ceil(x2 / stride)), min(h, math.ceil(y2 / stride))
+        if not 0 <= c < num_classes or gx2 <= gx1 or gy2 <= gy1:
+            continue
+        cells = heat[c, gy1:gy2, gx1:gx2]
+        cells[cells == 0] = -1.0
     return torch.from_numpy(np.concatenate([heat, reg]))
 
 
@@ -101,19 +181,25 @@ def hflip_detections(dets: Detections, width: int) -> Detections:
     """Boxes of the horizontally mirrored image (``width`` pixels wide)."""
     b = np.asarray(dets.boxes, np.float32).reshape(-1, 4).copy()
     b[:, [0, 2]] = width - b[:, [2, 0]]
-    return Detections(b, np.asarray(dets.scores, np.float32), np.asarray(dets.classes, np.int64))
+    ib, ic = _ignore_of(dets)
+    ib = ib.copy()
+    ib[:, [0, 2]] = width - ib[:, [2, 0]]
+    return Detections(
+        b, np.asarray(dets.scores, np.float32), np.asarray(dets.classes, np.int64), ib, ic.copy()
+    )
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Penalty-reduced pixel-wise focal loss (CornerNet), summed over cells and
-    divided by the number of centres (cells where ``target`` is 1)."""
+    divided by the number of centres (cells where ``target`` is 1); cells where
+    ``target`` is negative (ignore regions) add nothing."""
     pos = target.eq(1).float()
-    neg = 1.0 - pos
+    neg = target.ge(0).float() - pos
     log_p = F.logsigmoid(logits)
     log_not_p = F.logsigmoid(-logits)
     p = torch.sigmoid(logits)
     pos_loss = (log_p * (1 - p) ** 2 * pos).sum()
-    neg_loss = (log_not_p * p**2 * (1 - target) ** 4 * neg).sum()
+    neg_loss = (log_not_p * p**2 * (1 - target.clamp(min=0)) ** 4 * neg).sum()
     return -(pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
 
 

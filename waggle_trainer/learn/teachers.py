@@ -11,6 +11,12 @@ returns one label per frame, in the task's classes (``[task] classes``):
   ``score_threshold`` or of unmapped classes are dropped, then non-maximum
   suppression runs within each task class (a car and a truck box on one vehicle
   become one ``vehicle``).  Labels are :class:`Detections` in the frame's pixels.
+  With ``tiles`` >= 2 the detector also looks at an n x n grid of overlapping
+  crops (:func:`tile_grid`): small people the squeezed whole frame misses are found
+  there; a tile's box on an inner tile edge (a person the crop cuts) is dropped, and
+  all looks are merged by per-class NMS (:func:`merge_looks`).  Boxes scoring in
+  ``[ignore_threshold, score_threshold)`` become ignore regions (``ignore_boxes``),
+  where the student is neither rewarded nor punished.
 - :class:`ClassifierTeacher` (``kind = "classify"``): a torchvision architecture with
   weights from a safetensors file or a state dict (``torch.load(weights_only=True)``);
   labels are :class:`SoftLabels`, ``softmax(logits / temperature)``, summed over the
@@ -26,7 +32,7 @@ import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,15 +55,27 @@ class TeacherError(Exception):
     """A teacher that cannot be loaded (one line: which key, which file, why)."""
 
 
+def _no_boxes() -> np.ndarray:
+    return np.zeros((0, 4), np.float32)
+
+
+def _no_classes() -> np.ndarray:
+    return np.zeros(0, np.int64)
+
+
 @dataclass(eq=False)
 class Detections:
     """Boxes of one frame: ``boxes`` float32 [N, 4] x1, y1, x2, y2 in the frame's pixels,
     ``scores`` float32 [N], ``classes`` int64 [N] indices into the task's classes;
-    highest score first."""
+    highest score first.  ``ignore_boxes`` float32 [K, 4] and ``ignore_classes`` int64
+    [K]: regions where the label is uncertain (neither object nor background);
+    empty by default."""
 
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    ignore_boxes: np.ndarray = field(default_factory=_no_boxes)
+    ignore_classes: np.ndarray = field(default_factory=_no_classes)
 
     @classmethod
     def empty(cls) -> Detections:
@@ -87,12 +105,59 @@ class Teacher(ABC):
     #: what model this is, for logs
     description: str
 
+    @property
+    def calls_per_label(self) -> int:
+        """Teacher cost of one label, in equivalent whole-frame network calls."""
+        return 1
+
     @abstractmethod
     def label(self, images: list[np.ndarray]) -> list[Any]:
         """One label per RGB uint8 HxWx3 image: Detections or SoftLabels."""
 
 
 # -------------------------------------------------------------------- detector
+
+
+def _decode_rows(
+    raw: np.ndarray, width: int, height: int, class_ids: dict[int, int], min_score: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(boxes, scores, task classes) of the SSD rows scoring >= ``min_score`` whose
+    class is mapped, boxes in pixels of a ``width`` x ``height`` image; no NMS."""
+    rows = np.asarray(raw, dtype=np.float32).reshape(-1, 7)
+    rows = rows[rows[:, 2] >= min_score]
+    ids = rows[:, 1].astype(np.int64)
+    mapped = np.array([class_ids.get(int(i), -1) for i in ids], dtype=np.int64)
+    keep = mapped >= 0
+    rows, mapped = rows[keep], mapped[keep]
+    boxes = np.clip(
+        rows[:, 3:7] * np.array([width, height, width, height], np.float32),
+        0,
+        [width, height, width, height],
+    ).astype(np.float32)
+    area_ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[area_ok], rows[area_ok, 2].astype(np.float32), mapped[area_ok]
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by per-class NMS (cv2.dnn), highest score first."""
+    if len(scores) == 0:
+        return np.zeros(0, np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), scores.tolist(), classes.tolist(), 0.0, iou)
+    idx = np.asarray(kept, dtype=np.int64).reshape(-1)
+    return idx[np.argsort(-scores[idx], kind="stable")]
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [len(a), len(b)] of x1, y1, x2, y2 boxes."""
+    a = np.asarray(a, np.float64).reshape(-1, 1, 4)
+    b = np.asarray(b, np.float64).reshape(1, -1, 4)
+    iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
+    ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
+    inter = iw * ih
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
 def decode_detections(
@@ -108,28 +173,74 @@ def decode_detections(
     ``raw``: rows ``[image, class id, score, x1, y1, x2, y2]`` (any leading shape),
     coordinates in 0..1; ``class_ids``: teacher class id -> task class index.
     """
-    rows = np.asarray(raw, dtype=np.float32).reshape(-1, 7)
-    rows = rows[rows[:, 2] >= score_threshold]
-    ids = rows[:, 1].astype(np.int64)
-    mapped = np.array([class_ids.get(int(i), -1) for i in ids], dtype=np.int64)
-    keep = mapped >= 0
-    rows, mapped = rows[keep], mapped[keep]
-    boxes = np.clip(
-        rows[:, 3:7] * np.array([width, height, width, height], np.float32),
-        0,
-        [width, height, width, height],
-    ).astype(np.float32)
-    area_ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    boxes, scores, mapped = boxes[area_ok], rows[area_ok, 2].astype(np.float32), mapped[area_ok]
-    if len(scores) == 0:
+    boxes, scores, classes = _decode_rows(raw, width, height, class_ids, score_threshold)
+    idx = _nms(boxes, scores, classes, nms_threshold)
+    if len(idx) == 0:
         return Detections.empty()
-    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    kept = cv2.dnn.NMSBoxesBatched(
-        xywh.tolist(), scores.tolist(), mapped.tolist(), score_threshold, nms_threshold
-    )
-    idx = np.asarray(kept, dtype=np.int64).reshape(-1)
-    idx = idx[np.argsort(-scores[idx], kind="stable")]
-    return Detections(boxes[idx], scores[idx], mapped[idx])
+    return Detections(boxes[idx], scores[idx], classes[idx])
+
+
+def tile_grid(width: int, height: int, tiles: int, size: float) -> list[tuple[int, int, int, int]]:
+    """``tiles`` x ``tiles`` crops (x1, y1, x2, y2) of a ``width`` x ``height`` frame,
+    each ``size`` of the frame's width and height, spread evenly from edge to edge
+    (they overlap when ``tiles * size > 1``); row by row.  ``tiles`` 1: the frame."""
+    if tiles < 1 or not 0 < size <= 1:
+        raise ValueError(f"tile_grid: tiles {tiles} must be >= 1 and size {size} in (0, 1]")
+    if tiles == 1:
+        return [(0, 0, width, height)]
+    tw, th = max(1, round(width * size)), max(1, round(height * size))
+    xs = [round(i * (width - tw) / (tiles - 1)) for i in range(tiles)]
+    ys = [round(j * (height - th) / (tiles - 1)) for j in range(tiles)]
+    return [(x, y, x + tw, y + th) for y in ys for x in xs]
+
+
+def on_inner_edge(
+    boxes: np.ndarray, tile: tuple[int, int, int, int], width: int, height: int, margin: float = 2.0
+) -> np.ndarray:
+    """Bool [N]: which boxes (frame pixels) come within ``margin`` pixels of an edge of
+    ``tile`` that is not the frame's border (an object the crop cuts)."""
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    x1, y1, x2, y2 = tile
+    cut = np.zeros(len(b), bool)
+    if x1 > 0:
+        cut |= b[:, 0] <= x1 + margin
+    if y1 > 0:
+        cut |= b[:, 1] <= y1 + margin
+    if x2 < width:
+        cut |= b[:, 2] >= x2 - margin
+    if y2 < height:
+        cut |= b[:, 3] >= y2 - margin
+    return cut
+
+
+def merge_looks(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    *,
+    score_threshold: float,
+    ignore_threshold: float,
+    nms_threshold: float,
+) -> Detections:
+    """One frame's :class:`Detections` from the boxes of all looks (frame pixels):
+    boxes scoring >= ``score_threshold`` merged by per-class NMS; those scoring in
+    ``[ignore_threshold, score_threshold)`` merged likewise into ignore regions,
+    except where a kept box of the same class overlaps them at IoU >= 0.5."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    scores = np.asarray(scores, np.float32).reshape(-1)
+    classes = np.asarray(classes, np.int64).reshape(-1)
+    sure = scores >= score_threshold
+    unsure = ~sure & (scores >= ignore_threshold)
+    b, s, c = boxes[sure], scores[sure], classes[sure]
+    idx = _nms(b, s, c, nms_threshold)
+    b, s, c = b[idx], s[idx], c[idx]
+    ub, us, uc = boxes[unsure], scores[unsure], classes[unsure]
+    uidx = _nms(ub, us, uc, nms_threshold)
+    ub, uc = ub[uidx], uc[uidx]
+    if len(ub) and len(b):
+        covered = (_box_iou(ub, b) >= 0.5) & (uc[:, None] == c[None, :])
+        ub, uc = ub[~covered.any(axis=1)], uc[~covered.any(axis=1)]
+    return Detections(b, s, c, ub.astype(np.float32), uc.astype(np.int64))
 
 
 _FRAMEWORK_BY_SUFFIX = {
@@ -205,9 +316,13 @@ class DnnDetectorTeacher(Teacher):
         scale: float = 1.0,
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
         score_threshold: float = 0.5,
-        nms_threshold: float = 0.45,
+        nms_threshold: float = 0.5,
+        ignore_threshold: float | None = None,
+        tiles: int = 1,
+        tile_size: float = 0.6,
         description: str = "OpenCV DNN detector",
     ) -> None:
+        """``ignore_threshold`` None: no ignore regions; ``tiles`` 1: whole frame only."""
         self.net = net
         self.classes = list(classes)
         self.class_ids = dict(class_ids)
@@ -219,7 +334,20 @@ class DnnDetectorTeacher(Teacher):
         self.scale = scale
         self.score_threshold = score_threshold
         self.nms_threshold = nms_threshold
+        self.ignore_threshold = score_threshold if ignore_threshold is None else ignore_threshold
+        if self.ignore_threshold > score_threshold:
+            raise ValueError(
+                f"ignore_threshold {self.ignore_threshold} is above score_threshold "
+                f"{score_threshold}"
+            )
+        tile_grid(1, 1, tiles, tile_size)  # checks both
+        self.tiles = tiles
+        self.tile_size = tile_size
         self.description = description
+
+    @property
+    def calls_per_label(self) -> int:
+        return 1 + self.tiles * self.tiles if self.tiles >= 2 else 1
 
     def raw(self, image: np.ndarray) -> np.ndarray:
         """The network's output for one RGB frame."""
@@ -251,15 +379,32 @@ class DnnDetectorTeacher(Teacher):
             )
 
     def label(self, images: list[np.ndarray]) -> list[Any]:
-        out = []
-        for img in images:
-            h, w = img.shape[:2]
-            out.append(
-                decode_detections(
-                    self.raw(img), w, h, self.class_ids, self.score_threshold, self.nms_threshold
-                )
-            )
-        return out
+        return [self.label_one(img) for img in images]
+
+    def label_one(self, image: np.ndarray) -> Detections:
+        """The whole frame, then each tile (``tiles`` >= 2), merged (module docstring)."""
+        h, w = image.shape[:2]
+        low = min(self.ignore_threshold, self.score_threshold)
+        looks = [(0, 0, w, h)] + (
+            tile_grid(w, h, self.tiles, self.tile_size) if self.tiles >= 2 else []
+        )
+        found = []
+        for i, (x1, y1, x2, y2) in enumerate(looks):
+            crop = image if i == 0 else np.ascontiguousarray(image[y1:y2, x1:x2])
+            b, s, c = _decode_rows(self.raw(crop), x2 - x1, y2 - y1, self.class_ids, low)
+            b = b + np.array([x1, y1, x1, y1], np.float32)
+            if i > 0:
+                keep = ~on_inner_edge(b, (x1, y1, x2, y2), w, h)
+                b, s, c = b[keep], s[keep], c[keep]
+            found.append((b, s, c))
+        return merge_looks(
+            np.concatenate([f[0] for f in found]),
+            np.concatenate([f[1] for f in found]),
+            np.concatenate([f[2] for f in found]),
+            score_threshold=self.score_threshold,
+            ignore_threshold=self.ignore_threshold,
+            nms_threshold=self.nms_threshold,
+        )
 
 
 def _model_files(t: TeacherSection) -> tuple[Path, Path | None, str, str]:
@@ -307,6 +452,9 @@ def load_detector(cfg: Config) -> DnnDetectorTeacher:
         mean=(t.mean[0], t.mean[1], t.mean[2]),
         score_threshold=t.score_threshold,
         nms_threshold=t.nms_threshold,
+        ignore_threshold=t.ignore_threshold,
+        tiles=t.tiles,
+        tile_size=t.tile_size,
         description=description,
     )
     teacher.check_output()
