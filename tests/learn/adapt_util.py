@@ -67,10 +67,18 @@ def tiny_config(tmp_path, **sections):
             "steps_per_round": 8,
             "optimizer": "adam",
             "learning_rate": 0.001,
+            # a constant learning rate, uniform batches and no zoom: the loop's
+            # mechanics; tests/learn/test_recipe.py tests the recipe's parts
+            "warmup_steps": 1,
+            "decay_steps": 0,
+            "final_lr_fraction": 1.0,
+            "new_sample_share": 0.0,
+            "scale_range": [1.0, 1.0],
         },
         "adaptation": {
             "teacher_stride_min": 1,
             "teacher_stride_max": 4,
+            "teacher_budget": 1.0,
             "new_samples_per_round": 8,
             "holdout_fraction": 0.2,
             "rollback_margin": 1.0,

@@ -158,9 +158,11 @@ def test_adapt_runs_saves_a_student_and_summarises(tmp_path, state):
         tmp_path,
         "synthetic",
         extra=(
+            # every frame labelled by one look of the teacher (the budget allows it)
+            "[teacher]\ntiles = 1\n"
             "[training]\nbatch_size = 1\nsteps_per_round = 2\n"
             "[adaptation]\nteacher_stride_min = 1\nnew_samples_per_round = 2\n"
-            "holdout_fraction = 0.3\n"
+            "holdout_fraction = 0.3\nteacher_budget = 1.0\n"
         ),
         state=state,
     )
@@ -171,6 +173,8 @@ def test_adapt_runs_saves_a_student_and_summarises(tmp_path, state):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["frames_seen"] == 4 and summary["teacher_calls"] == 4
+    assert summary["labelled_frames"] == 4 and summary["teacher_calls_per_label"] == 1
+    assert summary["steps_done"] in (0, 2)  # a rolled-back round gives its steps back
     verdicts = ("rounds_accepted", "rounds_rolled_back", "rounds_not_judged")
     assert summary["rounds"] == 1 and sum(summary[k] for k in verdicts) == 1
     # a round without enough held-out evidence shows no agreement
@@ -213,6 +217,10 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
         "fps": 3.0,
         "teacher_calls": 6,
         "teacher_calls_per_frame": 1.0,
+        "labelled_frames": 6,
+        "teacher_calls_per_label": 1,
+        "teacher_seconds_per_label": 0.05,
+        "steps_done": 4,
         "teacher_stride": 1,
         "rounds": 2,
         "rounds_accepted": 0,
@@ -220,6 +228,7 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
         "rounds_not_judged": 2,
         "agreement_first": None,
         "agreement_last": None,
+        "agreement_best": None,
         "strategy": "none",
         "recomputes": False,
         "budget_bytes": 2**20,
@@ -231,6 +240,6 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
     _print_summary(summary, format_size)
     out = capsys.readouterr().out
     assert (
-        "rounds 2: 0 accepted, 0 rolled back, 2 not judged; held-out agreement not measured: "
-        "the held-out slice never held enough teacher labels (adaptation.min_holdout_labels)"
+        "rounds 2 (4 steps kept): 0 accepted, 0 rolled back, 2 not judged; "
+        "held-out agreement not measured: the held-out slice never held enough teacher labels (adaptation.min_holdout_labels)"
     ) in out

@@ -19,6 +19,7 @@ def test_adaptation_keeps_images_in_ram(tmp_path, capsys):
         "[student]\ninput_width = 96\ninput_height = 64\n"
         "[training]\nbatch_size = 2\nsteps_per_round = 2\n"
         "[adaptation]\nteacher_stride_min = 1\nnew_samples_per_round = 3\nholdout_fraction = 0.25\n"
+        "teacher_budget = 5.0\n"  # the tiled teacher on every frame: two rounds
         f'[state]\ndir = "{state}"\n'
     )
     with ImagesStayInRam(allowed_dirs=[state]) as guard:

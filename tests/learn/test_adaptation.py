@@ -161,7 +161,7 @@ def test_a_round_that_lowers_agreement_beyond_the_margin_is_rolled_back(
     assert loop.last_agreement == 0.8 == r.agreement  # the kept model's agreement
     assert r.verdict == "rolled back: agreement 0.800 -> 0.700"
     assert r.metrics()["agreement"] == 0.8 and r.metrics()["judged"] == 1.0
-    assert loop.teacher_stride == 2  # 0.8 >= stride_agreement: the teacher is needed less
+    assert loop.teacher_stride == 1  # a rolled-back round: the teacher is needed more
 
 
 def test_a_round_within_the_margin_is_kept(tmp_path, monkeypatch, small_loop):
@@ -274,13 +274,29 @@ def test_teacher_stride_grows_while_the_student_agrees_and_shrinks_when_not(tmp_
     loop = small_loop(
         tmp_path,
         frames,
-        adaptation={"teacher_stride_min": 2, "teacher_stride_max": 16, "stride_agreement": 0.6},
+        adaptation={
+            "teacher_stride_min": 2,
+            "teacher_stride_max": 16,
+            "stride_agreement": 0.6,
+            "buffer_size": 4,
+        },
     )
+    loop._train.extend([None] * loop._train.maxlen)  # a full buffer
     seen = []
     for agreement in (0.7, 0.9, 0.6, 0.65, 0.61, 0.3, 0.1, 0.2, 0.1, 0.95):
-        loop._adapt_stride(agreement)
+        loop._adapt_stride(True, agreement, False)
         seen.append(loop.teacher_stride)
     assert seen == [4, 8, 16, 16, 16, 8, 4, 2, 2, 4]
+    # a rolled-back round, or one without evidence, asks the teacher more often
+    loop._adapt_stride(False, 0.9, False)
+    loop._adapt_stride(True, None, False)
+    assert loop.teacher_stride == 2
+    # while the buffer fills, every label is worth its cost: no doubling but on a plateau
+    loop._train.clear()
+    loop._adapt_stride(True, 0.9, False)
+    assert loop.teacher_stride == 2
+    loop._adapt_stride(True, 0.9, True)
+    assert loop.teacher_stride == 4
 
 
 def test_the_teacher_labels_every_kth_frame(tmp_path, small_loop):

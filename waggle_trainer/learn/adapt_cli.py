@@ -35,6 +35,16 @@ def _seed_arg(value: str) -> int:
     return int(value)
 
 
+def _score_arg(value: str) -> float:
+    try:
+        score = float(value)
+    except ValueError:
+        score = float("nan")
+    if not 0 < score < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a score between 0 and 1 (exclusive)")
+    return score
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "adapt", help="adapt the student to a camera: source -> teacher -> student, then a summary"
@@ -72,6 +82,14 @@ def register(sub) -> None:
         help="N or A:B (frames A..B-1); default [camera] frames",
     )
     p.add_argument("--teacher", action="store_true", help="run the teacher instead of a student")
+    p.add_argument(
+        "--min-score",
+        type=_score_arg,
+        default=None,
+        help="keep boxes scoring at least this (0 < s < 1); default [student] score_threshold "
+        "(with --teacher: [teacher] score_threshold). Boxes under it are not printed: to "
+        "compute a precision-recall curve or AP from the output, give a low value, e.g. 0.05",
+    )
     p.add_argument(
         "--jsonl",
         action="store_true",
@@ -276,6 +294,8 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
                 "frames_skipped",
                 "teacher_calls",
                 "teacher_calls_per_frame",
+                "labelled_frames",
+                "steps_done",
                 "rounds",
                 "rounds_accepted",
                 "rounds_rolled_back",
@@ -286,6 +306,9 @@ def _summary(loop, first, last, elapsed: float, source) -> dict:
         },
         "agreement_first": first.agreement_before if first else None,
         "agreement_last": loop.last_agreement,
+        "agreement_best": loop.best_agreement,
+        "teacher_calls_per_label": loop.calls_per_label,
+        "teacher_seconds_per_label": stats["teacher_s"] / max(1, stats["labelled_frames"]),
         "strategy": plan.strategy if plan is not None else None,
         "recomputes": plan is not None and recomputes(plan.schedule),
         "budget_bytes": loop.training.budget.activation_budget_bytes,
@@ -307,8 +330,10 @@ def _print_summary(s: dict, format_size) -> None:
     )
     print(
         f"frames {s['frames_seen']} in {s['seconds']:.1f} s ({s['fps']:.2f} fps); teacher "
-        f"calls {s['teacher_calls']} ({s['teacher_calls_per_frame']:.2f} per frame, stride now "
-        f"{s['teacher_stride']})"
+        f"labelled {s['labelled_frames']} frames, {s['teacher_calls_per_label']} call(s) each "
+        f"({s['teacher_seconds_per_label']:.2f} s per labelled frame): "
+        f"{s['teacher_calls_per_frame']:.2f} full-frame calls per frame, stride now "
+        f"{s['teacher_stride']}"
     )
     if s["rounds"]:
         if s["agreement_first"] is None or s["agreement_last"] is None:
@@ -319,11 +344,14 @@ def _print_summary(s: dict, format_size) -> None:
         else:
             agreement = (
                 f"held-out agreement {s['agreement_first']:.3f} -> {s['agreement_last']:.3f}"
+                f" (best {s['agreement_best']:.3f})"
+                if s["agreement_best"] is not None
+                else f"held-out agreement {s['agreement_first']:.3f} -> {s['agreement_last']:.3f}"
             )
         not_judged = f", {s['rounds_not_judged']} not judged" if s["rounds_not_judged"] else ""
         print(
-            f"rounds {s['rounds']}: {s['rounds_accepted']} accepted, {s['rounds_rolled_back']} "
-            f"rolled back{not_judged}; {agreement}"
+            f"rounds {s['rounds']} ({s['steps_done']} steps kept): {s['rounds_accepted']} "
+            f"accepted, {s['rounds_rolled_back']} rolled back{not_judged}; {agreement}"
         )
         print(
             f"memory plan {s['strategy']} "
@@ -361,6 +389,15 @@ def _detect(args) -> int:
         source = open_source(cfg.camera)
     except SourceError as exc:
         return _fail("detect", str(exc), EXIT_FAILED)
+    min_score = cfg.student.score_threshold if args.min_score is None else args.min_score
+    if args.teacher and args.min_score is not None:
+        t = cfg.teacher.model_copy(
+            update={
+                "score_threshold": args.min_score,
+                "ignore_threshold": min(args.min_score, cfg.teacher.ignore_threshold),
+            }
+        )
+        cfg = cfg.model_copy(update={"teacher": t})
     try:
         if args.teacher:
             teacher, model = load_teacher(cfg), None
@@ -381,7 +418,7 @@ def _detect(args) -> int:
                     model,
                     spec,
                     [frame.image],
-                    cfg.student.score_threshold,
+                    min_score,
                     cfg.student.max_detections,
                 )[0]
             rows = [

@@ -5,43 +5,58 @@ rounds under the memory plan, a drift guard keeps only rounds that do not hurt.
 frame) and what ``waggle-trainer adapt`` runs on a video.  It knows nothing of
 systemd, AMQP or the outbox.
 
-* **Teacher calls.**  The teacher labels every k-th frame.  After each round k
-  doubles when the student's agreement with the teacher on the held-out slice is at
-  least ``[adaptation] stride_agreement`` and halves when it is not, within
-  ``teacher_stride_min .. teacher_stride_max`` (JITNet's rule, on a round's held-out
-  agreement).  Frames between teacher calls are not used (``frames_skipped``).
+* **Teacher calls.**  The teacher labels every k-th frame.  A labelled frame costs
+  ``teacher.calls_per_label`` full-frame calls (5 for a tiled look), counted in
+  ``teacher_calls``; k never falls below what ``[adaptation] teacher_budget`` (calls
+  per camera frame) allows, nor ``teacher_stride_min``.  After each round k doubles
+  when the round was accepted with held-out agreement of at least
+  ``stride_agreement`` and the training buffer is full, and on a plateau; it halves
+  otherwise, within those bounds and ``teacher_stride_max``.  Frames between
+  teacher calls are not used (``frames_skipped``).
 * **Samples.**  A labelled frame becomes a sample: the frame resized to the
-  student's input (uint8, in RAM) and the teacher's labels.  Every
-  ``1 / holdout_fraction``-th sample goes to the held-out slice, which is never
-  trained on; the rest to the training buffer.  Both are bounded (together
-  ``buffer_size``); the oldest samples are evicted.  Nothing is written to disk;
-  ``close()`` drops every sample.
-* **Rounds.**  When ``new_samples_per_round`` new training samples have arrived, a
-  round runs ``steps_per_round`` optimiser steps on random batches of the training
-  buffer (random horizontal flips with ``[training] hflip``), each through the
-  student's :class:`~waggle_trainer.remat.executor.CheckpointedSequential` under the
-  plan for the activation budget; free memory is re-read before every round and the
-  chain re-planned when it moved (``[memory] replan_threshold``).  With ``[memory]
-  fused_step`` each parameter is stepped inside the backward
-  (:mod:`waggle_trainer.remat.fused_step`).  What a step needed beyond the plan (and,
-  in the first round of a fresh optimiser, what training left resident) is cached
-  beside the profile after every round, so that the next start plans with it
-  (:mod:`waggle_trainer.remat.overhead`).
+  student's input (uint8, in RAM) and the teacher's labels (with its uncertain boxes
+  as ignore regions).  Every ``1 / holdout_fraction``-th sample goes to the held-out
+  slice, which is never trained on; the rest to the training buffer.  Both are
+  bounded (together ``buffer_size``); the oldest samples are evicted.  Nothing is
+  written to disk; ``close()`` drops every sample.
+* **Rounds.**  When ``new_samples_per_round`` (times the plateau's slowdown) new
+  training samples have arrived, a round runs ``steps_per_round`` optimiser steps,
+  each through the student's
+  :class:`~waggle_trainer.remat.executor.CheckpointedSequential` under the plan for
+  the activation budget.  A batch takes ``new_sample_share`` of its samples from
+  those new since the last round and the rest from the whole buffer; each sample is
+  seen through a random view (zoom in ``scale_range``, shift, mirror:
+  :mod:`waggle_trainer.learn.augment`).  The learning rate follows one schedule over
+  the steps kept (:mod:`waggle_trainer.learn.schedule`; a rolled-back round gives
+  its steps back; the count is saved with the state).  After the steps, BatchNorm
+  statistics are recomputed over the newest training samples with the round's
+  weights (precise BatchNorm: no lag behind the weights at small batches).  Free
+  memory is re-read before every round and the chain re-planned when it moved
+  (``[memory] replan_threshold``).  With ``[memory] fused_step`` each parameter is
+  stepped inside the backward (:mod:`waggle_trainer.remat.fused_step`).  What a step
+  needed beyond the plan (and, in the first round of a fresh optimiser, what training
+  left resident) is cached beside the profile after every round, so that the next
+  start plans with it (:mod:`waggle_trainer.remat.overhead`).
 * **Drift guard.**  Agreement on the held-out slice before and after the round; when
   it falls by more than ``rollback_margin`` (or the loss is not finite) the round is
-  rolled back: weights, BatchNorm statistics and optimiser state as before it (the
-  fused step keeps its state in the same optimiser).
-  Agreement is AP50 of the student's boxes against the teacher's (mean over the
-  classes the teacher found; see :func:`waggle_trainer.learn.agreement.mean_ap50`)
-  for ``detect``, top-1 agreement for ``classify``.  The guard judges only on
-  evidence.  A round is *not judged* while the held-out slice holds fewer than
-  ``min_holdout_labels`` teacher labels (boxes for ``detect``, samples for
-  ``classify``: no agreement is measured, the teacher stride halves), or when
-  agreement before and after are both within ``rollback_margin`` of zero (a student
-  that matches almost none of the teacher's labels cannot show a regression: 0.000
-  -> 0.000 says nothing).  A round not judged keeps its weights (a non-finite loss
-  still rolls it back) and is not accepted: the daemon sends no update for it; the
-  next accepted round's update, weights minus base, carries its change.
+  rolled back: weights, BatchNorm statistics, optimiser state and the schedule's
+  step count as before it (the fused step keeps its state in the same optimiser).
+  Agreement is AP50 of the student's boxes against the teacher's, per class weighted
+  by the class's share of the labels, the teacher's uncertain boxes counting
+  neither way (:func:`waggle_trainer.learn.agreement.weighted_ap50`) for ``detect``,
+  top-1 agreement for ``classify``.  The best student seen is kept in RAM: when the
+  student falls more than ``rollback_margin`` below it over accepted rounds, the best
+  is re-measured on today's slice and restored if it is still better.  After
+  ``patience`` judged rounds without a new best (a plateau) rounds wait for twice
+  the new samples (up to 8x) and the teacher stride doubles, until a new best.
+  The guard judges only on evidence.  A round is *not judged* while the held-out
+  slice holds fewer than ``min_holdout_labels`` teacher labels (boxes for ``detect``,
+  samples for ``classify``: no agreement is measured, the teacher stride halves), or
+  when agreement before and after are both within ``rollback_margin`` of zero (a
+  student that matches almost none of the teacher's labels cannot show a regression:
+  0.000 -> 0.000 says nothing).  A round not judged keeps its weights (a non-finite
+  loss still rolls it back) and is not accepted: the daemon sends no update for it;
+  the next accepted round's update, weights minus base, carries its change.
 """
 
 from __future__ import annotations
@@ -64,17 +79,18 @@ import torch
 from torch import nn
 
 from waggle_trainer.common import CLASSES_MIN
-from waggle_trainer.learn.agreement import mean_ap50, mean_kl, top1_agreement
+from waggle_trainer.learn.agreement import mean_kl, top1_agreement, weighted_ap50
+from waggle_trainer.learn.augment import apply_view, draw_view
 from waggle_trainer.learn.classify import distillation_loss
 from waggle_trainer.learn.detection import (
     Detections,
     decode,
     detection_loss,
     encode_targets,
-    hflip_detections,
     scale_detections,
 )
 from waggle_trainer.learn.planned_training import PlannedTraining, RssSampler, RunSpec
+from waggle_trainer.learn.schedule import learning_rate
 from waggle_trainer.learn.student import (
     StudentError,
     StudentSpec,
@@ -83,6 +99,7 @@ from waggle_trainer.learn.student import (
     check_metadata,
     normalize,
     read_student_file,
+    recompute_batchnorm,
     spec_from_config,
     to_input,
 )
@@ -95,6 +112,12 @@ STATE_FORMAT = "waggle-adaptation-1"
 #: Scores down to this count towards AP (the whole precision/recall curve).
 AP_SCORE_THRESHOLD = 0.05
 EVAL_BATCH = 8
+#: Training samples whose BatchNorm statistics are recomputed after every round.
+BATCHNORM_SAMPLES = 64
+#: The most a plateau slows training down (rounds need this many times the new samples).
+MAX_SLOWDOWN = 8
+#: Counters a state saved before they existed may lack (their value then).
+_LATER_COUNTERS = {"rounds_not_judged": 0, "steps_done": 0, "slowdown": 1, "labelled_frames": 0}
 
 
 @dataclass
@@ -135,13 +158,22 @@ class RoundResult:
     holdout_labels: int = 0
     holdout_labels_needed: int = 0
     rounds_not_judged: int = 0
+    steps_done: int = 0
+    learning_rate: float = 0.0
+    best_agreement: float | None = None
+    restored_best: bool = False
+    restored_agreement: float | None = None
+    slowdown: int = 1
 
     why_not_judged: str = ""
 
     @property
     def agreement(self) -> float | None:
         """The kept model's held-out agreement (before a rolled-back round, after any
-        other); None when it was not measured (too few held-out labels)."""
+        other, the best student's when it was restored); None when it was not
+        measured (too few held-out labels)."""
+        if self.restored_best:
+            return self.restored_agreement
         return self.agreement_before if self.rolled_back else self.agreement_after
 
     @property
@@ -156,7 +188,10 @@ class RoundResult:
         what = "accepted" if self.accepted else "rolled back"
         if self.agreement_before is None or self.agreement_after is None:
             return f"{what} (loss not finite)"
-        return f"{what}: agreement {self.agreement_before:.3f} -> {self.agreement_after:.3f}"
+        text = f"{what}: agreement {self.agreement_before:.3f} -> {self.agreement_after:.3f}"
+        if self.restored_best and self.restored_agreement is not None:
+            text += f"; best student restored ({self.restored_agreement:.3f})"
+        return text
 
     def metrics(self) -> dict[str, float]:
         """Every numeric field that has a value (``accepted``, ``judged`` as 0/1;
@@ -176,6 +211,7 @@ class RoundResult:
 class _Sample:
     image: torch.Tensor  # uint8 [3, h, w], the student's input size
     labels: Any  # Detections in input pixels, or probabilities [C]
+    seq: int = 0  # arrival order: samples with seq >= the round's mark are new
     pred: Any = None  # the student's prediction, valid for weights version ``pred_version``
     pred_version: int = -1
 
@@ -212,6 +248,7 @@ def _run_spec(cfg, spec: StudentSpec, state_dir: Path) -> RunSpec:
         optimizer=t.optimizer,
         learning_rate=t.learning_rate,
         momentum=t.momentum,
+        weight_decay=t.weight_decay,
         replan_threshold=m.replan_threshold,
         cache_dir=state_dir / "profiles",
         seed=t.seed,
@@ -272,9 +309,24 @@ class AdaptationLoop:
         self._version = 0  # bumped whenever the weights change
         self._calibrated = False
         self._overhead_warned = False
-        self.teacher_stride = a.teacher_stride_min
+        #: full-frame teacher calls per labelled frame (a tiled look makes several)
+        self.calls_per_label = max(1, int(getattr(teacher, "calls_per_label", 1)))
+        #: the smallest stride that keeps the teacher within ``teacher_budget``
+        self.stride_floor = min(
+            a.teacher_stride_max,
+            max(a.teacher_stride_min, math.ceil(self.calls_per_label / a.teacher_budget - 1e-9)),
+        )
+        self.teacher_stride = self.stride_floor
         self._since_teacher = self.teacher_stride - 1  # the first frame is labelled
         self._new_train = 0
+        self._seq = 0
+        self._fresh_from = 0  # samples with seq >= this arrived since the last round
+        self.steps_done = 0  # optimiser steps kept (the schedule's clock)
+        self.slowdown = 1  # a plateau multiplies the new samples a round waits for
+        self._since_best = 0
+        self.best_agreement: float | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self.labelled_frames = 0
         self.rounds = 0
         self.rounds_accepted = 0
         self.rounds_rolled_back = 0
@@ -321,10 +373,12 @@ class AdaptationLoop:
         t0 = time.perf_counter()
         labels = self.teacher.label([image])[0]
         self.times.teacher += time.perf_counter() - t0
-        self.teacher_calls += 1
+        self.teacher_calls += self.calls_per_label
+        self.labelled_frames += 1
         self._add(self._sample(image, labels))
         a = self.cfg.adaptation
-        if self._new_train >= a.new_samples_per_round and self._train and self._holdout:
+        due = a.new_samples_per_round * self.slowdown
+        if self._new_train >= due and self._train and self._holdout:
             self._new_train = 0
             return self._round()
         return None
@@ -343,6 +397,8 @@ class AdaptationLoop:
         return _Sample(x, probs)
 
     def _add(self, sample: _Sample) -> None:
+        sample.seq = self._seq
+        self._seq += 1
         self._holdout_credit += self.cfg.adaptation.holdout_fraction
         if self._holdout_credit >= 1.0 - 1e-9:
             self._holdout_credit -= 1.0
@@ -397,7 +453,7 @@ class AdaptationLoop:
             preds = self._holdout_predictions()
             truths = [s.labels for s in self._holdout]
             if self.task.kind == "detect":
-                return mean_ap50(preds, truths, self.task.num_classes)[0], None
+                return weighted_ap50(preds, truths, self.task.num_classes)[0], None
             logits, probs = torch.stack(preds), torch.stack(truths)
             return top1_agreement(logits, probs), mean_kl(logits, probs)
         finally:
@@ -405,35 +461,78 @@ class AdaptationLoop:
 
     # ---------------------------------------------------------------- rounds
 
+    def _pick(self) -> list[int]:
+        """Indices into the training buffer for one batch: ``new_sample_share`` of it
+        from the samples new since the last round, the rest from the whole buffer."""
+        t, n = self.cfg.training, len(self._train)
+        fresh = [i for i in range(n) if self._train[i].seq >= self._fresh_from]
+        k = round(t.batch_size * t.new_sample_share) if fresh else 0
+        picks = torch.randint(0, len(fresh), (k,), generator=self._rng).tolist() if k else []
+        idx = [fresh[j] for j in picks]
+        idx += torch.randint(0, n, (t.batch_size - k,), generator=self._rng).tolist()
+        return idx
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n, s = len(self._train), self.spec
-        idx = torch.randint(0, n, (self.cfg.training.batch_size,), generator=self._rng).tolist()
-        flips = torch.rand(len(idx), generator=self._rng).tolist()
+        s, t = self.spec, self.cfg.training
         images, targets = [], []
-        for i, f in zip(idx, flips, strict=True):
+        for i in self._pick():
             sample = self._train[i]
-            flip = self.cfg.training.hflip and f < 0.5
-            images.append(sample.image.flip(-1) if flip else sample.image)
             if self.task.kind == "detect":
-                dets = hflip_detections(sample.labels, s.input_width) if flip else sample.labels
+                view = draw_view(
+                    self._rng,
+                    s.input_width,
+                    s.input_height,
+                    scale_range=(t.scale_range[0], t.scale_range[1]),
+                    hflip=t.hflip,
+                )
+                image, dets = apply_view(sample.image, sample.labels, view)
+                images.append(image)
                 targets.append(
                     encode_targets(dets, self.task.num_classes, s.output_size, s.head_stride)
                 )
             else:
+                flip = t.hflip and float(torch.rand(1, generator=self._rng)) < 0.5
+                images.append(sample.image.flip(-1) if flip else sample.image)
                 targets.append(sample.labels)
         return normalize(torch.stack(images)), torch.stack(targets)
 
-    def _snapshot(self) -> tuple[dict, dict, int]:
-        weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
-        optim = copy.deepcopy(self.training.optimizer.state_dict()["state"])
-        return weights, optim, self._version
+    def _recompute_batchnorm(self) -> None:
+        """Precise BatchNorm statistics over (up to) the newest ``BATCHNORM_SAMPLES``
+        training samples, as the student sees them at inference (no augmentation)."""
+        samples = list(self._train)[-BATCHNORM_SAMPLES:]
+        batches = [
+            normalize(torch.stack([s.image for s in samples[i : i + EVAL_BATCH]]))
+            for i in range(0, len(samples), EVAL_BATCH)
+        ]
+        recompute_batchnorm(self.student, batches)
 
-    def _restore(self, snap: tuple[dict, dict, int]) -> None:
-        weights, optim, version = snap
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+
+    def _snapshot(self) -> tuple[dict, dict, int, int]:
+        optim = copy.deepcopy(self.training.optimizer.state_dict()["state"])
+        return self._weights(), optim, self._version, self.steps_done
+
+    def _restore(self, snap: tuple[dict, dict, int, int]) -> None:
+        weights, optim, version, steps_done = snap
         self.student.load_state_dict(weights)
         opt = self.training.optimizer
         opt.load_state_dict({"state": optim, "param_groups": opt.state_dict()["param_groups"]})
         self._version = version
+        self.steps_done = steps_done
+
+    def _set_learning_rate(self) -> float:
+        t = self.cfg.training
+        lr = learning_rate(
+            self.steps_done,
+            t.learning_rate,
+            warmup=t.warmup_steps,
+            decay=t.decay_steps,
+            final_fraction=t.final_lr_fraction,
+        )
+        for group in self.training.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _round(self) -> RoundResult:
         t = self.training
@@ -456,21 +555,30 @@ class AdaptationLoop:
                 self._version += 1
             allocator.trim()
             base = rss.reset()
+            lr = 0.0
             for _ in range(self.cfg.training.steps_per_round):
                 x, y = self._batch()
+                lr = self._set_learning_rate()
                 s0 = time.perf_counter()
                 losses.append(t.step(x, y))
                 times.append(time.perf_counter() - s0)
                 self._version += 1
+                self.steps_done += 1
                 del x, y
             peak = rss.peak - base
             residue = self._first_round_residue(rss.current) if first else None
+        self._fresh_from = self._seq
         self.times.train += sum(times)
         self._record_overhead(peak, residue)
         loss = statistics.fmean(losses)
         finite = all(math.isfinite(v) for v in losses)
         after: float | None = None
         kl = None
+        if finite:
+            b0 = time.perf_counter()
+            self._recompute_batchnorm()
+            self.times.train += time.perf_counter() - b0
+            self._version += 1
         if finite and before is not None:
             after, kl = self.agreement()
         margin = self.cfg.adaptation.rollback_margin
@@ -491,9 +599,15 @@ class AdaptationLoop:
             self.rounds_rolled_back += 1
         del snap
         kept = before if judged and not accepted else after
+        restored: float | None = None
+        plateau = False
+        if judged and kept is not None:
+            restored, plateau = self._keep_best(kept)
+            if restored is not None:
+                kept = restored
         if kept is not None:
             self.last_agreement = kept
-        self._adapt_stride(kept if kept is not None else 0.0)  # no evidence: more teacher
+        self._adapt_stride(accepted, kept, plateau)
         plan = t.chain.plan
         result = RoundResult(
             index=self.rounds,
@@ -521,6 +635,12 @@ class AdaptationLoop:
             holdout_labels=labels,
             holdout_labels_needed=needed,
             rounds_not_judged=self.rounds_not_judged,
+            steps_done=self.steps_done,
+            learning_rate=lr,
+            best_agreement=self.best_agreement,
+            restored_best=restored is not None,
+            restored_agreement=restored,
+            slowdown=self.slowdown,
         )
         log.debug("round %d %s (loss %.4g)", self.rounds, result.verdict, loss)  # callers say it
         self.rounds += 1
@@ -555,12 +675,48 @@ class AdaptationLoop:
                     "measured overhead not cached (%s); the next start plans without it", exc
                 )
 
-    def _adapt_stride(self, agreement: float) -> None:
+    def _keep_best(self, kept: float) -> tuple[float | None, bool]:
+        """Keep the best student seen (by held-out agreement); restore it when the
+        student has fallen more than ``rollback_margin`` below it (slow drift over
+        accepted rounds), re-measured on today's held-out slice.  Returns (the
+        restored student's agreement or None, whether a plateau was reached: then
+        rounds wait for twice the new samples, up to ``MAX_SLOWDOWN`` times)."""
         a = self.cfg.adaptation
-        if agreement >= a.stride_agreement:
+        restored: float | None = None
+        if self.best_agreement is None or kept > self.best_agreement:
+            self.best_agreement, self._best_weights = kept, self._weights()
+            self._since_best, self.slowdown = 0, 1
+            return None, False
+        if kept < self.best_agreement - a.rollback_margin and self._best_weights is not None:
+            current = self._weights()
+            self.student.load_state_dict(self._best_weights)
+            self._version += 1
+            best_now = self.agreement()[0]
+            if best_now > kept:
+                restored = self.best_agreement = best_now
+            else:  # on today's slice the best is no better: keep the student
+                self.student.load_state_dict(current)
+                self._version += 1
+                self.best_agreement, self._best_weights = kept, current
+        self._since_best += 1
+        if self._since_best < a.patience:
+            return restored, False
+        self._since_best = 0
+        self.slowdown = min(MAX_SLOWDOWN, self.slowdown * 2)
+        return restored, True
+
+    def _adapt_stride(self, accepted: bool, agreement: float | None, plateau: bool) -> None:
+        """Ask the teacher half as often after an accepted round whose agreement is at
+        least ``stride_agreement`` once the training buffer is full (the student has
+        caught up and the buffer would only churn), and on a plateau; twice as often
+        otherwise; never more often than ``teacher_budget`` allows."""
+        a = self.cfg.adaptation
+        full = len(self._train) >= (self._train.maxlen or 0)
+        good = accepted and agreement is not None and agreement >= a.stride_agreement
+        if plateau or (good and full):
             self.teacher_stride = min(a.teacher_stride_max, self.teacher_stride * 2)
         else:
-            self.teacher_stride = max(a.teacher_stride_min, self.teacher_stride // 2)
+            self.teacher_stride = max(self.stride_floor, self.teacher_stride // 2)
 
     # ----------------------------------------------------------------- models
 
@@ -584,6 +740,9 @@ class AdaptationLoop:
         self.training.optimizer.state.clear()
         self._version += 1
         self.base_version = str(version)
+        # the best student seen was a local one: the new base starts a new contest
+        self.best_agreement, self._best_weights = None, None
+        self._since_best, self.slowdown = 0, 1
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Tensors (``student/<key>``: weights and buffers; ``optim/<i>/<name>``:
@@ -613,6 +772,9 @@ class AdaptationLoop:
             "frames_skipped": self.frames_skipped,
             "teacher_calls": self.teacher_calls,
             "teacher_stride": self.teacher_stride,
+            "steps_done": self.steps_done,
+            "slowdown": self.slowdown,
+            "labelled_frames": self.labelled_frames,
             "base_version": self.base_version,
             "holdout": {
                 "samples": len(self._holdout),
@@ -667,9 +829,9 @@ class AdaptationLoop:
             "frames_skipped",
             "teacher_calls",
             "teacher_stride",
-            "rounds_not_judged",  # absent from states saved before it was counted
+            *_LATER_COUNTERS,  # absent from states saved before they were counted
         ):
-            count = meta.get(key, 0 if key == "rounds_not_judged" else None)
+            count = meta.get(key, _LATER_COUNTERS.get(key))
             if not isinstance(count, int) or isinstance(count, bool) or count < 0:
                 raise ValueError(f"saved state: {key} = {count!r} is not a count")
             counters[key] = count
@@ -681,8 +843,9 @@ class AdaptationLoop:
         opt.load_state_dict({"state": optim, "param_groups": opt.state_dict()["param_groups"]})
         a = self.cfg.adaptation
         counters["teacher_stride"] = min(
-            a.teacher_stride_max, max(a.teacher_stride_min, counters["teacher_stride"])
+            a.teacher_stride_max, max(self.stride_floor, counters["teacher_stride"])
         )
+        counters["slowdown"] = min(MAX_SLOWDOWN, max(1, counters["slowdown"]))
         for key, count in counters.items():
             setattr(self, key, count)
         self._since_teacher = self.teacher_stride - 1
@@ -703,6 +866,8 @@ class AdaptationLoop:
             "frames_skipped": self.frames_skipped,
             "teacher_calls": self.teacher_calls,
             "teacher_calls_per_frame": self.teacher_calls / max(1, self.frames_seen),
+            "labelled_frames": self.labelled_frames,
+            "steps_done": self.steps_done,
             "rounds": self.rounds,
             "rounds_accepted": self.rounds_accepted,
             "rounds_rolled_back": self.rounds_rolled_back,

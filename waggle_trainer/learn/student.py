@@ -152,9 +152,7 @@ def _build(spec: StudentSpec) -> nn.Module:
     layers = names[4:]
     # the inputs of the last ``ups`` layers are the decoder's skips (finest first)
     skip_layers = layers[-ups:]
-    skip_channels = [
-        _channels(resnet.bn1 if n == "layer1" else getattr(resnet, _before(n))) for n in skip_layers
-    ]
+    skip_channels = [_channels(resnet.get_submodule(_before(n))) for n in skip_layers]
     parts: OrderedDict[str, nn.Module] = OrderedDict()
     for n in names:
         module = getattr(resnet, n)
@@ -169,7 +167,8 @@ def _build(spec: StudentSpec) -> nn.Module:
 
 
 def _before(layer: str) -> str:
-    return f"layer{int(layer[-1]) - 1}"
+    """The module whose output is ``layer``'s input (``layer1``'s: the stem's ``bn1``)."""
+    return "bn1" if layer == "layer1" else f"layer{int(layer[-1]) - 1}"
 
 
 # ------------------------------------------------------------------- images in
