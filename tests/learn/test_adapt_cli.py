@@ -241,5 +241,6 @@ def test_adapt_summary_says_when_no_round_could_be_judged(capsys):
     out = capsys.readouterr().out
     assert (
         "rounds 2 (4 steps kept): 0 accepted, 0 rolled back, 2 not judged; "
-        "held-out agreement not measured: the held-out slice never held enough teacher labels (adaptation.min_holdout_labels)"
+        "held-out agreement not measured: the held-out slice never held enough teacher "
+        "labels (adaptation.min_holdout_labels)"
     ) in out
