@@ -179,7 +179,11 @@ def tiles_support(overrides: dict) -> str:
     try:
         config_from_dict(merge(overrides, {"teacher": {"tiles": 2}}), "bench config")
     except ConfigError as exc:
-        mine = [f"{loc}: {msg}" for loc, msg in exc.problems if loc.startswith("teacher.tiles")]
+        mine = [
+            f"{loc}: {msg.split(' (allowed:')[0]}"  # the list of keys is noise here
+            for loc, msg in exc.problems
+            if loc.startswith("teacher.tiles")
+        ]
         if mine:
             return mine[0]
         raise BenchError("; ".join(exc.lines())) from None
@@ -703,7 +707,7 @@ def targets(rows: list[dict], refs: dict, quick: bool) -> list[tuple[str, str]]:
     by = {(r["arm"], r["seed"]): r for r in rows}
     adapted = [r for r in rows if r["arm"] == "adapted"]
 
-    def verdict(oks: list[bool | None]) -> str:
+    def verdict(oks: list[bool | None], unit: str = "seeds") -> str:
         known = [ok for ok in oks if ok is not None]
         if not known:
             return "not measured"
@@ -712,7 +716,7 @@ def targets(rows: list[dict], refs: dict, quick: bool) -> list[tuple[str, str]]:
             return "PASS"
         unknown = len(oks) - len(known)
         tail = f", {unknown} not measured" if unknown else ""
-        return f"MISSED ({met} of {len(oks)} seeds{tail})"
+        return f"MISSED ({met} of {len(oks)} {unit}{tail})"
 
     def gain(r: dict) -> bool | None:
         ap = r["ap50_stream_human"]
@@ -737,11 +741,13 @@ def targets(rows: list[dict], refs: dict, quick: bool) -> list[tuple[str, str]]:
         ),
         (
             f"wall time <= {TARGET_WALL_S:.0f} s per adaptation (every arm and seed)",
-            verdict([r["wall_s"] <= TARGET_WALL_S for r in rows]) if rows else "not measured",
+            verdict([r["wall_s"] <= TARGET_WALL_S for r in rows], "runs")
+            if rows
+            else "not measured",
         ),
         (
             f"teacher <= {TARGET_CALLS} calls per frame (every arm and seed)",
-            verdict([r["teacher_calls_per_frame"] <= TARGET_CALLS for r in rows])
+            verdict([r["teacher_calls_per_frame"] <= TARGET_CALLS for r in rows], "runs")
             if rows
             else "not measured",
         ),
@@ -781,7 +787,7 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         "",
         f"Stream: {stream} (frames fed one by one to `AdaptationLoop.feed`; human boxes: "
         f"PETS09-S2L1 ground truth). Evaluation frames: vtest {e0}-{e1 - 1}, never trained on, "
-        f"judged against the {refs['eval_labeller']['look']} teacher's labels (score >= "
+        f"judged against the {refs['eval_labeller']['look']}-look teacher's labels (score >= "
         f"{refs['eval_labeller']['score_threshold']:g}). AP50 of class person; predictions at "
         f"scores >= {EVAL_SCORE}.",
         "",
@@ -810,6 +816,13 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         f"on human boxes); {factory['rounds']} rounds |"
     )
     b = budget
+    t = rows[0]["config"]["teacher"] if rows else None
+    loop_teacher = (
+        "n/a (no arm ran)"
+        if t is None
+        else f"{t['model']}, score >= {t['score_threshold']:g}"
+        + (f", tiles = {t['tiles']}" if "tiles" in t else " (single look: no [teacher] tiles here)")
+    )
     lines += [
         "",
         "## Arms",
@@ -822,6 +835,7 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
             if b["forces_checkpointing"]
             else "does NOT force checkpointing."
         ),
+        f"The loop's teacher: {loop_teacher}.",
         "Wall time = the adaptation (loop set-up, video reading, teacher, rounds), the "
         "benchmark's own evaluations excluded.  Spearman = rank correlation of the round's "
         "held-out agreement (student vs teacher) with the student's human AP50 over the "
@@ -840,10 +854,13 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
             if r["ap50_stream_human"] is None or single is None
             else r["ap50_stream_human"] - single
         )
+        source = (r["plan_detail"] or {}).get("source")
+        over = (r["measured_peak_bytes"] or 0) > b["budget_bytes"]
         plan = (
-            f"{'/'.join(r['strategies']) or 'no round'}, "
+            f"{'/'.join(r['strategies']) or 'no round'}"
+            f"{f' ({source})' if source else ''}, "
             f"{format_size(r['predicted_peak_bytes'] or 0)} / "
-            f"{format_size(r['measured_peak_bytes'] or 0)}"
+            f"{format_size(r['measured_peak_bytes'] or 0)}{' (over the budget)' if over else ''}"
         )
         lines.append(
             f"| {r['seed']} | {r['arm']} | {fmt(r['ap50_stream_human'])} | {fmt(gap, '+.3f')} | "
@@ -1079,9 +1096,9 @@ def run(args: argparse.Namespace) -> int:
             rows.append(run_arm(arm, seed, cfg, teacher, args, files, truths, refs, state_dir))
     total = time.perf_counter() - STARTED
     write_results(args, refs, factory, budget, rows, load_start, total)
-    print()
+    print("Targets:")
     for t, v in targets(rows, refs, args.quick):
-        print(f"{v:>12s}  {t}")
+        print(f"  {v}: {t}")
     return 0
 
 
