@@ -792,7 +792,7 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         "",
         f"Stream: {stream} (frames fed one by one to `AdaptationLoop.feed`; "
         f"{refs['human_boxes']} human boxes: every row of the PETS09-S2L1 ground truth, also "
-        "those with conf 0). Evaluation frames: vtest {e0}-{e1 - 1}, never trained on, "
+        f"those with conf 0). Evaluation frames: vtest {e0}-{e1 - 1}, never trained on, "
         f"judged against the {refs['eval_labeller']['look']}-look teacher's labels (score >= "
         f"{refs['eval_labeller']['score_threshold']:g}). AP50 of class person; predictions at "
         f"scores >= {EVAL_SCORE}.",
