@@ -100,7 +100,7 @@ FILES = {
 TUD = (("tud_campus", "tud_campus_gt"), ("tud_stadtmitte", "tud_stadtmitte_gt"))
 
 #: --quick: a smoke run of a minute or two, labelled QUICK everywhere.
-QUICK = {
+QUICK: dict[str, Any] = {
     "frames": 60,
     "factory_frames_per_video": 20,
     "eval_frames": 20,
@@ -358,7 +358,7 @@ class TeacherOutputs:
     def __init__(self, cfg, cache_dir: Path, fresh: bool, what: str) -> None:
         self.cfg, self.cache_dir, self.fresh, self.what = cfg, cache_dir, fresh, what
         self.identity = teacher_identity(cfg)
-        self._teacher = None
+        self._teacher: Any = None
         self.seconds_per_frame: float | None = None
         self.measured_at: str | None = None
         self.cached = True
@@ -428,7 +428,8 @@ class CachedTeacher:
     anything else is the real teacher's."""
 
     def __init__(self, outputs: TeacherOutputs, labels: dict) -> None:
-        self._outputs, self.labels, self.key = outputs, labels, None
+        self._outputs, self.labels = outputs, labels
+        self.key: Any = None
         self.kind = outputs.cfg.task.kind
         self.classes = list(outputs.cfg.task.classes)
 
@@ -547,7 +548,8 @@ def factory_student(args, overrides: dict, files, person: int, cache_dir: Path, 
         info_path.write_text(json.dumps(info, indent=1))
         log(f"factory student: {info['rounds']} rounds in {info['train_s']:.0f} s -> {path.name}")
     model = load_student(path, spec)
-    preds, truths = {}, {}
+    preds: dict = {}
+    truths: dict = {}
     for name, gt in TUD:
         t = read_gt(files[gt], person, stop)
         p = predict_video(student_predict(model, spec), files[name], 0, stop)
@@ -565,7 +567,9 @@ def forced_budget(cfg, teacher, state_dir: Path) -> dict:
     probe = AdaptationLoop(cfg, teacher, state_dir=state_dir)
     try:
         # no public accessor: the loop's chain costs (the profile) via .training.chain
-        planner = Planner(probe.training.chain.costs)
+        costs = probe.training.chain.costs
+        assert costs is not None  # profiled when the loop was built
+        planner = Planner(costs)
         plain = planner.min_feasible_budget("none")
         lowest = planner.min_feasible_budget(cfg.memory.strategy)
     finally:
@@ -584,18 +588,19 @@ class Stopwatch:
     """Wall time with pauses (benchmark-only evaluation is not adaptation)."""
 
     def __init__(self) -> None:
-        self.total, self._since = 0.0, time.perf_counter()
+        self.total = 0.0
+        self._since: float | None = time.perf_counter()
 
     def pause(self) -> None:
-        self.total += time.perf_counter() - self._since
+        if self._since is not None:
+            self.total += time.perf_counter() - self._since
         self._since = None
 
     def resume(self) -> None:
         self._since = time.perf_counter()
 
     def stop(self) -> float:
-        if self._since is not None:
-            self.pause()
+        self.pause()
         return self.total
 
 
@@ -611,8 +616,9 @@ def run_arm(arm: str, seed: int, cfg, teacher, args, files, truths, refs, state_
     person = args.person
     curve_truths = {k: v for k, v in truths.items() if k % args.curve_stride == 0}
     clock = Stopwatch()
+    t0 = time.perf_counter()
     loop = AdaptationLoop(cfg, teacher, state_dir=state_dir)
-    setup_s = time.perf_counter() - clock._since
+    setup_s = time.perf_counter() - t0
     curve: list[dict] = []
     rounds: list = []
 
@@ -954,16 +960,15 @@ def plot(path: Path, rows: list[dict], refs: dict, quick: bool) -> None:
             bottom.plot(*zip(*agr, strict=True), label=f"{r['arm']} seed {r['seed']}", **style)
     for (name, row), colour in zip(refs["rows"].items(), ("black", "grey"), strict=True):
         if row["available"] and row["ap50_stream"] is not None:
-            top.axhline(
-                row["ap50_stream"], color=colour, ls="--", lw=1,
-                label=f"teacher {name} look {row['ap50_stream']:.3f}",
-            )  # fmt: skip
+            label = f"teacher {name} look {row['ap50_stream']:.3f}"
+            top.axhline(row["ap50_stream"], color=colour, ls="--", lw=1, label=label)
     top.set_ylabel("student AP50 vs human boxes (person)")
     top.set_title(("QUICK - " if quick else "") + "Adaptation on vtest.avi")
-    top.legend(fontsize=7)
+    for ax in (top, bottom):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     bottom.set_ylabel("held-out agreement (vs teacher)")
     bottom.set_xlabel("stream frames seen")
-    bottom.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
