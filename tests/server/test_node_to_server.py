@@ -29,6 +29,7 @@ from brokerutil import (
     dead_letters,
     fast,
     queue_depth,
+    wait_consuming,
     wait_until,
 )
 from hostile import with_metrics_text, zstd_bomb
@@ -67,8 +68,8 @@ def make_update(n: int, round: int = 1, node="n1", enc=None, metrics=None):
 
 def receiver(tmp_path, names, n: int, nodes=("n1",), **sections) -> Receiver:
     r = Receiver(tmp_path, names, n, KEY, nodes=nodes, amqp=fast(), **sections)
-    assert wait_until(lambda: r.consumer.connected, 10), "server consumer did not connect"
-    time.sleep(0.3)  # queue declared and bound
+    # consuming: its queue is declared and bound (``connected`` is set before that)
+    assert wait_consuming(names.queue, 60), f"server not consuming: {r.consumer.last_error}"
     return r
 
 
@@ -136,8 +137,10 @@ def private_params(broker) -> pika.ConnectionParameters:
 
 def private_receiver(tmp_path, names, n: int, broker, nodes=("n1",)) -> Receiver:
     r = Receiver(tmp_path, names, n, KEY, nodes=nodes, amqp=private(broker))
-    assert wait_until(lambda: r.consumer.connected, 20), "server consumer did not connect"
-    time.sleep(0.3)  # queue declared and bound
+    # consuming: its queue is declared and bound (``connected`` is set before that)
+    assert wait_consuming(names.queue, 60, private_params(broker)), (
+        f"server not consuming: {r.consumer.last_error}"
+    )
     return r
 
 

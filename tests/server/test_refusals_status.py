@@ -15,6 +15,7 @@ import urllib.request
 import pika
 import pytest
 import torch
+from brokerutil import wait_consuming
 from simnodes import (
     MODEL,
     _forge,
@@ -183,8 +184,9 @@ def test_hostile_and_poison_updates_are_refused_and_the_status_page_shows_it(
     server = Server(cfg, load_signing_key(cfg.broadcast.signing_key_file))
     server.start()
     try:
-        assert wait_for(lambda: server.consumer.connected and server.telemetry.connected, 20)
-        time.sleep(0.3)
+        # consuming: their queues are declared and bound (``connected`` is set before)
+        assert wait_for(lambda: server.consumer.connected and server.telemetry.connected, 60)
+        assert wait_consuming(names.queue, 60), server.consumer.last_error
         pub = lambda u, node, **kw: publish(
             sim_user, names.exchange, u.blob, u.update_id, node, **kw
         )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from brokerutil import wait_consuming
 from safetensors.torch import load_file
 from simnodes import (
     MODEL,
@@ -97,8 +98,8 @@ def test_twenty_nodes_give_the_weighted_average_and_nodes_receive_it(tmp_path, n
     try:
         assert wait_log(log, "server running", 60), log.read_text()
         sub.start()
-        assert wait_for(lambda: sub.connected, 10)
-        time.sleep(0.3)
+        # consuming: its queue is declared and bound (``connected`` is set before that)
+        assert wait_consuming(f"{names.models}.node00", 60), sub.last_error
         base = tiny_state()
         num = {
             k: torch.zeros(v.shape, dtype=torch.float64)

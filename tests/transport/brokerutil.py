@@ -58,6 +58,30 @@ def wait_until(pred, timeout: float, step: float = 0.05) -> bool:
     return bool(pred())
 
 
+def consumer_count(queue: str, params: pika.ConnectionParameters = BROKER) -> int | None:
+    """How many consumers ``queue`` has; None while it does not exist yet."""
+    conn = pika.BlockingConnection(params)
+    try:
+        return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code == 404:
+            return None
+        raise
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def wait_consuming(queue: str, timeout: float, params: pika.ConnectionParameters = BROKER) -> bool:
+    """Wait until ``queue`` has a consumer.  A worker's ``connected`` flag is set as soon
+    as its connection opens, *before* its session declares and binds its queue and
+    starts consuming; a message published in between is not routed to that queue (it
+    is dropped, or only reaches a test's own copy queue).  A consumer on the queue
+    means the session has got that far: the server's ``declare_topology`` binds its
+    queue before ``basic_consume``."""
+    return wait_until(lambda: (consumer_count(queue, params) or 0) >= 1, timeout, 0.1)
+
+
 def fast(**kw) -> AmqpSettings:
     """Local guest settings with quick reconnects (connection name 'test ...')."""
     return AmqpSettings(backoff_initial_s=0.2, backoff_max_s=2.0, connection_name="test", **kw)
