@@ -57,6 +57,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+
+def _under_the_nodes_allocator() -> None:
+    """Re-execute under the allocator a node trains under (``[memory] allocator``'s
+    default, as ``waggle-trainer adapt`` and ``run`` do), before torch is imported:
+    under glibc a recomputing plan maps and unmaps every large activation (about 2x
+    the step time measured here)."""
+    from waggle_trainer.remat.allocator import DEFAULT_ALLOCATOR, plan_preload
+
+    plan = plan_preload(DEFAULT_ALLOCATOR)
+    if plan.note:
+        print(f"adaptation bench: {plan.note}", file=sys.stderr)
+    if plan.env is not None:
+        sys.stdout.flush()
+        os.execve(
+            sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]], plan.env
+        )
+
+
+if __name__ == "__main__":
+    _under_the_nodes_allocator()
+
 import torch  # noqa: E402
 
 from waggle_trainer.common import cpu_model, format_size  # noqa: E402
@@ -72,6 +93,7 @@ from waggle_trainer.learn.student import (  # noqa: E402
 )
 from waggle_trainer.learn.task import Task  # noqa: E402
 from waggle_trainer.learn.teachers import Detections, TeacherError, load_teacher  # noqa: E402
+from waggle_trainer.remat.allocator import loaded_allocator  # noqa: E402
 from waggle_trainer.remat.planner import Planner  # noqa: E402
 from waggle_trainer.vision.frames import SourceError, open_source  # noqa: E402
 
@@ -572,15 +594,20 @@ def forced_budget(cfg, teacher, state_dir: Path) -> dict:
         planner = Planner(costs)
         plain = planner.min_feasible_budget("none")
         lowest = planner.min_feasible_budget(cfg.memory.strategy)
+        # what a step needs beyond the plan's tensors, as this machine measured it (the
+        # loop subtracts it from the budget before planning)
+        overhead = int(probe.training.overshoot_bytes)
     finally:
         probe.close()
-    budget = int(lowest + BUDGET_FRACTION * (plain - lowest))
+    activations = int(lowest + BUDGET_FRACTION * (plain - lowest))
     return {
         "plain_bytes": plain,
         "smallest_bytes": lowest,
-        "budget_bytes": budget,
+        "overhead_bytes": overhead,
+        "activation_bytes": activations,
+        "budget_bytes": activations + overhead,
         "strategy": cfg.memory.strategy,
-        "forces_checkpointing": budget < plain,
+        "forces_checkpointing": activations < plain,
     }
 
 
@@ -792,7 +819,8 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         "",
         *provenance(
             torch.get_num_threads(),
-            f"Whole run {total_s / 60:.1f} min; state directory {args.state_dir}.",
+            f"Whole run {total_s / 60:.1f} min; state directory {args.state_dir}; "
+            f"allocator {loaded_allocator()}.",
             load_before=load_start,
         ),
         "",
@@ -839,9 +867,11 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         "",
         "## Arms",
         "",
-        f"Memory budget forced to {format_size(b['budget_bytes'])} = smallest feasible "
-        f"{format_size(b['smallest_bytes'])} + {BUDGET_FRACTION} x (plain "
-        f"{format_size(b['plain_bytes'])} - smallest), strategy {b['strategy']}: "
+        f"Memory budget forced to {format_size(b['budget_bytes'])}: for activations the "
+        f"smallest feasible {format_size(b['smallest_bytes'])} + {BUDGET_FRACTION} x (plain "
+        f"{format_size(b['plain_bytes'])} - smallest), plus the step overhead measured on "
+        f"this machine before the run ({format_size(b.get('overhead_bytes', 0))}), strategy "
+        f"{b['strategy']}: "
         + (
             "forces checkpointing (plain training does not fit)."
             if b["forces_checkpointing"]
@@ -912,6 +942,7 @@ def write_results(args, refs, factory, budget, rows, load_start, total_s) -> Non
         "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0],
         "torch_threads": torch.get_num_threads(),
+        "allocator": loaded_allocator(),
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "total_s": total_s,
@@ -1020,9 +1051,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads (default 1: on a shared machine more threads than free "
-        "cores make every step slower)",
+        default=os.cpu_count() or 1,
+        help="torch threads (default: every core, as a node trains; on a shared machine "
+        "more threads than free cores make every step slower)",
     )
     args = ap.parse_args(argv)
     q = args.quick
