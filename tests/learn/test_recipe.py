@@ -306,3 +306,20 @@ def test_a_student_file_of_the_old_format_is_refused_with_a_reason():
     spec = StudentSpec("resnet18", Task("detect", ("person",)), 64, 64)
     with pytest.raises(StudentError, match="old.safetensors: a student of the format "):
         check_metadata({"format": "waggle-student-1"}, spec, "old.safetensors")
+
+
+def test_a_best_student_no_better_on_todays_slice_is_not_restored(tmp_path, state, monkeypatch):
+    """The held-out slice changes as samples arrive: re-measured, the old best is within
+    the margin of the student, so the newer student stays and becomes the best."""
+    frames = clip(20)
+    adaptation = {"new_samples_per_round": 2, "min_holdout_labels": 1, "rollback_margin": 0.05}
+    loop = _loop(tmp_path, state, frames, adaptation=adaptation)
+    values = iter([0.3, 0.6, 0.6, 0.57, 0.57, 0.56, 0.56, 0.53, 0.55])
+    monkeypatch.setattr(loop, "agreement", lambda: (next(values), None))
+    first = _rounds(loop, frames, 1)
+    best_weights = {k: v.clone() for k, v in loop.student.state_dict().items()}
+    results = first + _rounds(loop, frames[len(loop._train) + len(loop._holdout) :], 3)
+    assert not results[-1].restored_best and results[-1].agreement == pytest.approx(0.53)
+    assert loop.best_agreement == pytest.approx(0.53)
+    state = loop.student.state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in best_weights.items())

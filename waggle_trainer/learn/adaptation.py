@@ -46,7 +46,7 @@ systemd, AMQP or the outbox.
   neither way (:func:`waggle_trainer.learn.agreement.weighted_ap50`) for ``detect``,
   top-1 agreement for ``classify``.  The best student seen is kept in RAM: when the
   student falls more than ``rollback_margin`` below it over accepted rounds, the best
-  is re-measured on today's slice and restored if it is still better.  After
+  is re-measured on today's slice and restored if it is still better by the margin.  After
   ``patience`` judged rounds without a new best (a plateau) rounds wait for twice
   the new samples (up to 8x) and the teacher stride doubles, until a new best.
   The guard judges only on evidence.  A round is *not judged* while the held-out
@@ -678,7 +678,8 @@ class AdaptationLoop:
     def _keep_best(self, kept: float) -> tuple[float | None, bool]:
         """Keep the best student seen (by held-out agreement); restore it when the
         student has fallen more than ``rollback_margin`` below it (slow drift over
-        accepted rounds), re-measured on today's held-out slice.  Returns (the
+        accepted rounds) and, re-measured on today's held-out slice, it is still better
+        by more than the margin (the slice changes as samples arrive).  Returns (the
         restored student's agreement or None, whether a plateau was reached: then
         rounds wait for twice the new samples, up to ``MAX_SLOWDOWN`` times)."""
         a = self.cfg.adaptation
@@ -692,9 +693,9 @@ class AdaptationLoop:
             self.student.load_state_dict(self._best_weights)
             self._version += 1
             best_now = self.agreement()[0]
-            if best_now > kept:
+            if best_now > kept + a.rollback_margin:
                 restored = self.best_agreement = best_now
-            else:  # on today's slice the best is no better: keep the student
+            else:  # on today's slice the best is not clearly better: keep the student
                 self.student.load_state_dict(current)
                 self._version += 1
                 self.best_agreement, self._best_weights = kept, current
