@@ -377,9 +377,9 @@ class TrainingSection(_Section):
     optimizer: OptimizerName = "adamw"
     weight_decay: float = Field(1e-4, ge=0, lt=1)
     warmup_steps: int = Field(20, ge=1)
-    decay_steps: int = Field(250, ge=0)
+    decay_steps: int = Field(150, ge=0)
     final_lr_fraction: float = Field(0.05, gt=0, le=1)
-    steps_per_round: int = Field(24, ge=1)
+    steps_per_round: int = Field(16, ge=1)
     new_sample_share: float = Field(0.5, ge=0, le=1)
     hflip: StrictBool = True
     scale_range: list[float] = Field(default_factory=lambda: [0.7, 1.4])

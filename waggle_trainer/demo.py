@@ -57,6 +57,8 @@ NODE_CONFIG = Path("deploy/demo.toml")
 SERVER_CONFIG = Path("deploy/demo-server.toml")
 #: With a broker the run ends once the loop is closed, at the latest after this.
 LOOP_DURATION_S = 200.0
+#: ... and not before this many rounds: enough to see the student learn.
+MIN_ROUNDS = 20
 #: Without a broker the node runs alone this long.
 ALONE_DURATION_S = 100.0
 #: Time for the server to start and its version 1 to reach the node.
@@ -81,9 +83,10 @@ def register(sub) -> None:
         description="From the repository's root: the node daemon on deploy/demo.toml and, "
         "when a broker answers at its [transport] address, the server on "
         "deploy/demo-server.toml, until the node has adopted a version aggregated from its "
-        f"updates (at most {LOOP_DURATION_S:g} s of training; {ALONE_DURATION_S:g} s without "
-        "a broker).  Every run starts clean (keys and the profile cache are kept) and ends "
-        "with the learning curve as an SVG file beside the node's state.",
+        f"updates and trained at least {MIN_ROUNDS} rounds (at most {LOOP_DURATION_S:g} s of "
+        f"training; {ALONE_DURATION_S:g} s without a broker).  Every run starts clean (keys "
+        "and the profile cache are kept) and ends with the learning curve as an SVG file "
+        "beside the node's state.",
     )
     p.add_argument(
         "--duration",
@@ -455,11 +458,13 @@ class LoopHooks:
 
     def stop_when(self, daemon: Daemon) -> str | None:
         """The loop is closed: the last round trained on a version (2 or later) that
-        the server aggregated from this node's updates.  Or the server has ended."""
+        the server aggregated from this node's updates, after at least ``MIN_ROUNDS``
+        rounds.  Or the server has ended."""
         code = self.server.exit_code
         if code is not None:
             return f"the demo's server ended (exit {code}; its log: {self.server.log_path})"
-        if self.stop_at_loop and daemon.history and closes_the_loop(daemon.history[-1]):
+        enough = len(daemon.history) >= MIN_ROUNDS
+        if self.stop_at_loop and enough and closes_the_loop(daemon.history[-1]):
             last = daemon.history[-1]
             return (
                 f"the loop is closed (round {last['round']} trained on global version "

@@ -142,6 +142,25 @@ def test_stale_updates_are_down_weighted_then_refused(tmp_path):
     assert codes(feed(p, messages(u.blob, u.update_id, "c"))) == ["stale"]
 
 
+def test_a_nodes_later_update_on_an_older_base_is_not_counted_twice(tmp_path):
+    """A node's deltas are cumulative since its base: its second update on version 1,
+    aggregated after version 2 (its first update), makes the node's weights, not version
+    1 plus both deltas (make run adopted a version with its first step doubled)."""
+    p = pipeline(tmp_path, ["a"], aggregation={"min_updates": 1, "max_staleness": 2})
+    first = random_delta(1)
+    u = encoder("a").encode_delta(first, base_version="1", round=1, samples=8)
+    feed(p, messages(u.blob, u.update_id, "a"))
+    later = {k: v + random_delta(2)[k] for k, v in first.items()}  # the first step and more
+    u = encoder("a").encode_delta(later, base_version="1", round=2, samples=8)
+    assert codes(feed(p, messages(u.blob, u.update_id, "a"))) == []
+    v3 = p.store.latest(MODEL)
+    assert v3.version == "3" and v3.manifest["contributors"][0]["staleness"] == 1
+    got = load_file(str(v3.weights))
+    base = tiny_state()
+    for k, d in later.items():
+        assert torch.allclose(got[k], base[k] + d, atol=1e-6), k
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 def test_robust_rules_ignore_one_wild_node(tmp_path, rule):
     nodes = ["a", "b", "c", "d", "e"]
@@ -388,10 +407,17 @@ def test_slicing_does_not_change_the_result(tmp_path, monkeypatch, rule):
     for i, t in enumerate(ts):
         save_file({"t": t}, str(tmp_path / f"{i}.safetensors"))
     files = [safe_open(str(tmp_path / f"{i}.safetensors"), framework="pt") for i in range(5)]
+    # contributor 2 made its update on an older base
+    current, old = torch.randn(7, 3, 2), torch.randn(7, 3, 2)
+    save_file({"t": old}, str(tmp_path / "old.safetensors"))
+    bases = [None, None, safe_open(str(tmp_path / "old.safetensors"), framework="pt"), None, None]
     w = [1.0, 2.0, 3.0, 4.0, 5.0]
-    whole = combine(ts, w, rule)
+    parts = [t.double() for t in ts]
+    parts[2] = parts[2] + (old.double() - current.double())
+    whole = combine(parts, w, rule)
     monkeypatch.setattr(pl, "SLICE_BYTES", 8 * 6 * 5 * 2)  # two rows at a time
-    assert torch.equal(pl._combine_in_slices(files, "t", ts[0].shape, w, rule, 0.1), whole)
+    got = pl._combine_in_slices(files, "t", current, bases, w, rule, 0.1)
+    assert torch.equal(got, whole)
 
 
 def test_retention_keeps_the_newest_weights_and_every_manifest(tmp_path):

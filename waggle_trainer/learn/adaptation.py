@@ -735,10 +735,12 @@ class AdaptationLoop:
         )
 
     def adopt_base(self, weights: dict[str, torch.Tensor], version) -> None:
-        """Take a new global model (between rounds): its weights, a fresh optimiser
-        state; raises StudentError (the weights do not fit) leaving the student as is."""
+        """Take a new global model (between rounds): its weights; the optimiser's state
+        and the schedule's step carry over (the global model is a near neighbour of
+        the local one; fresh Adam moments at the schedule's rate made every round after
+        an adoption a large random step); raises StudentError (the weights do not
+        fit) leaving the student as is."""
         apply_weights(self.student, weights, f"global model {version}")
-        self.training.optimizer.state.clear()
         self._version += 1
         self.base_version = str(version)
         # the best student seen was a local one: the new base starts a new contest

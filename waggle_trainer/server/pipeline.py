@@ -40,7 +40,7 @@ from waggle_trainer.transport.wire import UPDATE_ID_CHARS, UPDATE_ID_MAX, update
 
 from .aggregate import combine, staleness_weight
 from .config import ServerConfig
-from .files import StateLock, remove_temp_files, save_tensors_atomic
+from .files import StateLock, file_sha256, remove_temp_files, save_tensors_atomic
 from .keys import NodeKeys
 from .staging import ChunkMessage, Staging, valid_update_id
 from .state import PendingUpdate, StateDB
@@ -110,19 +110,44 @@ SLICE_BYTES = 16 * 2**20  # float64 working set per slice of one tensor, all con
 
 
 def _combine_in_slices(
-    files: list, name: str, shape: torch.Size, weights: list[float], rule: str, trim_fraction: float
+    files: list,
+    name: str,
+    current: torch.Tensor,
+    bases: list,
+    weights: list[float],
+    rule: str,
+    trim_fraction: float,
 ) -> torch.Tensor:
     """:func:`combine` one tensor, reading it from every contributor's file in
     slices along the first dimension, so memory stays bounded however many
-    contributors there are (results do not depend on the slicing)."""
+    contributors there are (results do not depend on the slicing).
+
+    A contributor whose update was made on an older version (``bases[i]``: that
+    version's weights file, opened; None when it is ``current``'s) sent weights minus
+    *that* base: its delta from ``current`` is ``delta + base - current``.  Adding its
+    delta to ``current`` as it is would count again what ``current`` already holds
+    (a node's deltas are cumulative since its base: measured, a single node's second
+    update on version 1 applied to version 2 doubled its first step)."""
+
+    def part(i: int, f, rows: slice | None) -> torch.Tensor:
+        d = (f.get_tensor(name) if rows is None else f.get_slice(name)[rows]).to(torch.float64)
+        if bases[i] is not None:
+            b = bases[i].get_tensor(name) if rows is None else bases[i].get_slice(name)[rows]
+            cur = current if rows is None else current[rows]
+            d = d + (b.to(torch.float64) - cur.to(torch.float64))
+        return d
+
+    shape = current.shape
     if len(shape) == 0:
-        return combine([f.get_tensor(name) for f in files], weights, rule, trim_fraction)
+        return combine(
+            [part(i, f, None) for i, f in enumerate(files)], weights, rule, trim_fraction
+        )
     rows = shape[0]
     row_elems = max(1, math.prod(shape[1:]))
     step = max(1, SLICE_BYTES // (8 * row_elems * len(files)))
     out = torch.empty(shape, dtype=torch.float64)
     for r0 in range(0, rows, step):
-        parts = [f.get_slice(name)[r0 : r0 + step] for f in files]
+        parts = [part(i, f, slice(r0, r0 + step)) for i, f in enumerate(files)]
         out[r0 : r0 + step] = combine(parts, weights, rule, trim_fraction)
     return out
 
@@ -521,6 +546,20 @@ class UpdatePipeline:
             new.append(self._aggregate(model, pool))
         return new
 
+    def _base_file(self, model: str, version: str, current: VersionInfo):
+        """The weights of an older base ``version``, opened for reading tensor by tensor
+        (None for ``current``'s own); its content checked against its manifest."""
+        if version == current.version:
+            return None
+        info = self.store.get(model, version)
+        if info is None or info.retired:
+            raise RuntimeError(
+                f"model {model}: base version {version} of a pending update is not kept"
+            )
+        if file_sha256(info.weights) != info.manifest["weights_sha256"]:
+            raise RuntimeError(f"{info.weights}: content differs from its manifest")
+        return safe_open(str(info.weights), framework="pt")
+
     def _aggregate(self, model: str, pool: list[PendingUpdate]) -> VersionInfo:
         """Store the next version of ``model`` from ``pool`` (deterministic).  Only
         :meth:`_close_due_rounds` calls it, with the pool it read after reconciling."""
@@ -543,13 +582,14 @@ class UpdatePipeline:
             safe_open(str(self.pending_dir / f"{p.update_id}.safetensors"), framework="pt")
             for p in pool
         ]
+        bases = [self._base_file(model, p.base_version, current) for p in pool]
         new: dict[str, torch.Tensor] = {}
         momentum: dict[str, torch.Tensor] = {}
         for name, b in base.items():
             if not b.is_floating_point():
                 new[name] = b.clone()
                 continue
-            step = _combine_in_slices(files, name, b.shape, weights, agg.rule, agg.trim_fraction)
+            step = _combine_in_slices(files, name, b, bases, weights, agg.rule, agg.trim_fraction)
             if agg.server_momentum > 0:
                 m = (
                     step
