@@ -349,9 +349,7 @@ def test_export_and_load_state_round_trip(tmp_path, small_loop):
         other.load_state(broken, meta)
 
 
-def test_adopt_base_takes_new_weights_and_keeps_the_optimiser_and_schedule(
-    tmp_path, small_loop
-):
+def test_adopt_base_takes_new_weights_and_keeps_the_optimiser_and_schedule(tmp_path, small_loop):
     """A global model is a near neighbour of the local one (the fleet's average, or the
     node's own step in a fleet of one): Adam's moments and the schedule's step carry
     over.  Fresh moments at the schedule's learning rate made every round after an
