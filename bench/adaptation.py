@@ -516,8 +516,15 @@ def factory_student(args, overrides: dict, files, person: int, cache_dir: Path, 
     frame labelled by the loop's teacher; with its AP50 against the TUD human boxes."""
     layers = [args.quick_set, overrides]
     forced = {
-        "adaptation": {"teacher_stride_min": 1, "teacher_stride_max": 1},
-        "training": {"seed": FACTORY_SEED},
+        # every frame labelled; rounds of 16 new samples: ~200 steps over the 250 frames
+        "adaptation": {
+            "teacher_stride_min": 1,
+            "teacher_stride_max": 1,
+            "new_samples_per_round": 16,
+        },
+        # street-level people are large: zoomed out too, the factory student also sees
+        # people of the size a high camera shows
+        "training": {"seed": FACTORY_SEED, "scale_range": [0.3, 1.0]},
         "student": {"weights": None},
     }
     cfg = make_config(*layers, forced)
