@@ -477,7 +477,9 @@ def teacher_references(overrides: dict, args, files, person: int, cache_dir: Pat
             refs["rows"][name] = {"tiles": tiles, "available": False, "why": why_no_tiles}
             log(f"teacher ({name} look): not available ({why_no_tiles})")
             continue
-        teacher = {"score_threshold": EVAL_SCORE} | ({} if why_no_tiles else {"tiles": tiles})
+        teacher = {"score_threshold": EVAL_SCORE, "ignore_threshold": EVAL_SCORE} | (
+            {} if why_no_tiles else {"tiles": tiles}
+        )
         cfg = make_config(overrides, {"teacher": teacher})
         outputs = TeacherOutputs(cfg, cache_dir, args.fresh, f"teacher ({name} look)")
         preds = outputs.boxes(files["vtest"], 0, args.frames)
