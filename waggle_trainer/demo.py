@@ -422,10 +422,13 @@ def _server_child(parent_pid: int, config: str) -> int:
 class LoopHooks:
     """The daemon's ``before_training`` and ``stop_when`` for a run with the server."""
 
-    def __init__(self, setup: Setup, server: DemoServer, stop_at_loop: bool):
+    def __init__(
+        self, setup: Setup, server: DemoServer, stop_at_loop: bool, min_rounds: int = MIN_ROUNDS
+    ):
         self.setup = setup
         self.server = server
         self.stop_at_loop = stop_at_loop
+        self.min_rounds = min_rounds
 
     def before_training(self, daemon: Daemon) -> None:
         """Version 1 = the node's student now; start the server; adopt version 1."""
@@ -458,12 +461,12 @@ class LoopHooks:
 
     def stop_when(self, daemon: Daemon) -> str | None:
         """The loop is closed: the last round trained on a version (2 or later) that
-        the server aggregated from this node's updates, after at least ``MIN_ROUNDS``
+        the server aggregated from this node's updates, after at least ``min_rounds``
         rounds.  Or the server has ended."""
         code = self.server.exit_code
         if code is not None:
             return f"the demo's server ended (exit {code}; its log: {self.server.log_path})"
-        enough = len(daemon.history) >= MIN_ROUNDS
+        enough = len(daemon.history) >= self.min_rounds
         if self.stop_at_loop and enough and closes_the_loop(daemon.history[-1]):
             last = daemon.history[-1]
             return (
@@ -499,6 +502,7 @@ def run_demo(
     duration_s: float | None = None,
     max_rounds: int | None = None,
     stop_at_loop: bool = True,
+    min_rounds: int = MIN_ROUNDS,
     reexec_argv: list[str] | None = None,
     **factories: Any,
 ) -> int:
@@ -531,7 +535,7 @@ def run_demo(
     cfg = setup.cfg
     if alone is None:
         server = DemoServer(server_config, setup.server_log)
-        hooks = LoopHooks(setup, server, stop_at_loop)
+        hooks = LoopHooks(setup, server, stop_at_loop, min_rounds)
         extra: dict[str, Any] = {
             "before_training": hooks.before_training,
             "stop_when": hooks.stop_when,

@@ -137,7 +137,8 @@ def test_a_run_with_the_broker_ends_with_a_version_adopted_by_the_node(
 ):
     node, server = configs(tmp_path, demo_names)
     with caplog.at_level(logging.INFO):
-        code = run_demo(node, server, duration_s=120, **factories(0.25))
+        # the loop may close from the first round on (make run waits for MIN_ROUNDS)
+        code = run_demo(node, server, duration_s=120, min_rounds=1, **factories(0.25))
     out = capsys.readouterr().out
     assert code == 0, out
     d = tmp_path / "demo"
@@ -326,3 +327,21 @@ def test_a_run_that_ends_before_the_loop_closes_says_so(tmp_path, demo_names, ca
         "the loop did not close: the run ended before a round trained on a version "
         "aggregated from the node's "
     ), out
+
+
+def test_the_loop_closes_only_after_the_rounds_that_show_learning():
+    """make run keeps training until MIN_ROUNDS rounds are done, even when an early
+    round already trained on an aggregated version: a curve of two rounds shows
+    nothing."""
+    from types import SimpleNamespace
+
+    from waggle_trainer.demo import MIN_ROUNDS, LoopHooks
+
+    hooks = LoopHooks(SimpleNamespace(), SimpleNamespace(exit_code=None), stop_at_loop=True)
+    closing = {"round": 3, "base_version": "2"}
+    early = SimpleNamespace(history=[{"round": 1, "base_version": "1"}] * 2 + [closing])
+    assert hooks.stop_when(early) is None
+    late = SimpleNamespace(
+        history=[{"round": 1, "base_version": "1"}] * (MIN_ROUNDS - 1) + [closing]
+    )
+    assert hooks.stop_when(late) == "the loop is closed (round 3 trained on global version 2)"
