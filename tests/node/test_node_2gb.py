@@ -51,11 +51,13 @@ def daemon(tmp_path: Path, name: str, strategy: str) -> list[str]:
             },
             "student": {"input_width": 576, "input_height": 448},
             "training": {"batch_size": BATCH, "steps_per_round": 1},
+            "teacher": {"tiles": 1},
             "adaptation": {
                 "buffer_size": BATCH + 4,
                 "holdout_fraction": 0.2,
                 "new_samples_per_round": BATCH,
                 "teacher_stride_min": 1,
+                "teacher_budget": 1.0,  # every frame labelled, one look each
                 "teacher_stride_max": 1,
             },
             "memory": {"budget": "auto" if strategy != "none" else "16GiB", "strategy": strategy},

@@ -36,11 +36,13 @@ def config(tmp_path: Path) -> Path:
             },
             "student": {"input_width": 128, "input_height": 96},
             "training": {"batch_size": 2, "steps_per_round": 1},
+            "teacher": {"tiles": 1},
             "adaptation": {
                 "buffer_size": 16,
                 "holdout_fraction": 0.25,
                 "new_samples_per_round": 2,
                 "teacher_stride_min": 1,
+                "teacher_budget": 1.0,  # every frame labelled, one look each
             },
             "state": {"dir": str(tmp_path / "state")},
         },

@@ -41,11 +41,13 @@ def tiny_config(tmp_path: Path, allocator: str) -> Path:
             "camera": {"source": str(CLIP), "fps": 0, "loop": False},
             "student": {"input_width": 96, "input_height": 64},
             "training": {"batch_size": 2, "steps_per_round": 1},
+            "teacher": {"tiles": 1},
             "adaptation": {
                 "buffer_size": 16,
                 "holdout_fraction": 0.25,
                 "new_samples_per_round": 2,
                 "teacher_stride_min": 1,
+                "teacher_budget": 1.0,  # every frame labelled, one look each
             },
             "memory": {"allocator": allocator},
             "state": {"dir": str(tmp_path / "state")},
