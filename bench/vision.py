@@ -189,7 +189,12 @@ def bench_sources(video: Path, seconds: float) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--video", type=Path, default=Path("/work/shared/data/vtest.avi"))
+    ap.add_argument(
+        "--video",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "vtest.avi",
+        help="default ../shared/data/vtest.avi beside the repository",
+    )
     ap.add_argument("--frames", type=int, default=40, help="teacher frames per thread count")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--seconds", type=float, default=4.0, help="per live-stream run")

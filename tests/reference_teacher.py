@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-VTEST = Path("/work/shared/data/vtest.avi")
+#: ../shared/data beside the repository (see ../shared/data/README.md)
+VTEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtest.avi"
 VTEST_FALLBACK = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 
 

@@ -19,7 +19,7 @@ from waggle_trainer.learn.student import StudentSpec, build_student, save_studen
 from waggle_trainer.learn.task import Task
 
 ROOT = Path(__file__).resolve().parents[2]
-VTEST = Path("/work/shared/data/vtest.avi")
+VTEST = ROOT.parent / "shared" / "data" / "vtest.avi"
 
 
 @pytest.fixture(scope="module")
