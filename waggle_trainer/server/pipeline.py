@@ -582,7 +582,9 @@ class UpdatePipeline:
             safe_open(str(self.pending_dir / f"{p.update_id}.safetensors"), framework="pt")
             for p in pool
         ]
-        bases = [self._base_file(model, p.base_version, current) for p in pool]
+        # each older base read (and checked against its manifest) once, whoever used it
+        opened = {v: self._base_file(model, v, current) for v in {p.base_version for p in pool}}
+        bases = [opened[p.base_version] for p in pool]
         new: dict[str, torch.Tensor] = {}
         momentum: dict[str, torch.Tensor] = {}
         for name, b in base.items():
