@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from waggle_trainer.learn.agreement import iou_matrix
 from waggle_trainer.learn.model_refs import ModelRefError, is_ref, resolve_ref
 from waggle_trainer.vision.opencv_log import opencv_errors_only
 from waggle_trainer.vision.preprocess import center_crop, normalize
@@ -148,18 +149,6 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float)
     return idx[np.argsort(-scores[idx], kind="stable")]
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix [len(a), len(b)] of x1, y1, x2, y2 boxes."""
-    a = np.asarray(a, np.float64).reshape(-1, 1, 4)
-    b = np.asarray(b, np.float64).reshape(1, -1, 4)
-    iw = (np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])).clip(0)
-    ih = (np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])).clip(0)
-    inter = iw * ih
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / np.maximum(area_a + area_b - inter, 1e-9)
-
-
 def decode_detections(
     raw: np.ndarray,
     width: int,
@@ -238,7 +227,7 @@ def merge_looks(
     uidx = _nms(ub, us, uc, nms_threshold)
     ub, uc = ub[uidx], uc[uidx]
     if len(ub) and len(b):
-        covered = (_box_iou(ub, b) >= 0.5) & (uc[:, None] == c[None, :])
+        covered = (iou_matrix(ub, b) >= 0.5) & (uc[:, None] == c[None, :])
         ub, uc = ub[~covered.any(axis=1)], uc[~covered.any(axis=1)]
     return Detections(b, s, c, ub.astype(np.float32), uc.astype(np.int64))
 
